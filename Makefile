@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   create .venv, install dormant, run the built-in dead-neuron comparison
+#   make test   create .venv, install dormant, run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test install clean bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dormant compare --preset dying-relu --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/monitor_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
