@@ -1,0 +1,10 @@
+"""Datasets as whole tensors in memory, behind a registry.
+
+Every dataset has train/val/test splits; the validation split is carved from the training
+set with a fixed seed (independent of the run seed), so every run sees the same split.
+"""
+from .base import DATASETS, DataNotFoundError, CorruptDataError, Dataset, Split, batches, load_dataset
+from . import fashion_mnist, mnist1d, synthetic  # noqa: F401  (register)
+
+__all__ = ["DATASETS", "DataNotFoundError", "CorruptDataError", "Dataset", "Split", "batches",
+           "load_dataset"]

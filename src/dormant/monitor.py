@@ -1,0 +1,371 @@
+"""ActivityMonitor: streaming per-unit activity counters with explicit dead-unit criteria.
+
+The monitor observes each site's activation output through hooks (see `dormant.sites.Tap`)
+and accumulates, on the device of the activations and without any host sync:
+
+    positions       outputs seen per unit (batch x tokens x spatial positions)
+    samples/batches samples and batches seen
+    active[u]       outputs  > eps
+    zeros[u]        outputs == 0 exactly (activation sparsity, dynamic DNR)
+    silent[u]       samples in which every output of the unit was <= eps
+    active_batches  batches in which the unit was active at least once
+    sum/abs_sum[u]  sum of outputs / of |outputs| (float64)
+    max[u]          largest output
+
+Training-time cost: hooks are attached only on watched steps. With ``every=k`` and a call of
+`step()` after each optimizer step, the monitor attaches its hooks for every k-th step and
+removes them otherwise, so unwatched steps pay nothing (a registered hook alone costs a few
+percent on small models). Rates from a sampled monitor are unbiased estimates over the
+training batches; a "never active" decision needs every sample, so decisions that act on a
+model should come from an exact probe pass (``every=1``, e.g. `diagnose`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .registry import Registry
+from .sites import Site, _unwrap, find_sites
+
+__all__ = ["ActivityMonitor", "SiteStats", "CRITERIA", "register_criterion"]
+
+_INT_FIELDS = ("active", "zeros", "silent", "active_batches")
+_FLOAT_FIELDS = ("sum", "abs_sum")
+_COUNT_FIELDS = ("positions", "samples", "batches")
+
+
+@dataclass
+class SiteStats:
+    """Counters of one site, with the definition they were measured under."""
+    site: Site
+    active: torch.Tensor
+    zeros: torch.Tensor
+    silent: torch.Tensor
+    active_batches: torch.Tensor
+    sum: torch.Tensor
+    abs_sum: torch.Tensor
+    max: torch.Tensor
+    positions: int
+    samples: int
+    batches: int
+    eps: float
+    mode: str
+    every: int
+
+    @property
+    def active_rate(self) -> torch.Tensor:
+        """Per unit: fraction of outputs > eps."""
+        return self.active.double() / max(self.positions, 1)
+
+    @property
+    def zero_rate(self) -> torch.Tensor:
+        """Per unit: fraction of outputs exactly 0."""
+        return self.zeros.double() / max(self.positions, 1)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.positions, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.positions, 1)
+
+    @property
+    def definition(self) -> dict:
+        return {"eps": self.eps, "mode": self.mode, "every": self.every,
+                "samples": self.samples, "batches": self.batches}
+
+
+# ----------------------------------------------------------------------------------------
+# Criteria: functions SiteStats -> BoolTensor[num_units] (True = dead).
+CRITERIA: Registry = Registry("criterion")
+register_criterion = CRITERIA.register
+
+
+@CRITERIA.register("never_active")
+def never_active(s: SiteStats) -> torch.Tensor:
+    """Dead: output <= eps for every sample and position seen (Synaptic Stripping, DemP,
+    NNrelief; for ReLU with eps=0 this is 'exactly zero everywhere')."""
+    return s.active == 0
+
+
+@CRITERIA.register("dormant")
+def dormant(s: SiteStats, tau: float = 0.0) -> torch.Tensor:
+    """ReDo (Sokar et al. 2023): score_u = E|a_u| / mean_k E|a_k| <= tau (layer-normalised)."""
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    m = s.mean_abs
+    score = m / m.mean().clamp_min(torch.finfo(m.dtype).tiny)
+    return score <= tau
+
+
+@CRITERIA.register("always_zero")
+def always_zero(s: SiteStats) -> torch.Tensor:
+    """Dead: output exactly 0 for every sample and position seen (ignores eps)."""
+    return s.zeros == s.positions
+
+
+# ----------------------------------------------------------------------------------------
+class ActivityMonitor:
+    """Per-unit activity counters for every site of a model.
+
+    Use as a context manager; hooks are attached on entry and always removed on exit::
+
+        with ActivityMonitor(model, example_input=x[:2]) as mon:
+            model(x)
+        mon.dead_units()          # {site: BoolTensor[num_units]}
+
+    Args:
+        model: the network (hooks go on its modules; nothing else is changed).
+        sites: Site objects; default: `find_sites(model, example_input)`.
+        example_input: a small batch, needed when `sites` is not given.
+        eps: an output counts as active when > eps.
+        every: watch every k-th step (see `step`); 1 = every forward.
+        mode: ``"train"``, ``"eval"`` or ``"any"``: which forwards to count.
+    """
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, *,
+                 example_input=None, eps: float = 0.0, every: int = 1, mode: str = "any"):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if mode not in ("train", "eval", "any"):
+            raise ValueError(f"mode must be 'train', 'eval' or 'any', got {mode!r}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.model = _unwrap(model)
+        if sites is None:
+            if example_input is None:
+                raise ValueError("ActivityMonitor needs `sites` or an `example_input` to find them")
+            sites = find_sites(self.model, example_input)
+        self.sites: dict[str, Site] = {s.name: s for s in sites}
+        if len(self.sites) != len(sites):
+            raise ValueError("site names must be unique")
+        self.eps, self.every, self.mode = float(eps), int(every), mode
+        self._handles: list = []
+        self._calls: dict[tuple[str, str], int] = {}
+        self._entered = False
+        self._step = 0
+        self._counters: dict[str, dict] = {}
+        self.reset()
+
+    # -- counters ------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def reset(self) -> None:
+        """Zero every counter (keeps hooks as they are)."""
+        dev = self._device()
+        for name, s in self.sites.items():
+            u = s.num_units
+            c = {f: torch.zeros(u, dtype=torch.int64, device=dev) for f in _INT_FIELDS}
+            c.update({f: torch.zeros(u, dtype=torch.float64, device=dev) for f in _FLOAT_FIELDS})
+            c["max"] = torch.full((u,), float("-inf"), device=dev)
+            c.update({f: 0 for f in _COUNT_FIELDS})
+            self._counters[name] = c
+
+    @torch.no_grad()
+    def _observe(self, site: Site, y: torch.Tensor) -> None:
+        # Runs inside the forward: device ops only, no .item(), no Python branching on values.
+        c = self._counters[site.name]
+        y = y.detach()
+        d = site.unit_dim % y.ndim
+        dims = tuple(i for i in range(y.ndim) if i != d)
+        pos = y > self.eps
+        c["active"] += pos.sum(dims)
+        c["zeros"] += (y == 0).sum(dims)
+        c["active_batches"] += pos.any(dim=dims)
+        c["sum"] += y.sum(dims)
+        c["abs_sum"] += y.abs().sum(dims)
+        torch.maximum(c["max"], y.amax(dims).to(c["max"].dtype), out=c["max"])
+        if y.ndim > 2:  # per sample: the unit said nothing anywhere (tokens/positions)
+            inner = tuple(i for i in dims if i != 0)
+            c["silent"] += (~pos.any(dim=inner)).sum(0)
+        n = y.shape[0]
+        c["positions"] += y.numel() // site.num_units
+        c["samples"] += n
+        c["batches"] += 1
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _wants(self, module: nn.Module) -> bool:
+        return self.mode == "any" or (module.training == (self.mode == "train"))
+
+    def _make_hook(self, key, by_call: dict[int, Site], ncalls: int, kind: str) -> Callable:
+        def hook(module, inputs, output=None):
+            idx = self._calls.get(key, 0)
+            self._calls[key] = idx + 1
+            site = by_call.get(idx % ncalls)
+            if site is None or not self._wants(module):
+                return
+            if kind == "input":
+                y = inputs[0]
+            elif kind == "recompute":
+                y = site.tap.fn(output)
+            else:
+                y = output
+            self._observe(site, y)
+        return hook
+
+    def _attach(self) -> None:
+        if self._handles:
+            return
+        groups: dict[tuple[str, str], dict[int, Site]] = {}
+        for s in self.sites.values():
+            groups.setdefault((s.tap.module, s.tap.kind), {})[s.tap.call_index] = s
+        modules = dict(self.model.named_modules())
+        reused = False
+        try:
+            for (mod_name, kind), by_call in groups.items():
+                if mod_name not in modules:
+                    raise KeyError(f"site module {mod_name!r} not found in the model")
+                ncalls = next(iter(by_call.values())).tap.calls
+                reused |= ncalls > 1
+                hook = self._make_hook((mod_name, kind), by_call, ncalls, kind)
+                m = modules[mod_name]
+                h = m.register_forward_pre_hook(hook) if kind == "input" else m.register_forward_hook(hook)
+                self._handles.append(h)
+            if reused:  # call counters restart at every forward of the whole model
+                self._handles.append(self.model.register_forward_pre_hook(
+                    lambda *_: self._calls.clear()))
+        except BaseException:
+            self._detach()
+            raise
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._calls.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "ActivityMonitor":
+        self._entered = True
+        self._step = 0
+        self._attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._entered = False
+        self._detach()
+
+    def close(self) -> None:
+        """Remove every hook (same as leaving the context)."""
+        self.__exit__(None, None, None)
+
+    def step(self) -> None:
+        """Call once per training step (after the optimizer step): arms the hooks for the next
+        step when it is a watched one (every k-th), disarms them otherwise."""
+        if not self._entered or self.every == 1:
+            return
+        self._step += 1
+        if self._step % self.every == 0:
+            self._attach()
+        elif self._handles:
+            self._detach()
+
+    # -- results -------------------------------------------------------------------------
+    def _gathered(self) -> dict[str, dict]:
+        """Counters, summed (max-ed) over ranks when torch.distributed is initialised.
+        Local counters are never modified, so asking twice does not double-count."""
+        counters = {n: dict(c) for n, c in self._counters.items()}
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return counters
+        names = list(counters)
+        ints = torch.cat([torch.cat([counters[n][f] for f in _INT_FIELDS]
+                                    + [torch.tensor([counters[n][f] for f in _COUNT_FIELDS],
+                                                    device=counters[n]["active"].device)])
+                          for n in names])
+        floats = torch.cat([counters[n][f] for n in names for f in _FLOAT_FIELDS])
+        maxes = torch.cat([counters[n]["max"] for n in names])
+        dist.all_reduce(ints, op=dist.ReduceOp.SUM)
+        dist.all_reduce(floats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        i = f = m = 0
+        for n in names:
+            u = self.sites[n].num_units
+            c = counters[n]
+            for fld in _INT_FIELDS:
+                c[fld], i = ints[i:i + u], i + u
+            for fld in _COUNT_FIELDS:
+                c[fld], i = int(ints[i]), i + 1
+            for fld in _FLOAT_FIELDS:
+                c[fld], f = floats[f:f + u], f + u
+            c["max"], m = maxes[m:m + u], m + u
+        return counters
+
+    def stats(self) -> dict[str, SiteStats]:
+        """Per-site counters (all-reduced across ranks) with their definition."""
+        out = {}
+        for name, c in self._gathered().items():
+            silent = c["silent"]
+            if c["positions"] == c["samples"]:  # one position per sample: silent = not active
+                silent = c["samples"] - c["active"]
+            out[name] = SiteStats(self.sites[name], c["active"], c["zeros"], silent,
+                                  c["active_batches"], c["sum"], c["abs_sum"], c["max"],
+                                  c["positions"], c["samples"], c["batches"],
+                                  self.eps, self.mode, self.every)
+        return out
+
+    def dead_units(self, criterion: str | Callable = "never_active", **params) -> dict[str, torch.Tensor]:
+        """``{site: BoolTensor[num_units]}``, True where the unit is dead under `criterion`
+        (a name from `CRITERIA` or a function SiteStats -> BoolTensor)."""
+        fn = CRITERIA.get(criterion) if isinstance(criterion, str) else criterion
+        stats = self.stats()
+        empty = [n for n, s in stats.items() if s.positions == 0]
+        if empty:
+            raise RuntimeError(f"no activations were observed at sites {empty}: run data "
+                               "through the model inside the monitor first")
+        return {n: fn(s, **params) for n, s in stats.items()}
+
+    def dead_fraction(self, criterion: str | Callable = "never_active", *, per_site: bool = False,
+                      **params) -> float | dict[str, float]:
+        """Fraction of units that are dead, over all sites or per site."""
+        dead = self.dead_units(criterion, **params)
+        if per_site:
+            return {n: d.double().mean().item() for n, d in dead.items()}
+        total = sum(d.numel() for d in dead.values())
+        return sum(int(d.sum()) for d in dead.values()) / max(total, 1)
+
+    def dynamic_dnr(self, *, per_site: bool = False) -> float | dict[str, float]:
+        """Dynamic dead-neuron rate (AP, Liu et al. 2023): the fraction of (sample, position,
+        unit) outputs that are exactly zero, over the observed batches."""
+        stats = self.stats()
+        if per_site:
+            return {n: s.zeros.sum().item() / max(s.positions * s.site.num_units, 1)
+                    for n, s in stats.items()}
+        zeros = sum(int(s.zeros.sum()) for s in stats.values())
+        total = sum(s.positions * s.site.num_units for s in stats.values())
+        return zeros / max(total, 1)
+
+    def activation_sparsity(self) -> dict[str, float]:
+        """Per site: fraction of outputs that are exactly zero (Price et al. 2024)."""
+        return self.dynamic_dnr(per_site=True)
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Counters as tensors and ints (loads with ``torch.load(weights_only=True)``)."""
+        return {"eps": self.eps, "mode": self.mode, "every": self.every, "step": self._step,
+                "sites": {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c.items()}
+                          for n, c in self._counters.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        saved = set(state["sites"])
+        if saved != set(self.sites):
+            raise KeyError(f"state has sites {sorted(saved)}, monitor has {sorted(self.sites)}")
+        if float(state["eps"]) != self.eps:
+            raise ValueError(f"state was counted with eps={state['eps']}, monitor uses {self.eps}")
+        dev = self._device()
+        for n, c in state["sites"].items():
+            if c["active"].numel() != self.sites[n].num_units:
+                raise ValueError(f"site {n}: state has {c['active'].numel()} units, "
+                                 f"monitor {self.sites[n].num_units}")
+            self._counters[n] = {k: (v.to(dev) if torch.is_tensor(v) else int(v))
+                                 for k, v in c.items()}
+        self._step = int(state.get("step", 0))

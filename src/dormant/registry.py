@@ -1,0 +1,58 @@
+"""Small decorator registries: names are resolved at the boundary, unknown names list the
+valid ones."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+
+class UnknownNameError(KeyError):
+    """An unknown registry name; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain sentence
+        return str(self.args[0])
+
+
+class Registry:
+    """A named collection of constructors/functions::
+
+        MODELS = Registry("model")
+        @MODELS.register("mlp")
+        def mlp(...): ...
+        MODELS.get("mlp")
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Callable] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, help: str | None = None) -> Callable:
+        def deco(obj: Callable) -> Callable:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = obj
+            doc = help or (obj.__doc__ or "").strip().split("\n")[0]
+            self._help[name] = doc
+            return obj
+        return deco
+
+    def get(self, name: str) -> Callable:
+        if not isinstance(name, str) or name not in self._items:
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}")
+        return self._items[name]
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def describe(self) -> dict[str, str]:
+        return {n: self._help[n] for n in self.names()}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
