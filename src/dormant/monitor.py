@@ -242,6 +242,11 @@ class ActivityMonitor:
         self._calls.clear()
 
     @property
+    def observed(self) -> bool:
+        """True once any activation was counted on this process."""
+        return any(c["batches"] for c in self._counters.values())
+
+    @property
     def attached(self) -> bool:
         return bool(self._handles)
 

@@ -1,0 +1,209 @@
+"""The `dormant` command: thin, parses into configs and calls the library."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from dataclasses import fields
+from typing import Any, Sequence
+
+from .experiments.config import ConfigError, ExperimentConfig, load_config_file
+
+_MAPPINGS = ("model_args", "method_args", "dataset_args")
+
+
+def _parse_mapping(text: str) -> dict[str, Any]:
+    """``"width=512,depth=4"`` -> ``{"width": 512, "depth": 4}`` (values as Python literals)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in _split_top(text))):
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = val.strip()
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets, so ``widths=[300,100]`` stays whole."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ExperimentConfig field; only flags given on the command line override."""
+    g = p.add_argument_group("experiment config (override the preset/config file)")
+    defaults = ExperimentConfig()
+    for f in fields(ExperimentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _MAPPINGS:
+            g.add_argument(flag, type=_parse_mapping, default=None, metavar="K=V,...",
+                           help=f"options for the {f.name.split('_')[0]} (e.g. width=512)")
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            g.add_argument(flag, type=typ, default=None,
+                           help=f"default: {getattr(defaults, f.name)}")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(ExperimentConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def _base_config(args) -> ExperimentConfig:
+    from .experiments import PRESETS
+    if args.preset and args.config:
+        raise ConfigError("give --preset or --config, not both")
+    if args.preset:
+        cfg = PRESETS.get(args.preset)()
+        if not isinstance(cfg, ExperimentConfig):
+            raise ConfigError(f"preset {args.preset!r} is a comparison; use `dormant compare "
+                              f"--preset {args.preset}`")
+    elif args.config:
+        cfg = ExperimentConfig.from_dict(load_config_file(args.config))
+    else:
+        cfg = ExperimentConfig()
+    return cfg.override(**_overrides(args))
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_list(args) -> int:
+    from .activations import ACTIVATIONS
+    from .data import DATASETS
+    from .experiments import PRESETS
+    from .methods import METHODS
+    from .models import MODELS
+    from .monitor import CRITERIA
+    regs = {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "presets": PRESETS,
+            "activations": ACTIVATIONS, "criteria": CRITERIA}
+    for what in args.what or list(regs):
+        if what not in regs:
+            raise ConfigError(f"cannot list {what!r}; choose from {', '.join(regs)}")
+        print(f"{what}:")
+        for name, doc in regs[what].describe().items():
+            print(f"  {name:<20} {doc}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .experiments import run_experiment
+    cfg = _base_config(args).validate()
+    res = run_experiment(cfg, args.root, show_progress=not args.no_progress)
+    f = res["final"]
+    print(json.dumps({k: f[k] for k in ("epoch", "test_acc", "val_acc", "dead_fraction",
+                                        "dead_units", "dynamic_dnr") if k in f}, indent=2))
+    print(f"run directory: {res['run_dir']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .experiments import PRESETS, CompareSpec, run_compare
+    if bool(args.preset) == bool(args.config):
+        raise ConfigError("give exactly one of --preset NAME or --config FILE "
+                          f"(presets: {', '.join(PRESETS.names())})")
+    if args.preset:
+        spec = PRESETS.get(args.preset)()
+        if not isinstance(spec, CompareSpec):
+            raise ConfigError(f"preset {args.preset!r} is a single run; use `dormant run --preset`")
+    else:
+        spec = CompareSpec.from_dict(load_config_file(args.config))
+    spec.base = spec.base.override(**_overrides(args))
+    if args.seeds:
+        spec.seeds = [int(s) for s in args.seeds.split(",")]
+    run_compare(spec, args.root, args.out, show_progress=not args.no_progress)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .diagnose import diagnose
+    from .experiments import load_run
+    cfg, model, data = load_run(args.run_dir)
+    params = {"tau": args.tau} if args.criterion == "dormant" else {}
+    report = diagnose(model, data.split(args.split), criterion=args.criterion, eps=args.eps,
+                      **params)
+    print(f"{args.run_dir}: {cfg.model} on {cfg.dataset} ({args.split} split)")
+    print(report)
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .data import fashion_mnist
+    if args.dataset != "fashion-mnist":
+        raise ConfigError(f"only fashion-mnist is downloadable; {args.dataset!r} is built in "
+                          "or unknown")
+    print(f"saved to {fashion_mnist.download(args.dest)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dormant", description="Find, revive and remove dead (dormant) neurons.",
+        epilog="Examples: dormant list | dormant compare --preset dying-relu | "
+               "dormant run --dataset fashion-mnist --model lenet300 --epochs 5 | "
+               "dormant doctor runs/<run-dir>")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("list", help="datasets, models, methods, presets, activations, criteria")
+    q.add_argument("what", nargs="*",
+                   help="datasets, models, methods, presets, activations, criteria (default: all)")
+    q.set_defaults(func=cmd_list)
+
+    for name, func, hlp in (("run", cmd_run, "train one experiment (resumes if interrupted)"),
+                            ("compare", cmd_compare, "variants x seeds -> mean ± std table")):
+        q = sub.add_parser(name, help=hlp)
+        q.add_argument("--preset", help="a named preset (see `dormant list presets`)")
+        q.add_argument("--config", help="a YAML/JSON file (compare: base, variants, seeds)")
+        q.add_argument("--root", default="runs", help="where run directories go (default: runs)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "compare":
+            q.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+            q.add_argument("--out", help="folder for compare.md/.csv/.json")
+        _add_config_flags(q)
+        q.set_defaults(func=func)
+
+    q = sub.add_parser("doctor", help="which units of a trained run are dead")
+    q.add_argument("run_dir")
+    q.add_argument("--split", default="test", choices=["train", "val", "test"])
+    q.add_argument("--criterion", default="never_active")
+    q.add_argument("--eps", type=float, default=0.0)
+    q.add_argument("--tau", type=float, default=0.0, help="threshold for --criterion dormant")
+    q.set_defaults(func=cmd_doctor)
+
+    q = sub.add_parser("download", help="fetch a dataset (needs network; verifies checksums)")
+    q.add_argument("dataset")
+    q.add_argument("--dest", help="target folder (default: the user data directory)")
+    q.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import CorruptDataError, DataNotFoundError
+    from .registry import UnknownNameError
+    try:
+        return args.func(args)
+    except (ConfigError, UnknownNameError, DataNotFoundError, CorruptDataError,
+            FileNotFoundError, ValueError) as err:
+        print(f"dormant: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndormant: interrupted; run the same command again to resume from the last "
+              "epoch checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

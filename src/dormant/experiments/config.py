@@ -1,0 +1,144 @@
+"""ExperimentConfig: the single source of truth for a run (CLI flags derive from it)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from ..activations import ACTIVATIONS
+from ..data import DATASETS
+from ..methods import METHODS
+from ..models import MODELS
+from ..monitor import CRITERIA
+from ..train.loop import OPTIMIZERS
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, refused before anything runs."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One training run. A new option's default must change nothing (hashes stay valid)."""
+    dataset: str = "mnist1d"
+    model: str = "mlp"
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    activation: str = "relu"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    val_size: int = -1             # -1: the dataset's default
+    dataset_args: Mapping[str, Any] = field(default_factory=dict)
+    method: str = "none"
+    method_args: Mapping[str, Any] = field(default_factory=dict)
+    monitor_every: int = 10        # watch every k-th training step (probes are always exact)
+    eps: float = 0.0               # an output counts as active when > eps
+    criterion: str = "never_active"
+    device: str = "cpu"
+
+    # -- checks --------------------------------------------------------------------------
+    def validate(self) -> "ExperimentConfig":
+        """Refuse unknown names and invalid values; returns self."""
+        for value, reg in ((self.dataset, DATASETS), (self.model, MODELS),
+                           (self.activation, ACTIVATIONS), (self.optimizer, OPTIMIZERS),
+                           (self.method, METHODS), (self.criterion, CRITERIA)):
+            if value not in reg:
+                raise ConfigError(f"unknown {reg.kind} {value!r}; valid {reg.kind}s: "
+                                  f"{', '.join(reg.names())}")
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.val_size >= -1, f"val_size must be >= 0 (or -1 for the default), got {self.val_size}"),
+            (self.monitor_every >= 1, f"monitor_every must be >= 1, got {self.monitor_every}"),
+            (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
+            (self.device == "cpu" or self.device.startswith(("cuda", "mps")),
+             f"device must be cpu, cuda[:N] or mps, got {self.device!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+    # -- identity ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("model_args", "method_args", "dataset_args"):
+            d[k] = dict(d[k])
+        return d
+
+    def digest(self) -> str:
+        """Hash of everything that changes the result (the device does not)."""
+        d = self.to_dict()
+        d.pop("device")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    def label(self) -> str:
+        m = "" if self.method == "none" else f"-{self.method}"
+        return f"{self.dataset}-{self.model}{m}-s{self.seed}-{self.digest()}"
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+        typed = {}
+        for f in fields(cls):
+            if f.name in d:
+                typed[f.name] = _coerce(f.name, f.type, d[f.name])
+        return cls(**typed)
+
+    def override(self, **changes) -> "ExperimentConfig":
+        merged = self.to_dict()
+        for k, v in changes.items():
+            if k in ("model_args", "method_args", "dataset_args") and isinstance(v, Mapping):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+        return ExperimentConfig.from_dict(merged)
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ == "float":
+            return float(value)
+        if typ == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ == "str":
+            return str(value)
+        if typ.startswith("Mapping"):
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {typ}, got {value!r}") from None
+    return value
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML or JSON file as a dict."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        return json.loads(text)
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("reading YAML needs PyYAML: pip install 'dormant[yaml]'") from None
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+

@@ -1,0 +1,130 @@
+"""Callbacks: the monitor, checkpoints, metrics logging. Methods are callbacks too."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..diagnose import diagnose
+from ..monitor import ActivityMonitor
+from ..sites import Site, find_sites
+
+
+class Callback:
+    """Override what you need. Hooks run in list order; `trainer` gives model, optimizer,
+    data, epoch, step and the metrics of the epoch being finished."""
+
+    def on_fit_start(self, trainer) -> None: ...
+    def on_epoch_start(self, trainer, epoch: int) -> None: ...
+    def on_step_start(self, trainer) -> None: ...
+    def extra_loss(self, trainer) -> torch.Tensor | None: return None
+    def on_after_backward(self, trainer) -> None: ...
+    def on_step_end(self, trainer, loss: torch.Tensor) -> None: ...
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None: ...
+    def on_fit_end(self, trainer) -> None: ...
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class MonitorCallback(Callback):
+    """Watches training (sampled: every k-th step) and probes exactly at each epoch end.
+
+    Adds to the epoch metrics:
+      dynamic_dnr, dnr/<site>  -- zero-output rate on training batches (watched steps)
+      dead_fraction, dead_units, dead/<site> -- never-active units on the probe split,
+                                  exact, eval mode
+      sparsity/<site>          -- exact-zero rate on the probe split
+    """
+
+    def __init__(self, sites: Sequence[Site] | None = None, *, every: int = 10, eps: float = 0.0,
+                 probe_split: str = "val", criterion: str = "never_active"):
+        self.sites, self.every, self.eps = sites, every, eps
+        self.probe_split, self.criterion = probe_split, criterion
+        self.monitor: ActivityMonitor | None = None
+        self.dead: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer) -> None:
+        if self.sites is None:
+            self.sites = find_sites(trainer.model, trainer.data.train.inputs[:2])
+        self.monitor = ActivityMonitor(trainer.model, self.sites, eps=self.eps,
+                                       every=self.every, mode="train").__enter__()
+
+    def on_step_end(self, trainer, loss) -> None:
+        self.monitor.step()
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        if self.monitor.observed:
+            metrics["dynamic_dnr"] = self.monitor.dynamic_dnr()
+            for n, v in self.monitor.dynamic_dnr(per_site=True).items():
+                metrics[f"dnr/{n}"] = v
+        self.monitor.reset()
+        report = diagnose(trainer.model, trainer.data.split(self.probe_split), sites=self.sites,
+                          eps=self.eps, criterion=self.criterion)
+        self.dead = report.dead
+        metrics["dead_fraction"] = report.dead_fraction
+        metrics["dead_units"] = report.dead_units
+        for r in report.rows:
+            metrics[f"dead/{r.site}"] = r.dead / r.units
+            metrics[f"sparsity/{r.site}"] = r.sparsity
+
+    def on_fit_end(self, trainer) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+class JsonlLogger(Callback):
+    """Appends each epoch's metrics as one JSON line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike, upto_epoch: int | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if upto_epoch is None or r["epoch"] <= upto_epoch]
+
+
+class CheckpointCallback(Callback):
+    """Saves model, optimizer, scheduler, counters and callback states after every epoch
+    (atomically: write then rename), so an interrupted run resumes where it stopped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        state = {
+            "epoch": trainer.epoch, "step": trainer.step,
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+            "callbacks": [cb.state_dict() for cb in trainer.callbacks],
+            "rng": torch.get_rng_state(),
+        }
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def restore(self, trainer) -> bool:
+        """Load the checkpoint into `trainer` if there is one; True when resumed."""
+        if not self.path.exists():
+            return False
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scheduler is not None and state["scheduler"] is not None:
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        for cb, s in zip(trainer.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        torch.set_rng_state(state["rng"])
+        trainer.epoch, trainer.step = int(state["epoch"]), int(state["step"])
+        return True

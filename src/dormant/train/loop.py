@@ -1,0 +1,134 @@
+"""The training loop: batches -> loss -> step, with callbacks at fixed points."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import Dataset, Split, batches
+from ..registry import Registry
+from .progress import progress
+
+OPTIMIZERS = Registry("optimizer")
+OPTIMIZERS.register("sgd", help="SGD with momentum")(
+    lambda params, lr, momentum=0.9, weight_decay=0.0: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+OPTIMIZERS.register("adam", help="Adam (L2 weight decay)")(
+    lambda params, lr, momentum=0.9, weight_decay=0.0: torch.optim.Adam(
+        params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay))
+OPTIMIZERS.register("adamw", help="AdamW (decoupled weight decay)")(
+    lambda params, lr, momentum=0.9, weight_decay=0.0: torch.optim.AdamW(
+        params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay))
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return OPTIMIZERS.get(name)(params, lr, momentum=momentum, weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode; the train flag is restored."""
+    was = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=split.inputs.device)
+    correct = torch.zeros((), dtype=torch.int64, device=split.inputs.device)
+    try:
+        for x, y in batches(split, batch_size):
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+    finally:
+        model.train(was)
+    n = max(len(split), 1)
+    return loss.item() / n, correct.item() / n
+
+
+class Trainer:
+    """Train `model` on `data` for `epochs`; callbacks observe and act at fixed points.
+
+    Callback order is the list order. `state` holds what callbacks may read: epoch, step,
+    the last loss, and the metrics of the epoch being finished.
+    """
+
+    def __init__(self, model: nn.Module, data: Dataset, optimizer: torch.optim.Optimizer, *,
+                 epochs: int, batch_size: int, seed: int = 0, scheduler=None,
+                 callbacks: Sequence = (), show_progress: bool = True, eval_batch_size: int = 1024):
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        self.model, self.data, self.optimizer = model, data, optimizer
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.scheduler, self.callbacks = scheduler, list(callbacks)
+        self.show_progress, self.eval_batch_size = show_progress, eval_batch_size
+        self.epoch = 0          # epochs completed
+        self.step = 0           # optimizer steps taken
+        self.metrics: dict = {}
+        self.stop = False       # a callback may set this to end training after the epoch
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def fit(self) -> list[dict]:
+        """Train from `self.epoch` (0, or where a checkpoint left off) to `epochs`."""
+        history = []
+        self._call("on_fit_start")
+        try:
+            while self.epoch < self.epochs and not self.stop:
+                history.append(self._run_epoch())
+        finally:
+            self._call("on_fit_end")
+        return history
+
+    def _run_epoch(self) -> dict:
+        epoch = self.epoch + 1
+        self.model.train()
+        self._call("on_epoch_start", epoch)
+        # the shuffle depends on (seed, epoch) only, so a resumed run sees the same batches
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        n_batches = -(-len(self.data.train) // self.batch_size)
+        total = torch.zeros((), dtype=torch.float64, device=self.data.train.inputs.device)
+        t0 = time.perf_counter()
+        bar = progress(total=n_batches, desc=f"epoch {epoch}/{self.epochs}",
+                       enabled=self.show_progress)
+        for i, (x, y) in enumerate(batches(self.data.train, self.batch_size, shuffle=True,
+                                           generator=gen)):
+            loss = self.train_step(x, y)
+            total += loss.detach() * len(y)
+            if bar is not None and (i % 25 == 0 or i == n_batches - 1):
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        train_time = time.perf_counter() - t0
+        val_loss, val_acc = evaluate(self.model, self.data.val, self.eval_batch_size)
+        test_loss, test_acc = evaluate(self.model, self.data.test, self.eval_batch_size)
+        self.epoch = epoch
+        self.metrics = {"epoch": epoch, "step": self.step,
+                        "train_loss": total.item() / len(self.data.train),
+                        "val_loss": val_loss, "val_acc": val_acc,
+                        "test_loss": test_loss, "test_acc": test_acc,
+                        "lr": self.optimizer.param_groups[0]["lr"], "train_time": train_time}
+        self._call("on_epoch_end", epoch, self.metrics)
+        return self.metrics
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._call("on_step_start")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        extra = [cb.extra_loss(self) for cb in self.callbacks]
+        for e in extra:
+            if e is not None:
+                loss = loss + e
+        loss.backward()
+        self._call("on_after_backward")
+        self.optimizer.step()
+        self.step += 1
+        self._call("on_step_end", loss)
+        return loss
