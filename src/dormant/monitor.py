@@ -82,7 +82,7 @@ class SiteStats:
 
 # ----------------------------------------------------------------------------------------
 # Criteria: functions SiteStats -> BoolTensor[num_units] (True = dead).
-CRITERIA: Registry = Registry("criterion")
+CRITERIA: Registry = Registry("criterion", "criteria")
 register_criterion = CRITERIA.register
 
 
@@ -263,6 +263,12 @@ class ActivityMonitor:
     def close(self) -> None:
         """Remove every hook (same as leaving the context)."""
         self.__exit__(None, None, None)
+
+    def set_step(self, step: int) -> None:
+        """Align the watch phase with a training step counter (e.g. after a resume)."""
+        self._step = int(step)
+        if self._entered and self.every > 1:
+            self._attach() if self._step % self.every == 0 else self._detach()
 
     def step(self) -> None:
         """Call once per training step (after the optimizer step): arms the hooks for the next

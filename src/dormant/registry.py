@@ -21,8 +21,9 @@ class Registry:
         MODELS.get("mlp")
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plural: str | None = None):
         self.kind = kind
+        self.plural = plural or kind + "s"
         self._items: dict[str, Callable] = {}
         self._help: dict[str, str] = {}
 
@@ -31,7 +32,7 @@ class Registry:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
-            doc = help or (obj.__doc__ or "").strip().split("\n")[0]
+            doc = help or " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
             self._help[name] = doc
             return obj
         return deco
@@ -39,7 +40,7 @@ class Registry:
     def get(self, name: str) -> Callable:
         if not isinstance(name, str) or name not in self._items:
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}")
+                f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self.names())}")
         return self._items[name]
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -48,7 +48,7 @@ class ExperimentConfig:
                            (self.activation, ACTIVATIONS), (self.optimizer, OPTIMIZERS),
                            (self.method, METHODS), (self.criterion, CRITERIA)):
             if value not in reg:
-                raise ConfigError(f"unknown {reg.kind} {value!r}; valid {reg.kind}s: "
+                raise ConfigError(f"unknown {reg.kind} {value!r}; valid {reg.plural}: "
                                   f"{', '.join(reg.names())}")
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

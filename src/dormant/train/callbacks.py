@@ -51,6 +51,7 @@ class MonitorCallback(Callback):
             self.sites = find_sites(trainer.model, trainer.data.train.inputs[:2])
         self.monitor = ActivityMonitor(trainer.model, self.sites, eps=self.eps,
                                        every=self.every, mode="train").__enter__()
+        self.monitor.set_step(trainer.step)  # same watched steps after a resume
 
     def on_step_end(self, trainer, loss) -> None:
         self.monitor.step()

@@ -1,0 +1,58 @@
+"""Under torch.distributed (gloo, 2 processes) every rank gets the same, global decision."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dormant import ActivityMonitor, find_sites
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        model[0].bias[3] = -1e4                     # dead everywhere
+        model[0].weight[1] = torch.tensor([1.0, 0, 0, 0])
+        model[0].bias[1] = -10.0                    # fires only on sample 0 (rank 0's shard)
+        x[0, 0] = 20.0
+    return model, x
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, x = _model_and_data()
+        shard = x[rank::world]
+        sites = find_sites(model, shard[:2])
+        with ActivityMonitor(model, sites, every=1) as mon, torch.no_grad():
+            model(shard)
+        local = {n: (c["active"] == 0) for n, c in mon._counters.items()}
+        torch.save({"dead": mon.dead_units(), "local": local, "dnr": mon.dynamic_dnr(),
+                    "samples": mon.stats()["1"].samples},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_all_reduce_gives_every_rank_the_global_decision(tmp_path):
+    world = 2
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    model, x = _model_and_data()
+    with ActivityMonitor(model, example_input=x[:2]) as ref, torch.no_grad():
+        model(x)
+    expected = ref.dead_units()
+    for r in ranks:
+        assert r["samples"] == len(x)
+        assert r["dnr"] == pytest.approx(ref.dynamic_dnr())
+        for n, d in expected.items():
+            assert torch.equal(r["dead"][n], d), n
+    assert expected["1"].tolist() == [False, False, False, True, False, False]
+    # rank 1 alone would call unit 1 dead: the reduction is what makes the ranks agree
+    assert ranks[1]["local"]["1"][1] and not ranks[0]["local"]["1"][1]
