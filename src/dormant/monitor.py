@@ -7,10 +7,17 @@ and accumulates, on the device of the activations and without any host sync:
     samples/batches samples and batches seen
     active[u]       outputs  > eps
     zeros[u]        outputs == 0 exactly (activation sparsity, dynamic DNR)
+                    (counted as positions - nonzero)
     silent[u]       samples in which every output of the unit was <= eps
     active_batches  batches in which the unit was active at least once
     sum/abs_sum[u]  sum of outputs / of |outputs| (float64)
     max[u]          largest output
+
+Counts come from ``sign()`` and float sums, not from comparisons and boolean reductions
+(which are several times slower on CPU): for an output y, #(y > 0) = (sum sign(y) +
+sum |sign(y)|) / 2 and #(y != 0) = sum |sign(y)|; for non-negative activations (ReLU family)
+#(y > 0) = sum sign(y) and |y| = y. Outputs are first reduced to per-sample ``(N, units)``
+sums, which keeps conv and token tensors cheap and gives the per-sample "silent" count.
 
 Training-time cost: hooks are attached only on watched steps. With ``every=k`` and a call of
 `step()` after each optimizer step, the monitor attaches its hooks for every k-th step and
@@ -29,12 +36,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .registry import Registry
-from .sites import Site, _unwrap, find_sites
+from .sites import Site, _unwrap, find_sites, is_nonneg
 
 __all__ = ["ActivityMonitor", "SiteStats", "CRITERIA", "register_criterion"]
 
-_INT_FIELDS = ("active", "zeros", "silent", "active_batches")
-_FLOAT_FIELDS = ("sum", "abs_sum")
+# Per-unit accumulators, all float64 on the activations' device: integer counts stay exact
+# below 2**53 and one all-reduce sums them all. `nonzero` and `abs_sum` are not accumulated
+# for non-negative activations with eps == 0 (they equal `active` and `sum` there), `silent`
+# not for outputs with one position per sample (it is `samples - active` there).
+_FIELDS = ("active", "nonzero", "silent", "active_batches", "sum", "abs_sum")
 _COUNT_FIELDS = ("positions", "samples", "batches")
 
 
@@ -162,32 +172,55 @@ class ActivityMonitor:
         dev = self._device()
         for name, s in self.sites.items():
             u = s.num_units
-            c = {f: torch.zeros(u, dtype=torch.int64, device=dev) for f in _INT_FIELDS}
-            c.update({f: torch.zeros(u, dtype=torch.float64, device=dev) for f in _FLOAT_FIELDS})
+            c: dict = {f: torch.zeros(u, dtype=torch.float64, device=dev) for f in _FIELDS}
             c["max"] = torch.full((u,), float("-inf"), device=dev)
             c.update({f: 0 for f in _COUNT_FIELDS})
             self._counters[name] = c
 
+    def _fast(self, site: Site) -> bool:
+        """Non-negative outputs and eps == 0: active == nonzero and |y| == y."""
+        return self.eps == 0.0 and is_nonneg(site.activation)
+
     @torch.no_grad()
     def _observe(self, site: Site, y: torch.Tensor) -> None:
-        # Runs inside the forward: device ops only, no .item(), no Python branching on values.
+        # Runs inside the forward: device ops only, no .item(), no branching on values.
         c = self._counters[site.name]
         y = y.detach()
+        if y.ndim == 1:
+            y = y.unsqueeze(0)
         d = site.unit_dim % y.ndim
-        dims = tuple(i for i in range(y.ndim) if i != d)
-        pos = y > self.eps
-        c["active"] += pos.sum(dims)
-        c["zeros"] += (y == 0).sum(dims)
-        c["active_batches"] += pos.any(dim=dims)
-        c["sum"] += y.sum(dims)
-        c["abs_sum"] += y.abs().sum(dims)
-        torch.maximum(c["max"], y.amax(dims).to(c["max"].dtype), out=c["max"])
-        if y.ndim > 2:  # per sample: the unit said nothing anywhere (tokens/positions)
-            inner = tuple(i for i in dims if i != 0)
-            c["silent"] += (~pos.any(dim=inner)).sum(0)
-        n = y.shape[0]
-        c["positions"] += y.numel() // site.num_units
-        c["samples"] += n
+        inner = tuple(i for i in range(1, y.ndim) if i != d)
+        per_unit = y.numel() // site.num_units
+        acc = torch.float32 if per_unit < 2 ** 24 else torch.float64   # exact integer sums
+
+        def per_sample(t: torch.Tensor) -> torch.Tensor:           # -> (N, units)
+            return t.sum(inner, dtype=acc) if inner else t.to(acc)
+
+        sign = y.sign()
+        if self._fast(site):
+            active_ps = per_sample(sign)
+            sum_ps = per_sample(y)
+        else:
+            nonzero_ps = per_sample(sign.abs())
+            if self.eps == 0.0:
+                active_ps = (per_sample(sign) + nonzero_ps) * 0.5
+            else:
+                active_ps = per_sample((y - self.eps).clamp_min(0).sign())
+            sum_ps = per_sample(y)
+            c["nonzero"] += nonzero_ps.sum(0)
+            c["abs_sum"] += per_sample(y.abs()).sum(0)
+        active = active_ps.sum(0)
+        c["active"] += active
+        c["active_batches"] += active > 0
+        c["sum"] += sum_ps.sum(0)
+        if inner:  # per sample: the unit said nothing at any token/position
+            c["silent"] += (active_ps == 0).sum(0)
+        mx = y.amax(0)                                              # batch first: fast
+        if mx.ndim > 1:
+            mx = mx.movedim(d - 1, 0).flatten(1).amax(1)
+        torch.maximum(c["max"], mx.to(c["max"].dtype), out=c["max"])
+        c["positions"] += per_unit
+        c["samples"] += y.shape[0]
         c["batches"] += 1
 
     # -- hooks ---------------------------------------------------------------------------
@@ -289,25 +322,21 @@ class ActivityMonitor:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return counters
         names = list(counters)
-        ints = torch.cat([torch.cat([counters[n][f] for f in _INT_FIELDS]
-                                    + [torch.tensor([counters[n][f] for f in _COUNT_FIELDS],
-                                                    device=counters[n]["active"].device)])
-                          for n in names])
-        floats = torch.cat([counters[n][f] for n in names for f in _FLOAT_FIELDS])
+        dev = counters[names[0]]["active"].device
+        sums = torch.cat([torch.cat([counters[n][f] for f in _FIELDS] + [torch.tensor(
+            [float(counters[n][f]) for f in _COUNT_FIELDS], dtype=torch.float64, device=dev)])
+            for n in names])
         maxes = torch.cat([counters[n]["max"] for n in names])
-        dist.all_reduce(ints, op=dist.ReduceOp.SUM)
-        dist.all_reduce(floats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        i = f = m = 0
+        i = m = 0
         for n in names:
             u = self.sites[n].num_units
             c = counters[n]
-            for fld in _INT_FIELDS:
-                c[fld], i = ints[i:i + u], i + u
+            for fld in _FIELDS:
+                c[fld], i = sums[i:i + u], i + u
             for fld in _COUNT_FIELDS:
-                c[fld], i = int(ints[i]), i + 1
-            for fld in _FLOAT_FIELDS:
-                c[fld], f = floats[f:f + u], f + u
+                c[fld], i = int(sums[i]), i + 1
             c["max"], m = maxes[m:m + u], m + u
         return counters
 
@@ -315,12 +344,18 @@ class ActivityMonitor:
         """Per-site counters (all-reduced across ranks) with their definition."""
         out = {}
         for name, c in self._gathered().items():
-            silent = c["silent"]
+            site = self.sites[name]
+            count = lambda t: t.round().long()
+            active = count(c["active"])
+            fast = self._fast(site)
+            nonzero = active if fast else count(c["nonzero"])
+            abs_sum = c["sum"] if fast else c["abs_sum"]
+            silent = count(c["silent"])
             if c["positions"] == c["samples"]:  # one position per sample: silent = not active
-                silent = c["samples"] - c["active"]
-            out[name] = SiteStats(self.sites[name], c["active"], c["zeros"], silent,
-                                  c["active_batches"], c["sum"], c["abs_sum"], c["max"],
-                                  c["positions"], c["samples"], c["batches"],
+                silent = c["samples"] - active
+            out[name] = SiteStats(site, active, c["positions"] - nonzero, silent,
+                                  count(c["active_batches"]), c["sum"].clone(), abs_sum.clone(),
+                                  c["max"].clone(), c["positions"], c["samples"], c["batches"],
                                   self.eps, self.mode, self.every)
         return out
 
@@ -377,6 +412,9 @@ class ActivityMonitor:
             if c["active"].numel() != self.sites[n].num_units:
                 raise ValueError(f"site {n}: state has {c['active'].numel()} units, "
                                  f"monitor {self.sites[n].num_units}")
+            missing = set(_FIELDS + _COUNT_FIELDS + ("max",)) - set(c)
+            if missing:
+                raise KeyError(f"site {n}: state lacks counters {sorted(missing)}")
             self._counters[n] = {k: (v.to(dev) if torch.is_tensor(v) else int(v))
                                  for k, v in c.items()}
         self._step = int(state.get("step", 0))

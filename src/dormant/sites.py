@@ -32,6 +32,7 @@ __all__ = [
     "make_site",
     "register_activation",
     "activation_kinds",
+    "is_nonneg",
 ]
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,13 +58,16 @@ _ACT_MODULES: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh",
     nn.Sigmoid: "sigmoid", nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh",
     nn.Mish: "mish", nn.Hardswish: "hardswish", nn.Softplus: "softplus",
+    nn.Hardsigmoid: "hardsigmoid",
 }
 _ACT_FUNCTIONS: dict[Callable, str] = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
     F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid", F.elu: "elu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
-    F.mish: "mish", F.hardswish: "hardswish", F.softplus: "softplus",
+    F.mish: "mish", F.hardswish: "hardswish", F.softplus: "softplus", F.hardsigmoid: "hardsigmoid",
 }
+# Kinds whose output is >= 0 by construction: the monitor counts them with cheaper ops.
+_NONNEG_KINDS: set[str] = {"relu", "relu6", "sigmoid", "softplus", "hardsigmoid"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}
 _METHOD_FN = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
@@ -71,21 +75,35 @@ _METHOD_FN = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
 
 
 def register_activation(module_type: type | None = None, kind: str | None = None,
-                        function: Callable | None = None):
+                        function: Callable | None = None, *, nonneg: bool = False):
     """Teach site discovery a new activation (a module type and/or a function).
 
-    Usable as a class decorator: ``@register_activation(kind="shifted_relu")``.
+    Usable as a class decorator: ``@register_activation(kind="shifted_relu", nonneg=True)``.
+    `nonneg` promises that every output is >= 0 (ReLU-like); the monitor then counts the
+    activation with fewer operations. A wrong promise gives wrong zero counts.
     """
+    def add(name: str) -> None:
+        if nonneg:
+            _NONNEG_KINDS.add(name)
+
     if function is not None:
         _ACT_FUNCTIONS[function] = kind or function.__name__
+        add(_ACT_FUNCTIONS[function])
     if module_type is not None:
         _ACT_MODULES[module_type] = kind or module_type.__name__.lower()
+        add(_ACT_MODULES[module_type])
         return module_type
 
     def deco(cls: type) -> type:
         _ACT_MODULES[cls] = kind or cls.__name__.lower()
+        add(_ACT_MODULES[cls])
         return cls
     return deco
+
+
+def is_nonneg(kind: str) -> bool:
+    """True when activations of this kind never output negative values."""
+    return kind in _NONNEG_KINDS
 
 
 def activation_kinds() -> list[str]:
