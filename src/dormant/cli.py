@@ -8,9 +8,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from .experiments.config import ConfigError, ExperimentConfig, load_config_file
-
-_MAPPINGS = ("model_args", "method_args", "dataset_args")
+from .experiments.config import _MAPPINGS, ConfigError, ExperimentConfig, load_config_file
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:

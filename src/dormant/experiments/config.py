@@ -11,7 +11,10 @@ from ..data import DATASETS
 from ..methods import METHODS
 from ..models import MODELS
 from ..monitor import CRITERIA
+from ..schedules import SCHEDULES
 from ..train.loop import OPTIMIZERS
+
+_MAPPINGS = ("model_args", "method_args", "dataset_args", "schedule_args")
 
 
 class ConfigError(ValueError):
@@ -29,6 +32,8 @@ class ExperimentConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    schedule: str = "constant"     # learning-rate schedule, stepped per epoch
+    schedule_args: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 128
     seed: int = 0
@@ -46,7 +51,8 @@ class ExperimentConfig:
         """Refuse unknown names and invalid values; returns self."""
         for value, reg in ((self.dataset, DATASETS), (self.model, MODELS),
                            (self.activation, ACTIVATIONS), (self.optimizer, OPTIMIZERS),
-                           (self.method, METHODS), (self.criterion, CRITERIA)):
+                           (self.method, METHODS), (self.criterion, CRITERIA),
+                           (self.schedule, SCHEDULES)):
             if value not in reg:
                 raise ConfigError(f"unknown {reg.kind} {value!r}; valid {reg.plural}: "
                                   f"{', '.join(reg.names())}")
@@ -65,19 +71,34 @@ class ExperimentConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        self._check_options()
         return self
+
+    def _check_options(self) -> None:
+        """Model/schedule option names and method options (built once, cheaply) are checked
+        here, so a comparison fails before its first run trains, not in its fifth."""
+        from ..methods import build_method
+        _check_names("model", self.model, MODELS.get(self.model), self.model_args, skip=3)
+        _check_names("schedule", self.schedule, SCHEDULES.get(self.schedule),
+                     self.schedule_args, skip=1)
+        try:
+            SCHEDULES.get(self.schedule)(self.epochs, **self.schedule_args)
+            build_method(self.method, **self.method_args)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
 
     # -- identity ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("model_args", "method_args", "dataset_args"):
+        for k in _MAPPINGS:
             d[k] = dict(d[k])
         return d
 
     def digest(self) -> str:
-        """Hash of everything that changes the result (the device does not)."""
-        d = self.to_dict()
-        d.pop("device")
+        """Hash of the fields that differ from their defaults (the device excluded): adding an
+        option with a default leaves every existing run's name unchanged."""
+        defaults = ExperimentConfig().to_dict()
+        d = {k: v for k, v in self.to_dict().items() if k != "device" and v != defaults[k]}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def label(self) -> str:
@@ -100,11 +121,23 @@ class ExperimentConfig:
     def override(self, **changes) -> "ExperimentConfig":
         merged = self.to_dict()
         for k, v in changes.items():
-            if k in ("model_args", "method_args", "dataset_args") and isinstance(v, Mapping):
+            if k in _MAPPINGS and isinstance(v, Mapping):
                 merged[k] = {**merged[k], **v}
             else:
                 merged[k] = v
         return ExperimentConfig.from_dict(merged)
+
+
+def _check_names(kind: str, name: str, fn, options: Mapping[str, Any], skip: int) -> None:
+    """Refuse option names `fn` does not take (its first `skip` parameters are positional)."""
+    import inspect
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params]
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ConfigError(f"{kind} {name!r} has no option(s) {bad}; valid: {valid or 'none'}")
 
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:

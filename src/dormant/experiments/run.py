@@ -22,6 +22,7 @@ from .. import __version__
 from ..data import load_dataset
 from ..methods import build_method
 from ..models import build_model
+from ..schedules import make_scheduler
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
 from ..train.callbacks import read_jsonl
 from .config import ExperimentConfig
@@ -71,11 +72,13 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     rd.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
+    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, **cfg.schedule_args)
     ckpt = CheckpointCallback(rd / "checkpoint.pt")
     callbacks = [MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
                  *method_callbacks, JsonlLogger(rd / "metrics.jsonl"), ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                      seed=cfg.seed, callbacks=callbacks, show_progress=show_progress)
+                      seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
+                      show_progress=show_progress)
     if ckpt.restore(trainer):
         log(f"[resume] {rd} from epoch {trainer.epoch}")
         rows = read_jsonl(rd / "metrics.jsonl", upto_epoch=trainer.epoch)

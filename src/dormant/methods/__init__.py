@@ -1,14 +1,20 @@
 """Methods on dead neurons, one file each, behind a registry.
 
-A method is built as ``METHODS.build(name, **options)`` and returns a list of training
-callbacks (`dormant.train.Callback`): prepare in ``on_fit_start``, observe through the
-monitor, decide and apply in ``on_epoch_end``/``on_step_end``, finalize in ``on_fit_end``.
+A method is built as ``build_method(name, **options)`` and returns a list of training
+callbacks (`dormant.train.Callback`): prepare in ``on_fit_start``, observe with exact probe
+passes, decide and apply in ``on_epoch_end``/``on_step_end``, finalize in ``on_fit_end``.
 """
 from __future__ import annotations
 
-from ..registry import Registry
+import inspect
 
-__all__ = ["METHODS", "build_method"]
+from ..registry import Registry
+from .base import Method, prunable_weights, weight_sparsity
+from .redo import ReDo
+from .synaptic_stripping import SynapticStripping
+
+__all__ = ["METHODS", "Method", "ReDo", "SynapticStripping", "build_method", "method_options",
+           "prunable_weights", "weight_sparsity"]
 
 METHODS = Registry("method")
 
@@ -19,12 +25,28 @@ def none() -> list:
     return []
 
 
+METHODS.register("synaptic-stripping")(SynapticStripping)
+METHODS.register("redo")(ReDo)
+
+
+def method_options(name: str) -> list[str]:
+    """The option names method `name` accepts."""
+    fn = METHODS.get(name)
+    if isinstance(fn, type):
+        names: list[str] = []
+        for klass in fn.__mro__:
+            if "__init__" in vars(klass) and klass is not object:
+                names += [p for p, v in inspect.signature(klass.__init__).parameters.items()
+                          if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+        return sorted(set(names))
+    return sorted(inspect.signature(fn).parameters)
+
+
 def build_method(name: str, **options) -> list:
     """Callbacks for method `name`; unknown options are refused with the valid ones."""
-    import inspect
-    fn = METHODS.get(name)
-    valid = set(inspect.signature(fn).parameters)
-    bad = sorted(set(options) - valid)
+    valid = method_options(name)
+    bad = sorted(set(options) - set(valid))
     if bad:
-        raise ValueError(f"method {name!r} has no option(s) {bad}; valid: {sorted(valid) or 'none'}")
-    return fn(**options)
+        raise ValueError(f"method {name!r} has no option(s) {bad}; valid: {valid or 'none'}")
+    out = METHODS.get(name)(**options)
+    return [out] if isinstance(out, Method) else list(out)

@@ -1,6 +1,7 @@
 """The training loop: batches -> loss -> step, with callbacks at fixed points."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -110,8 +111,11 @@ class Trainer:
         val_loss, val_acc = evaluate(self.model, self.data.val, self.eval_batch_size)
         test_loss, test_acc = evaluate(self.model, self.data.test, self.eval_batch_size)
         self.epoch = epoch
-        self.metrics = {"epoch": epoch, "step": self.step,
-                        "train_loss": total.item() / len(self.data.train),
+        train_loss = total.item() / len(self.data.train)
+        if not math.isfinite(train_loss):   # a diverged run is a result; more epochs are not
+            self.stop = True
+        self.metrics = {"epoch": epoch, "step": self.step, "train_loss": train_loss,
+                        "diverged": self.stop and not math.isfinite(train_loss),
                         "val_loss": val_loss, "val_acc": val_acc,
                         "test_loss": test_loss, "test_acc": test_acc,
                         "lr": self.optimizer.param_groups[0]["lr"], "train_time": train_time}

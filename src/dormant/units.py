@@ -1,0 +1,129 @@
+"""Where a site's units live in the parameters: incoming rows and outgoing columns.
+
+For a site ``producer -> [norm] -> act -> consumers`` unit ``u`` owns
+
+    incoming: producer.weight[u] (a Linear row or a Conv filter), producer.bias[u],
+              norm.weight[u], norm.bias[u] (and the norm's running statistics)
+    outgoing: consumer.weight[:, u] (a Linear column, a Conv input channel), or, for a Linear
+              that reads the units after a flatten, the block of columns of unit u
+              (channels-first ``(C, H, W)`` flattening) or the tiled columns (units last).
+
+Methods ask these functions for `Slice` objects instead of guessing from module order, so
+re-initialising (ReDo), stripping (Synaptic Stripping), masking (AP, NNrelief) and removing
+(DemP) all agree on what a unit is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .sites import CHANNEL_NORMS, CONVS, NORMS, Site, _unwrap
+
+__all__ = ["Slice", "incoming", "outgoing", "unit_mask_for", "fan_in_rows"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Entries of tensor `name` (a parameter or buffer) that belong to units.
+
+    dim: the axis indexed by units. group: consecutive (layout "block") or strided
+    (layout "tile") entries per unit along `dim`, for Linear layers that read a flattened
+    tensor (group = positions per unit).
+    """
+    name: str
+    dim: int
+    group: int = 1
+    layout: str = "block"
+    kind: str = "weight"     # weight | bias | norm | stat
+
+    def index(self, units: torch.Tensor, num_units: int) -> torch.Tensor:
+        """Boolean mask along `dim` selecting the entries of the units in `units` (bool[U])."""
+        units = units.bool()
+        if units.numel() != num_units:
+            raise ValueError(f"{self.name}: expected {num_units} unit flags, got {units.numel()}")
+        if self.group == 1:
+            return units
+        if self.layout == "block":
+            return units.repeat_interleave(self.group)
+        return units.repeat(self.group)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return _unwrap(model).get_submodule(name)
+
+
+def incoming(model: nn.Module, site: Site, *, stats: bool = True) -> list[Slice]:
+    """The producer's rows/filters and bias, then the norm's affine parameters and (with
+    `stats`) running statistics. Empty when the site has no producer."""
+    if site.producer is None:
+        return []
+    prod = _module(model, site.producer)
+    out = [Slice(f"{site.producer}.weight", 0)]
+    if getattr(prod, "bias", None) is not None:
+        out.append(Slice(f"{site.producer}.bias", 0, kind="bias"))
+    if site.norm is not None:
+        norm = _module(model, site.norm)
+        if isinstance(norm, nn.GroupNorm):
+            return out  # statistics mix units of a group: affine params only below
+        for attr in ("weight", "bias"):
+            if getattr(norm, attr, None) is not None and _per_unit(norm, attr, site):
+                out.append(Slice(f"{site.norm}.{attr}", 0, kind="norm"))
+        if stats and isinstance(norm, CHANNEL_NORMS):
+            for attr in ("running_mean", "running_var"):
+                if getattr(norm, attr, None) is not None:
+                    out.append(Slice(f"{site.norm}.{attr}", 0, kind="stat"))
+    return out
+
+
+def _per_unit(norm: nn.Module, attr: str, site: Site) -> bool:
+    t = getattr(norm, attr)
+    return t.ndim == 1 and t.numel() == site.num_units
+
+
+def outgoing(model: nn.Module, site: Site) -> list[Slice]:
+    """Columns / input channels of every consumer (grouped convolutions are refused)."""
+    out = []
+    for name in site.consumers:
+        m = _module(model, name)
+        if isinstance(m, CONVS) and m.groups != 1:
+            raise NotImplementedError(f"{name}: grouped convolution consumers are not supported")
+        width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        if width != site.num_units:
+            raise ValueError(f"{name} reads {width} inputs, site {site.name} has "
+                             f"{site.num_units} units: pass sites explicitly")
+        out.append(Slice(f"{name}.weight", 1))
+    for name in site.flatten_consumers:
+        m = _module(model, name)
+        if not isinstance(m, nn.Linear) or m.in_features % site.num_units:
+            raise ValueError(f"{name} reads a flattened tensor that is not a multiple of the "
+                             f"{site.num_units} units of {site.name}")
+        group = m.in_features // site.num_units
+        layout = "block" if site.unit_dim == 1 else "tile"
+        out.append(Slice(f"{name}.weight", 1, group, layout))
+    return out
+
+
+def tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer by qualified name."""
+    model = _unwrap(model)
+    mod, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(mod) if mod else model, attr)
+
+
+def unit_mask_for(model: nn.Module, sl: Slice, units: torch.Tensor, num_units: int) -> torch.Tensor:
+    """A bool tensor shaped like `sl`'s tensor, True at the entries of `units`."""
+    t = tensor(model, sl.name)
+    idx = sl.index(units.to(t.device), num_units)
+    shape = [1] * t.ndim
+    shape[sl.dim] = -1
+    return idx.view(shape).expand_as(t)
+
+
+def fan_in_rows(model: nn.Module, site: Site) -> torch.Tensor:
+    """The producer's weight as (units, fan_in): Linear rows or flattened Conv filters (a view)."""
+    if site.producer is None:
+        raise ValueError(f"site {site.name} has no producer")
+    w = tensor(model, f"{site.producer}.weight")
+    return w.flatten(1)

@@ -1,0 +1,64 @@
+"""Contracts every registered method keeps: it trains through the experiment runner, leaves a
+plain model (no hooks, no buffers of ours, no optimizer hooks), and resumes exactly."""
+import json
+
+import pytest
+import torch
+
+from dormant.experiments import ExperimentConfig, run_experiment
+from dormant.methods import METHODS, build_method
+from dormant.train import Trainer
+from dormant.data import load_dataset
+from dormant.models import build_model
+
+QUIET = dict(show_progress=False, log=lambda *a: None)
+METHOD_ARGS = {"synaptic-stripping": {"factor": 0.2}, "redo": {"tau": 0.1}}
+NAMES = [n for n in METHODS.names() if n != "none"]
+
+
+def _hooks(obj):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in obj.modules())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finalize_leaves_a_plain_model(name):
+    torch.manual_seed(0)
+    data = load_dataset("synthetic")
+    model = build_model("mlp", data.input_shape, data.num_classes, width=16, depth=2)
+    keys = set(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    Trainer(model, data, opt, epochs=2, batch_size=64, show_progress=False,
+            callbacks=build_method(name, **METHOD_ARGS.get(name, {}))).fit()
+    assert _hooks(model) == 0
+    assert set(model.state_dict()) == keys
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def _interrupting(cls):
+    class Interrupted(cls):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            super().on_epoch_end(trainer, epoch, metrics)
+            if epoch == 2:      # after the method acted, before the epoch's checkpoint
+                raise KeyboardInterrupt
+    return Interrupted
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_gives_the_same_run(name, tmp_path):
+    cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},
+                           epochs=3, batch_size=64, lr=0.2, method=name,
+                           method_args=METHOD_ARGS.get(name, {}))
+    straight = run_experiment(cfg, tmp_path / "a", **QUIET)
+    original = METHODS._items[name]
+    METHODS._items[name] = _interrupting(original)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, tmp_path / "b", **QUIET)
+    finally:
+        METHODS._items[name] = original
+    resumed = run_experiment(cfg, tmp_path / "b", **QUIET)
+    for key, value in straight["final"].items():
+        if key != "train_time":
+            assert resumed["final"][key] == pytest.approx(value, rel=1e-6), key
+    rd = tmp_path / "b" / cfg.label()
+    assert [json.loads(l)["epoch"] for l in (rd / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

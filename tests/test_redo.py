@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dormant import find_sites
+from dormant.methods.redo import recycle
+from dormant.monitor import CRITERIA
+from dormant.units import incoming, outgoing
+
+
+def _adam_state(model):
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(8, *_shape(model))).sum().backward()
+    opt.step()
+    return opt
+
+
+def _shape(model):
+    return (6,) if isinstance(model[0], nn.Linear) else (2, 4, 4)
+
+
+def test_recycle_linear_golden():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    opt = _adam_state(model)
+    site = find_sites(model, torch.randn(2, 6))[0]
+    before = copy.deepcopy(model)
+    units = torch.tensor([False, True, False, True])
+    torch.manual_seed(123)
+    expected = nn.Linear(6, 4)              # what a fresh init draws with the same RNG state
+    torch.manual_seed(123)
+    assert recycle(model, site, units, opt) == 2
+    w, b, out = model[0].weight, model[0].bias, model[2].weight
+    assert torch.equal(w[units], expected.weight[units])
+    assert torch.equal(b[units], expected.bias[units])
+    assert torch.equal(w[~units], before[0].weight[~units])   # live units untouched
+    assert (out[:, units] == 0).all()
+    assert torch.equal(out[:, ~units], before[2].weight[:, ~units])
+    for p, where in ((w, units[:, None].expand_as(w)), (out, units[None, :].expand_as(out))):
+        for key in ("exp_avg", "exp_avg_sq"):
+            s = opt.state[p][key]
+            assert (s[where] == 0).all() and (s[~where] != 0).all()
+
+
+def test_recycle_conv_bn_flatten_consumer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 16, 5))
+    opt = _adam_state(model)
+    site = find_sites(model, torch.randn(2, 2, 4, 4))[0]
+    assert [s.name for s in incoming(model, site)] == [
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"]
+    assert [(s.name, s.group, s.layout) for s in outgoing(model, site)] == [("4.weight", 16, "block")]
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+        model[1].running_var.fill_(7.0)
+    units = torch.tensor([False, True, False])
+    recycle(model, site, units, opt)
+    fc = model[4].weight
+    assert (fc[:, 16:32] == 0).all() and (fc[:, :16] != 0).all() and (fc[:, 32:] != 0).all()
+    assert model[1].weight.tolist() == [3.0, 1.0, 3.0]
+    assert model[1].running_var.tolist() == [7.0, 1.0, 7.0]
+
+
+def test_tau_zero_recycles_exactly_the_never_active_units():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[[1, 5]] = -100.0
+    from dormant import probe
+    mon = probe(model, torch.randn(256, 6))
+    d0 = mon.dead_units("dormant", tau=0.0)["1"]
+    assert torch.equal(d0, mon.dead_units("never_active")["1"])
+    assert d0.nonzero().flatten().tolist() == [1, 5]
+    assert CRITERIA.get("dormant") is not None
+
+
+def test_grouped_consumer_is_refused():
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4))
+    site = find_sites(model, torch.randn(2, 2, 5, 5))[0]
+    with pytest.raises(NotImplementedError, match="grouped"):
+        outgoing(model, site)

@@ -1,0 +1,112 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from dormant.data import Dataset, Split
+from dormant.methods import SynapticStripping, build_method
+from dormant.methods.synaptic_stripping import strip_decision
+from dormant.train import Trainer
+
+
+def test_golden_rows():
+    rows = torch.tensor([[-4., -3, -2, -1, 0, 1, 2, 3],
+                         [-9., -9, -9, -9, -9, -9, -9, 5],    # live: never touched
+                         [0., 0, 0, 0, 0, 0, 0, 0],           # dead but empty: skipped
+                         [-1., -1, -1, 2, 0, 0, 0, 0]])       # ties at the quantile
+    dead = torch.tensor([True, False, True, True])
+    keep = strip_decision(rows, dead, 0.25)
+    # non-zero of row 0: [-4,-3,-2,-1,1,2,3]; 25% quantile at position 1.5 -> -2.5
+    assert keep[0].tolist() == [False, False, True, True, True, True, True, True]
+    assert keep[1].all() and keep[2].all()
+    # quantile of [-1,-1,-1,2] at 25% is -1: strict '<' prunes nothing (as the official code)
+    assert keep[3].all()
+    # default factor 0.05: position 0.3 -> -3.7: only -4 goes
+    assert strip_decision(rows, dead, 0.05)[0].tolist() == [False] + [True] * 7
+
+
+def test_bias_untouched_and_nonnegative_inputs_raise_the_preactivation():
+    torch.manual_seed(0)
+    layer = nn.Linear(50, 8)
+    x = torch.rand(100, 50)                      # inputs >= 0, e.g. a previous ReLU's output
+    before = layer(x)
+    dead = torch.ones(8, dtype=torch.bool)
+    keep = strip_decision(layer.weight.detach(), dead, 0.05)
+    bias = layer.bias.detach().clone()
+    with torch.no_grad():
+        layer.weight.mul_(keep)
+    after = layer(x)
+    assert torch.equal(layer.bias, bias)
+    assert (~keep).sum(1).min() >= 1                        # every row lost something
+    assert (layer.weight.detach()[~keep] == 0).all()
+    assert (after > before).all()                           # removed weights were negative
+
+
+def _positive_data(n=512, d=20, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g)
+    y = (x[:, :classes].argmax(1))
+    return Dataset("pos", Split(x[:400], y[:400]), Split(x[400:], y[400:]), Split(x[400:], y[400:]),
+                   classes)
+
+
+def _model_with_dying_units(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():   # units 0..7 dead on x >= 0: mostly negative rows, a little positive
+        model[0].weight[:8] = -torch.rand(8, 20) * 0.5
+        model[0].weight[:8, :4] = 0.05
+        model[0].bias[:8] = 0.0
+    return model
+
+
+def test_stripping_revives_units_and_never_touches_live_rows():
+    data = _positive_data()
+    model = _model_with_dying_units()
+    ss = SynapticStripping(factor=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)   # tiny lr: stripping does the work
+    trainer = Trainer(model, data, opt, epochs=12, batch_size=64, callbacks=[ss],
+                      show_progress=False)
+    history, masks_seen = [], []
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def on_epoch_end(self, trainer, epoch, metrics):
+            history.append(dict(metrics))
+            masks_seen.append(ss.masks.masks["0.weight"].clone() if ss.masks else None)
+
+    trainer.callbacks.append(Spy())
+    trainer.fit()
+    first, last = history[0], history[-1]
+    assert first["ss/dead_units"] == 8
+    assert last["ss/dead_units"] == 0
+    assert sum(h["ss/revived"] for h in history) == 8
+    # live units (8..15) keep every incoming weight through the whole run
+    assert all(m[8:].all() for m in masks_seen if m is not None)
+    # masks only shrink
+    for a, b in zip(masks_seen, masks_seen[1:]):
+        if a is not None:
+            assert not (b & ~a).any()
+    assert last["ss/stripped_total"] == sum(h["ss/stripped"] for h in history)
+    assert last["weight_sparsity"] > 0
+
+
+def test_active_params_counts_unstripped_weights_of_live_units():
+    data = _positive_data()
+    model = _model_with_dying_units()
+    ss = SynapticStripping(factor=0.5)
+    trainer = Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.0), epochs=1,
+                      batch_size=64, callbacks=[ss], show_progress=False)
+    trainer.fit()
+    # before stripping: 8 live rows x 20 weights are active
+    assert ss.metrics["ss/active_params"] == 8 * 20
+
+
+def test_invalid_options_are_refused():
+    with pytest.raises(ValueError, match="factor must be in"):
+        build_method("synaptic-stripping", factor=1.5)
+    with pytest.raises(ValueError, match="never look at test"):
+        build_method("synaptic-stripping", probe="test")
+    with pytest.raises(ValueError, match="no option"):
+        build_method("synaptic-stripping", fraction=0.1)
