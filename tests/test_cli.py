@@ -49,6 +49,31 @@ def test_compare_from_yaml(tmp_path, capsys):
     assert "| a | 1 |" in md and "| b | 1 |" in md
 
 
+def test_compare_in_parallel_matches_serial_and_reports(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("base: {dataset: synthetic, epochs: 2, model_args: {width: 8}}\n"
+                    "variants: {a: {lr: 0.05}, b: {lr: 0.2}}\nseeds: [0]\n"
+                    "columns: [val_loss]\n")
+    common = ["compare", "--config", str(spec), "--no-progress"]
+    assert main(common + ["--root", str(tmp_path / "r1"), "--out", str(tmp_path / "o1")]) == 0
+    assert main(common + ["--root", str(tmp_path / "r2"), "--out", str(tmp_path / "o2"),
+                          "--jobs", "2"]) == 0
+    serial = json.loads((tmp_path / "o1" / "compare.json").read_text())["rows"]
+    parallel = json.loads((tmp_path / "o2" / "compare.json").read_text())["rows"]
+    for r1, r2 in zip(serial, parallel):
+        assert r1["test_acc"] == pytest.approx(r2["test_acc"]) and r1["variant"] == r2["variant"]
+    assert "val_loss" in (tmp_path / "o1" / "compare.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert main(["report", str(tmp_path / "o1"), "--metrics", "test_acc,dead_units"]) == 0
+    png = tmp_path / "o1" / "curves.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_without_a_comparison_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "dormant compare" in capsys.readouterr().err
+
+
 def test_parse_mapping_keeps_lists():
     assert _parse_mapping("widths=[300,100],bias=False,name=x") == {
         "widths": [300, 100], "bias": False, "name": "x"}

@@ -121,7 +121,7 @@ def cmd_compare(args) -> int:
     spec.base = spec.base.override(**_overrides(args))
     if args.seeds:
         spec.seeds = [int(s) for s in args.seeds.split(",")]
-    run_compare(spec, args.root, args.out, show_progress=not args.no_progress)
+    run_compare(spec, args.root, args.out, show_progress=not args.no_progress, jobs=args.jobs)
     return 0
 
 
@@ -134,6 +134,15 @@ def cmd_doctor(args) -> int:
                       **params)
     print(f"{args.run_dir}: {cfg.model} on {cfg.dataset} ({args.split} split)")
     print(report)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import load_comparison, plot_curves
+    cmp = load_comparison(args.out, args.root)
+    keys = [k.strip() for k in args.metrics.split(",") if k.strip()]
+    path = plot_curves(cmp, keys, args.plot or f"{args.out}/curves.png")
+    print(f"saved {path}")
     return 0
 
 
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dormant", description="Find, revive and remove dead (dormant) neurons.",
         epilog="Examples: dormant list | dormant compare --preset dying-relu | "
                "dormant run --dataset fashion-mnist --model lenet300 --epochs 5 | "
-               "dormant doctor runs/<run-dir>")
+               "dormant doctor runs/<run-dir> | dormant report results/")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("list", help="datasets, models, methods, presets, activations, criteria")
@@ -169,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             q.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
             q.add_argument("--out", help="folder for compare.md/.csv/.json")
+            q.add_argument("--jobs", type=int, default=1,
+                           help="experiments run at once, in separate processes (default: 1)")
         _add_config_flags(q)
         q.set_defaults(func=func)
 
@@ -179,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eps", type=float, default=0.0)
     q.add_argument("--tau", type=float, default=0.0, help="threshold for --criterion dormant")
     q.set_defaults(func=cmd_doctor)
+
+    q = sub.add_parser("report", help="plot per-epoch curves (mean ± std) of a comparison")
+    q.add_argument("out", help="the --out folder of `dormant compare`")
+    q.add_argument("--metrics", default="test_acc,dead_units",
+                   help="comma-separated metric keys (default: test_acc,dead_units)")
+    q.add_argument("--plot", help="PNG path (default: OUT/curves.png)")
+    q.add_argument("--root", default="runs", help="where the run directories are")
+    q.set_defaults(func=cmd_report)
 
     q = sub.add_parser("download", help="fetch a dataset (needs network; verifies checksums)")
     q.add_argument("dataset")
@@ -194,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, UnknownNameError, DataNotFoundError, CorruptDataError,
-            FileNotFoundError, ValueError) as err:
+            FileNotFoundError, ValueError, ImportError) as err:
         print(f"dormant: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,9 +18,17 @@ COLUMNS = (
     ("test_acc", "test acc %", 100.0, "{:.2f}"),
     ("val_acc", "val acc %", 100.0, "{:.2f}"),
     ("dead_fraction", "dead units %", 100.0, "{:.1f}"),
+    ("dead_units", "dead units", 1.0, "{:.1f}"),
     ("dynamic_dnr", "dynamic DNR %", 100.0, "{:.1f}"),
+    ("weight_sparsity", "weight sparsity %", 100.0, "{:.1f}"),
     ("train_time", "train time s", 1.0, "{:.1f}"),
 )
+
+
+def columns_for(extra: Sequence[str] = ()) -> tuple:
+    """The default columns plus extra metric keys (shown as they are, 4 significant digits)."""
+    known = {c[0] for c in COLUMNS}
+    return COLUMNS + tuple((k, k, 1.0, "{:.4g}") for k in extra if k not in known)
 
 
 @dataclass
@@ -31,17 +39,19 @@ class CompareSpec:
     seeds: Sequence[int] = (0, 1, 2)
     title: str = ""
     description: str = ""
+    columns: Sequence[str] = ()     # extra metric keys for the table
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CompareSpec":
-        unknown = sorted(set(d) - {"base", "variants", "seeds", "title", "description"})
+        valid = ("base", "variants", "seeds", "title", "description", "columns")
+        unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ConfigError(f"unknown compare key(s) {unknown}; valid: base, variants, "
-                              "seeds, title, description")
+            raise ConfigError(f"unknown compare key(s) {unknown}; valid: {', '.join(valid)}")
         if not d.get("variants"):
             raise ConfigError("a comparison needs at least one variant under 'variants'")
         return cls(ExperimentConfig.from_dict(d.get("base", {})), dict(d["variants"]),
-                   list(d.get("seeds", (0, 1, 2))), d.get("title", ""), d.get("description", ""))
+                   list(d.get("seeds", (0, 1, 2))), d.get("title", ""), d.get("description", ""),
+                   list(d.get("columns", ())))
 
     def configs(self) -> list[tuple[str, ExperimentConfig]]:
         """Every (variant, config) pair, validated before anything runs."""
@@ -55,13 +65,14 @@ class CompareSpec:
         return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     m = sum(xs) / len(xs)
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return m, s
 
 
-def summarize(results: list[tuple[str, dict]]) -> list[dict]:
+def summarize(results: list[tuple[str, dict]], columns: Sequence = COLUMNS) -> list[dict]:
     """Per variant: n seeds and mean/std of each column."""
     by: dict[str, list[dict]] = {}
     for name, res in results:
@@ -69,16 +80,16 @@ def summarize(results: list[tuple[str, dict]]) -> list[dict]:
     rows = []
     for name, finals in by.items():
         row: dict[str, Any] = {"variant": name, "seeds": len(finals)}
-        for key, _, scale, _ in COLUMNS:
+        for key, _, scale, _ in columns:
             vals = [f[key] * scale for f in finals if f.get(key) is not None]
             if vals:
-                row[key] = _mean_std(vals)
+                row[key] = mean_std(vals)
         rows.append(row)
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+def to_markdown(rows: list[dict], columns: Sequence = COLUMNS) -> str:
+    cols = [c for c in columns if any(c[0] in r for r in rows)]
     head = "| variant | seeds | " + " | ".join(c[1] for c in cols) + " |"
     rule = "|---|---:|" + "---:|" * len(cols)
     lines = [head, rule]
@@ -88,8 +99,8 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def to_csv(rows: list[dict]) -> str:
-    cols = [c[0] for c in COLUMNS if any(c[0] in r for r in rows)]
+def to_csv(rows: list[dict], columns: Sequence = COLUMNS) -> str:
+    cols = [c[0] for c in columns if any(c[0] in r for r in rows)]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["variant", "seeds"] + [f"{c}_{s}" for c in cols for s in ("mean", "std")])
@@ -98,21 +109,51 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _run_quiet(cfg: ExperimentConfig, root: str, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    return run_experiment(cfg, root, show_progress=False, log=lambda *a: None)
+
+
+def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
+    """Run configs in order (jobs=1) or in a pool of `jobs` processes, one thread each."""
+    def done(i: int, name: str, cfg, res: dict) -> None:
+        f = res["final"]
+        log(f"[{i}/{len(configs)}] {name} seed={cfg.seed}: test acc {100 * f['test_acc']:.2f}%"
+            f"  dead units {100 * f['dead_fraction']:.1f}%  ({res['train_time']:.1f}s"
+            f"{', reused' if res.get('skipped') else ''})")
+
+    if jobs <= 1:
+        out = []
+        for i, (name, cfg) in enumerate(configs, start=1):
+            out.append(run_experiment(cfg, root, show_progress=show_progress,
+                                      log=lambda *a: None))
+            done(i, name, cfg, out[-1])
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_quiet, cfg, str(root), threads) for _, cfg in configs]
+        out = []
+        for i, ((name, cfg), fut) in enumerate(zip(configs, futures), start=1):
+            out.append(fut.result())
+            done(i, name, cfg, out[-1])
+    return out
+
+
 def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
                 out: str | os.PathLike | None = None, *, show_progress: bool = True,
-                log=print) -> list[dict]:
-    """Run every variant x seed (finished runs are reused), print and save the table."""
+                log=print, jobs: int = 1) -> list[dict]:
+    """Run every variant x seed (finished runs are reused), print and save the table.
+    `jobs` > 1 runs that many experiments at once in separate processes."""
     configs = spec.configs()
-    results = []
-    for i, (name, cfg) in enumerate(configs, start=1):
-        log(f"[{i}/{len(configs)}] {name} seed={cfg.seed}")
-        res = run_experiment(cfg, root, show_progress=show_progress, log=log)
-        f = res["final"]
-        log(f"    test acc {100 * f['test_acc']:.2f}%  dead units {100 * f['dead_fraction']:.1f}%"
-            f"  ({res['train_time']:.1f}s)")
-        results.append((name, res))
-    rows = summarize(results)
-    table = to_markdown(rows)
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    results = list(zip([n for n, _ in configs], _run_all(configs, root, jobs, show_progress, log)))
+    cols = columns_for(spec.columns)
+    rows = summarize(results, cols)
+    table = to_markdown(rows, cols)
     log("")
     if spec.title:
         log(spec.title)
@@ -122,10 +163,11 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
         out.mkdir(parents=True, exist_ok=True)
         header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
         (out / "compare.md").write_text(header + table + "\n")
-        (out / "compare.csv").write_text(to_csv(rows))
+        (out / "compare.csv").write_text(to_csv(rows, cols))
         (out / "compare.json").write_text(json.dumps(
             {"spec": {"base": spec.base.to_dict(), "variants": {k: dict(v) for k, v in spec.variants.items()},
-                      "seeds": list(spec.seeds)},
+                      "seeds": list(spec.seeds), "title": spec.title,
+                      "columns": list(spec.columns)},
              "rows": rows, "runs": [{"variant": n, "run_dir": r.get("run_dir")} for n, r in results]},
             indent=2))
         log(f"\nsaved {out / 'compare.md'}, compare.csv, compare.json")

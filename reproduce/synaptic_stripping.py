@@ -1,0 +1,131 @@
+"""Synaptic Stripping (Whitaker & Whitley 2023) side by side with ReLU, ReDo and GELU on
+Fashion-MNIST: (1) the tiny ViT with a ReLU after both MLP linears, (2) a width/depth
+ablation of a ReLU MLP trained where neurons die. Writes docs/results/synaptic_stripping.md
+and its plots.
+
+    python reproduce/synaptic_stripping.py --jobs 2          # ~55 min on 2 CPU cores
+    python reproduce/synaptic_stripping.py --quick           # 1 seed, 3 epochs: a smoke run
+
+Finished runs are reused (runs/reproduce/...), so an interrupted reproduction resumes.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dormant.experiments import CompareSpec, ExperimentConfig, run_compare
+from dormant.experiments.compare import columns_for, to_markdown
+from dormant.report import final_values, load_comparison, machine, mean_std, plot_curves
+
+SCHEDULE = {"schedule": "cosine", "schedule_args": {"warmup": 1, "final": 0.01}}
+SS = {"method": "synaptic-stripping", "method_args": {"factor": 0.05}}
+COLUMNS = ["ss/revived", "ss/active_params"]
+
+
+def vit_spec(epochs: int, seeds) -> CompareSpec:
+    base = ExperimentConfig(dataset="fashion-mnist", model="vit-tiny", optimizer="adamw",
+                            lr=3e-3, weight_decay=5e-5, batch_size=128, epochs=epochs, **SCHEDULE)
+    variants = {
+        "ReLU": {},
+        "ReLU + stripping": SS,
+        "ReLU + ReDo (tau=0)": {"method": "redo", "method_args": {"tau": 0.0}},
+        "ReLU + ReDo (tau=0.1)": {"method": "redo", "method_args": {"tau": 0.1}},
+        "GELU": {"activation": "gelu"},
+    }
+    return CompareSpec(base, variants, seeds, title="Tiny ViT on Fashion-MNIST",
+                       columns=COLUMNS)
+
+
+def mlp_spec(epochs: int, seeds) -> CompareSpec:
+    base = ExperimentConfig(dataset="fashion-mnist", model="mlp", optimizer="adam", lr=1e-2,
+                            batch_size=128, epochs=epochs, **SCHEDULE)
+    shapes = [(64, 4), (256, 4), (1024, 4), (256, 2), (256, 8)]
+    variants = {}
+    for width, depth in shapes:
+        arch = {"model_args": {"width": width, "depth": depth}}
+        variants[f"w{width} d{depth} ReLU"] = arch
+        variants[f"w{width} d{depth} + stripping"] = {**arch, **SS}
+        variants[f"w{width} d{depth} + stripping/100 steps"] = {
+            **arch, "method": "synaptic-stripping",
+            "method_args": {"factor": 0.05, "every_steps": 100}}
+    return CompareSpec(base, variants, seeds, title="ReLU MLP ablation on Fashion-MNIST",
+                       columns=COLUMNS)
+
+
+def reduction_table(cmp, pairs) -> str:
+    """Dead units at the end: baseline vs method, and the reduction, per seed mean ± std."""
+    dead = final_values(cmp, "dead_units")
+    acc = final_values(cmp, "test_acc")
+    lines = ["| setting | dead, ReLU | dead, method | fewer dead | acc ReLU % | acc method % |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, base, method in pairs:
+        b, m = mean_std(dead[base]), mean_std(dead[method])
+        red = 100 * (1 - m[0] / b[0]) if b[0] > 0 else float("nan")
+        ab, am = mean_std([100 * a for a in acc[base]]), mean_std([100 * a for a in acc[method]])
+        lines.append(f"| {label} | {b[0]:.1f} ± {b[1]:.1f} | {m[0]:.1f} ± {m[1]:.1f} | "
+                     f"{red:.0f}% | {ab[0]:.2f} ± {ab[1]:.2f} | {am[0]:.2f} ± {am[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs (smoke run)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--root", default="runs/reproduce")
+    p.add_argument("--out", default="docs/results")
+    args = p.parse_args()
+    epochs, seeds = (3, [0]) if args.quick else (15, [0, 1, 2])
+    out = Path(args.out)
+    parts = {}
+    for key, spec in (("vit", vit_spec(epochs, seeds)), ("mlp", mlp_spec(epochs, seeds))):
+        folder = out / f"synaptic_stripping_{key}"
+        run_compare(spec, args.root, folder, show_progress=False, jobs=args.jobs)
+        parts[key] = load_comparison(folder, args.root)
+    vit, mlp = parts["vit"], parts["mlp"]
+    plot_curves(vit, ["dead_units", "test_acc", "weight_sparsity"],
+                out / "synaptic_stripping_vit.png",
+                titles={"dead_units": "dead units (never active on val)",
+                        "test_acc": "test accuracy %", "weight_sparsity": "weight sparsity %"},
+                scale={"test_acc": 100, "weight_sparsity": 100})
+    shapes = sorted({v.split(" ReLU")[0].split(" +")[0] for v in mlp.variants},
+                    key=lambda s: (int(s.split()[1][1:]), int(s.split()[0][1:])))
+    pick = [v for v in mlp.variants if v.startswith(("w256 d4",))]
+    sub = type(mlp)(mlp.spec, mlp.rows, [r for r in mlp.runs if r[0] in pick])
+    plot_curves(sub, ["dead_units", "test_acc"], out / "synaptic_stripping_mlp.png",
+                titles={"dead_units": "dead units, MLP w256 d4", "test_acc": "test accuracy %"},
+                scale={"test_acc": 100})
+    cols = columns_for(COLUMNS)
+    text = [
+        "# Synaptic Stripping on Fashion-MNIST",
+        "",
+        f"Machine: {machine()}. Epochs: {epochs}, seeds: {seeds}. Regenerate with "
+        "`python reproduce/synaptic_stripping.py --jobs 2`.",
+        "",
+        "## Tiny ViT (ReLU after both MLP linears)",
+        "",
+        to_markdown(vit.rows, cols),
+        "",
+        reduction_table(vit, [("tiny ViT, stripping", "ReLU", "ReLU + stripping"),
+                              ("tiny ViT, ReDo tau=0", "ReLU", "ReLU + ReDo (tau=0)")]),
+        "",
+        "![ViT curves](synaptic_stripping_vit.png)",
+        "",
+        "## ReLU MLP: width and depth",
+        "",
+        to_markdown(mlp.rows, cols),
+        "",
+        reduction_table(mlp, [(f"{s}, every epoch", f"{s} ReLU", f"{s} + stripping")
+                              for s in shapes]
+                        + [(f"{s}, every 100 steps", f"{s} ReLU", f"{s} + stripping/100 steps")
+                           for s in shapes]),
+        "",
+        "![MLP curves](synaptic_stripping_mlp.png)",
+        "",
+    ]
+    (out / "synaptic_stripping.md").write_text("\n".join(text))
+    print(f"wrote {out / 'synaptic_stripping.md'}")
+
+
+if __name__ == "__main__":
+    main()

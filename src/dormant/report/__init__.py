@@ -1,0 +1,134 @@
+"""Reports from results files only: per-epoch curves (mean ± std over seeds) and plots.
+
+Nothing here trains or imports a model; matplotlib is imported only when a plot is drawn
+(``pip install 'dormant[plot]'``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..experiments.compare import mean_std
+
+__all__ = ["Comparison", "load_comparison", "curves", "plot_curves", "final_values",
+           "machine", "mean_std"]
+
+
+def machine() -> str:
+    """One line naming the machine, torch and the code version, for results files."""
+    import platform
+    import subprocess
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads" + (f", code {rev}" if rev else ""))
+
+
+@dataclass
+class Comparison:
+    """A finished `dormant compare`: its spec, table rows and each run's history."""
+    spec: dict
+    rows: list[dict]
+    runs: list[tuple[str, list[dict]]]   # (variant, metrics rows of one seed)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(v for v, _ in self.runs))
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: was the run deleted?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Comparison:
+    """Read ``compare.json`` in `out` and the metrics of every run it lists (run directories
+    are looked up as written, then under `root` by name)."""
+    out = Path(out)
+    path = out / "compare.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `dormant compare ... --out {out}` first")
+    data = json.loads(path.read_text())
+    runs = []
+    for r in data["runs"]:
+        rd = Path(r["run_dir"])
+        if not rd.exists() and root is not None:
+            rd = Path(root) / rd.name
+        runs.append((r["variant"], _history(rd)))
+    return Comparison(data["spec"], data["rows"], runs)
+
+
+def curves(cmp: Comparison, key: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per variant: (epochs, mean, std) of metric `key` over seeds, at epochs every seed has."""
+    out = {}
+    for variant in cmp.variants:
+        hists = [h for v, h in cmp.runs if v == variant]
+        by_epoch: dict[int, list[float]] = {}
+        for h in hists:
+            for row in h:
+                if row.get(key) is not None:
+                    by_epoch.setdefault(row["epoch"], []).append(float(row[key]))
+        epochs = sorted(e for e, xs in by_epoch.items() if len(xs) == len(hists))
+        if epochs:
+            stats = [mean_std(by_epoch[e]) for e in epochs]
+            out[variant] = (epochs, [m for m, _ in stats], [s for _, s in stats])
+    return out
+
+
+def final_values(cmp: Comparison, key: str) -> dict[str, list[float]]:
+    """Per variant: the last epoch's value of `key` for each seed."""
+    out: dict[str, list[float]] = {}
+    for variant, hist in cmp.runs:
+        if hist and hist[-1].get(key) is not None:
+            out.setdefault(variant, []).append(float(hist[-1][key]))
+    return out
+
+
+def plot_curves(cmp: Comparison, keys: Sequence[str], path: str | os.PathLike, *,
+                titles: Mapping[str, str] | None = None, scale: Mapping[str, float] | None = None
+                ) -> Path:
+    """One panel per metric: mean over seeds per variant, with a ±1 std band; saved as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'dormant[plot]'") from None
+    titles, scale = dict(titles or {}), dict(scale or {})
+    colors = {v: f"C{i % 10}" for i, v in enumerate(cmp.variants)}   # same color in every panel
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        k = scale.get(key, 1.0)
+        for variant, (ep, mean, std) in curves(cmp, key).items():
+            m = [k * x for x in mean]
+            lo = [k * (x - s) for x, s in zip(mean, std)]
+            hi = [k * (x + s) for x, s in zip(mean, std)]
+            ax.plot(ep, m, label=variant, marker="o", ms=2.5, color=colors[variant])
+            ax.fill_between(ep, lo, hi, alpha=0.2, color=colors[variant])
+        ax.set_title(titles.get(key, key), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[v], marker="o", ms=3) for v in cmp.variants]
+    fig.legend(handles, cmp.variants, loc="lower center", ncol=min(len(handles), 5), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(handles) - 1) // 5), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
