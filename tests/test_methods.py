@@ -12,7 +12,9 @@ from dormant.data import load_dataset
 from dormant.models import build_model
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
-METHOD_ARGS = {"synaptic-stripping": {"factor": 0.2}, "redo": {"tau": 0.1}}
+ROUNDS = {"rounds": 2, "epochs_per_round": 1}          # 3 epochs
+METHOD_ARGS = {"synaptic-stripping": {"factor": 0.2}, "redo": {"tau": 0.1}, "imp": ROUNDS,
+               "ap": {**ROUNDS, "neuron_fraction": 0.5}, "nnrelief": {**ROUNDS, "probe_samples": 200}}
 NAMES = [n for n in METHODS.names() if n != "none"]
 
 
@@ -27,7 +29,7 @@ def test_finalize_leaves_a_plain_model(name):
     model = build_model("mlp", data.input_shape, data.num_classes, width=16, depth=2)
     keys = set(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    Trainer(model, data, opt, epochs=2, batch_size=64, show_progress=False,
+    Trainer(model, data, opt, epochs=3, batch_size=64, show_progress=False,
             callbacks=build_method(name, **METHOD_ARGS.get(name, {}))).fit()
     assert _hooks(model) == 0
     assert set(model.state_dict()) == keys

@@ -52,8 +52,16 @@ def step(epochs: int, milestones: Sequence[int] = (), gamma: float = 0.1) -> Cal
 
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int,
-                   **args) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(name)(epochs, **args))
+                   period: int | None = None, **args) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-epoch LambdaLR. With `period`, the schedule spans `period` epochs and restarts
+    every `period` epochs (pruning rounds); it stays a pure function of the epoch, so a
+    resumed run gets the same learning rates."""
+    if period is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(name)(epochs, **args))
+    if period < 1:
+        raise ValueError(f"period must be >= 1, got {period}")
+    f = SCHEDULES.get(name)(period, **args)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: f(e % period))
 
 
 def one_cycle(t: float, total: float, peak: float, *, pct_start: float = 0.3,

@@ -83,7 +83,9 @@ class ExperimentConfig:
                      self.schedule_args, skip=1)
         try:
             SCHEDULES.get(self.schedule)(self.epochs, **self.schedule_args)
-            build_method(self.method, **self.method_args)
+            for cb in build_method(self.method, **self.method_args):
+                if hasattr(cb, "check_config"):
+                    cb.check_config(self)
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
 

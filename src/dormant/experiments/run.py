@@ -72,7 +72,9 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     rd.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
-    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, **cfg.schedule_args)
+    period = next((cb.schedule_period() for cb in method_callbacks
+                   if hasattr(cb, "schedule_period")), None)   # pruning rounds restart it
+    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, period, **cfg.schedule_args)
     ckpt = CheckpointCallback(rd / "checkpoint.pt")
     callbacks = [MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
                  *method_callbacks, JsonlLogger(rd / "metrics.jsonl"), ckpt]

@@ -10,10 +10,14 @@ import inspect
 
 from ..registry import Registry
 from .base import Method, prunable_weights, weight_sparsity
+from .ap import AP
+from .iterative import IMP, IterativePruning
+from .nnrelief import NNrelief
 from .redo import ReDo
 from .synaptic_stripping import SynapticStripping
 
-__all__ = ["METHODS", "Method", "ReDo", "SynapticStripping", "build_method", "method_options",
+__all__ = ["AP", "IMP", "IterativePruning", "METHODS", "Method", "NNrelief", "ReDo",
+           "SynapticStripping", "build_method", "method_options",
            "prunable_weights", "weight_sparsity"]
 
 METHODS = Registry("method")
@@ -27,6 +31,9 @@ def none() -> list:
 
 METHODS.register("synaptic-stripping")(SynapticStripping)
 METHODS.register("redo")(ReDo)
+METHODS.register("imp")(IMP)
+METHODS.register("ap")(AP)
+METHODS.register("nnrelief")(NNrelief)
 
 
 def method_options(name: str) -> list[str]:
@@ -38,7 +45,7 @@ def method_options(name: str) -> list[str]:
             if "__init__" in vars(klass) and klass is not object:
                 names += [p for p, v in inspect.signature(klass.__init__).parameters.items()
                           if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
-        return sorted(set(names))
+        return sorted(set(names) - set(getattr(fn, "hidden_options", ())))
     return sorted(inspect.signature(fn).parameters)
 
 

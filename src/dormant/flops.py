@@ -1,0 +1,68 @@
+"""Multiply-accumulate counts of the Linear/Conv layers, dense, sparse and structured.
+
+    dense        every weight counts (the unpruned architecture)
+    nonzero      only non-zero weights count (unstructured sparsity, as in ShrinkBench)
+    structured   the architecture that survives: per layer, output units with any non-zero
+                 incoming weight x input channels/features with any non-zero weight
+                 (what compaction would keep)
+
+Each weight is used once per output position (tokens, spatial positions); positions are read
+from one forward pass of an example input. FLOPs = 2 x MACs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .sites import PRODUCERS, _unwrap
+
+__all__ = ["positions", "macs"]
+
+
+@torch.no_grad()
+def positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Output positions per sample of every Linear/Conv (tokens x spatial), from one
+    eval-mode forward of `example` (train flags restored)."""
+    model = _unwrap(model)
+    out: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, PRODUCERS):
+            def hook(mod, inp, y, name=name):
+                units = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+                out[name] = y.numel() // (y.shape[0] * units)
+            handles.append(m.register_forward_hook(hook))
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in flags.items():
+            m.training = f
+    return out
+
+
+def macs(model: nn.Module, pos: dict[str, int], kind: str = "dense") -> int:
+    """MACs per sample of all Linear/Conv layers, `kind` in dense, nonzero, structured."""
+    if kind not in ("dense", "nonzero", "structured"):
+        raise ValueError(f"kind must be dense, nonzero or structured, got {kind!r}")
+    total = 0
+    for name, m in _unwrap(model).named_modules():
+        if not isinstance(m, PRODUCERS) or name not in pos:
+            continue
+        w = m.weight.detach()
+        if kind == "dense":
+            n = w.numel()
+        elif kind == "nonzero":
+            n = int((w != 0).sum())
+        else:
+            nz = w != 0
+            rows = int(nz.flatten(1).any(1).sum())
+            cols = int(nz.transpose(0, 1).flatten(1).any(1).sum())
+            n = rows * cols * math.prod(w.shape[2:])
+        total += n * pos[name]
+    return total

@@ -1,0 +1,214 @@
+"""NNrelief (Dekhovich, Tax, Sluiter & Bessa, "Neural network relief: a pruning algorithm
+based on neural activity", Machine Learning 113, 2024; arXiv 2109.10795).
+
+Rule implemented (official code `adekhovich/NNrelief`): at every iteration, in eval mode, run
+a fixed pruning set (N training samples) through the network once, with the masks of the
+previous iteration, and record each Linear/Conv layer's input.
+* Linear, connection i -> j: s_ij = mean_n |w_ij x_ni|, bias score |b_j|.
+* Conv, kernel K_ji (input channel i -> filter j): by default the code's VGG/ResNet form
+  ||K^_ji * mean_n |x_n,i| ||_F (K^ = |K|, * = the layer's convolution), bias score
+  |b_j| sqrt(H'W'); `conv_score="sum"` sums over positions instead of the norm (the code's
+  LeNets), `conv_score="per-sample"` takes mean_n ||K^_ji * |x_n,i| ||_F (the paper).
+* Per unit (every Linear row / Conv filter, the classifier included), sort its scores with
+  the bias as one more candidate in descending order; keep the shortest prefix whose
+  cumulative score reaches alpha of the unit's total (alpha_fc / alpha_conv) and prune every
+  entry <= the next score (ties at the threshold are pruned, as in the code).
+* A unit that is never active on the pruning set is pruned whole (incoming weights, bias,
+  norm scale and offset).
+* Backward pass, from the last site to the first: a unit with no outgoing weight left loses
+  its incoming weights, bias and norm parameters.
+Then the survivors are rewound to initialisation (LeNets) or fine-tuned (rewind="none"),
+retrained for `epochs_per_round` epochs, and the epoch with the best *validation* accuracy of
+each retraining is restored before the next iteration.
+
+Deviations from the official code:
+* the best retraining epoch is chosen on a validation split carved from the training data,
+  never on the test set (the code picks it on test);
+* the ResNet-specific rule that cuts residual channels or shortcuts is not implemented; the
+  backward pass skips units on a residual stream (it cannot see all their readers);
+* a dead unit's norm layer gets scale and offset masked to zero (its output is then 0 whatever
+  its running statistics), instead of also zeroing the running statistics.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..sites import CONVS, PRODUCERS, _unwrap
+from ..units import incoming, outgoing, tensor, unit_mask_for
+from .iterative import IterativePruning
+
+__all__ = ["NNrelief", "relief_keep", "linear_scores", "conv_scores", "layer_inputs"]
+
+CONV_SCORES = ("norm", "sum", "per-sample")
+
+
+def relief_keep(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Keep-mask (units, candidates): per row, the smallest prefix of the descending scores
+    whose cumulative sum reaches alpha of the row total; entries <= the next score go."""
+    s, _ = scores.sort(dim=1, descending=True)
+    total = s.sum(1, keepdim=True)
+    pivot = (s.cumsum(1) < alpha * total).sum(1, keepdim=True)      # index of the crossing
+    threshold = s.gather(1, pivot.add(1).clamp_max(s.shape[1] - 1))
+    return scores > threshold
+
+
+def linear_scores(weight: torch.Tensor, bias: torch.Tensor | None, mean_abs_x: torch.Tensor):
+    """Scores (out, in [+1 bias column]) of a Linear layer: |w_ij| mean_n |x_ni|, |b_j|."""
+    s = weight.detach().abs() * mean_abs_x[None, :]
+    if bias is not None:
+        s = torch.cat([s, bias.detach().abs()[:, None]], 1)
+    return s
+
+
+def conv_scores(conv: nn.Module, x_stat: torch.Tensor, form: str) -> torch.Tensor:
+    """Scores (filters, in_channels [+1 bias]) of a ConvNd. `x_stat` is mean_n |x_n| of shape
+    (C_in, *spatial) for forms "norm"/"sum", or |x| of shape (N, C_in, *spatial) for
+    "per-sample" (then the per-sample norms are averaged)."""
+    w = conv.weight.detach().abs()
+    cout, cin = w.shape[:2]
+    if conv.groups != 1:
+        raise NotImplementedError("NNrelief scores for grouped convolutions are not implemented")
+    conv_fn = getattr(F, f"conv{w.ndim - 2}d")
+    wg = w.transpose(0, 1).reshape(cin * cout, 1, *w.shape[2:])       # (i, j) pairs as groups
+    x = x_stat if form == "per-sample" else x_stat.unsqueeze(0)
+    y = conv_fn(x, wg, None, conv.stride, conv.padding, conv.dilation, groups=cin)
+    y = y.flatten(2)                                                   # (N, cin*cout, H'W')
+    red = y.sum(2) if form == "sum" else y.norm(dim=2)
+    s = red.mean(0).view(cin, cout).t()                                # (cout, cin)
+    if conv.bias is not None:
+        npos = y.shape[2]
+        scale = npos if form == "sum" else math.sqrt(npos)
+        s = torch.cat([s, conv.bias.detach().abs()[:, None] * scale], 1)
+    return s
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, x: torch.Tensor, names: list[str], per_sample: bool,
+                 batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Eval-mode statistics of each named Linear/Conv layer's input over `x`: mean_n |x_n|
+    per feature (Linear) or per (channel, position) (Conv); with `per_sample`, Conv layers
+    get |x_n| of every sample instead."""
+    model = _unwrap(model)
+    sums: dict[str, torch.Tensor] = {}
+    keep: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name in names:
+        m = model.get_submodule(name)
+
+        def hook(mod, inputs, name=name):
+            a = inputs[0].detach().abs()
+            if isinstance(mod, CONVS):
+                if per_sample:
+                    keep.setdefault(name, []).append(a)
+                    return
+                a = a.sum(0)
+            else:
+                a = a.flatten(0, -2).sum(0) * (a.shape[0] / max(a[..., 0].numel(), 1))
+            sums[name] = sums[name] + a if name in sums else a
+        handles.append(m.register_forward_pre_hook(hook))
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in flags.items():
+            m.training = f
+    out = {k: v / len(x) for k, v in sums.items()}
+    out.update({k: torch.cat(v) for k, v in keep.items()})
+    return out
+
+
+class NNrelief(IterativePruning):
+    """Keep, per unit, the connections that carry a fraction alpha of its input activity.
+
+    alpha_fc / alpha_conv: kept share of each unit's importance (0.95 / 0.9);
+    conv_score: "norm" (code, VGG/ResNet), "sum" (code, LeNets) or "per-sample" (paper).
+    Defaults: rewind to init (as for LeNets; use rewind="none" to fine-tune), best epoch of
+    each retraining on the validation split, pruning set = the first 1000 training samples.
+    """
+
+    name = "nnrelief"
+
+    def __init__(self, alpha_fc: float = 0.95, alpha_conv: float = 0.9, conv_score: str = "norm",
+                 keep_best: bool = True, probe: str = "train", probe_samples: int | None = 1000,
+                 **kwargs):
+        super().__init__(keep_best=keep_best, probe=probe, probe_samples=probe_samples, **kwargs)
+        for a, n in ((alpha_fc, "alpha_fc"), (alpha_conv, "alpha_conv")):
+            if not 0 < a <= 1:
+                raise ValueError(f"{self.name}: {n} must be in (0, 1], got {a}")
+        if conv_score not in CONV_SCORES:
+            raise ValueError(f"{self.name}: conv_score must be one of {CONV_SCORES}, "
+                             f"got {conv_score!r}")
+        self.alpha_fc, self.alpha_conv, self.conv_score = alpha_fc, alpha_conv, conv_score
+
+    def prepare(self, trainer) -> None:
+        super().prepare(trainer)
+        model = _unwrap(trainer.model)
+        params = dict(model.named_parameters())
+        for n in self.names:     # biases are candidates too: give them masks
+            b = n[:-len("weight")] + "bias"
+            if b in params and b not in self.masks.masks:
+                self.masks.update(b, torch.ones_like(params[b], dtype=torch.bool))
+
+    # -- the decision --------------------------------------------------------------------
+    def decide(self, trainer, rnd: int) -> dict[str, torch.Tensor]:
+        model = _unwrap(trainer.model)
+        x = self.probe_inputs(trainer)
+        layers = [n[:-len(".weight")] for n in self.names]
+        stats = layer_inputs(model, x, layers, per_sample=self.conv_score == "per-sample")
+        dead = self.observe(trainer).dead_units("never_active")
+        new: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            m = model.get_submodule(layer)
+            if isinstance(m, CONVS):
+                s, alpha = conv_scores(m, stats[layer], self.conv_score), self.alpha_conv
+            else:
+                s, alpha = linear_scores(m.weight, m.bias, stats[layer]), self.alpha_fc
+            keep = relief_keep(s, alpha)
+            new[f"{layer}.weight"] = self._expand(keep[:, :m.weight.shape[1]], m.weight)
+            if m.bias is not None:
+                new[f"{layer}.bias"] = keep[:, -1]
+        for site in self.sites:
+            if f"{site.producer}.weight" in new:
+                self._drop_units(model, site, dead[site.name], new)
+        self._backward_pass(model, new)
+        return new
+
+    @staticmethod
+    def _expand(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) kernel decisions -> a mask shaped like the weight."""
+        return keep.view(*keep.shape, *[1] * (weight.ndim - 2)).expand_as(weight)
+
+    def _drop_units(self, model, site, units: torch.Tensor, new: dict) -> None:
+        """Prune every incoming weight, bias and norm parameter of `units`."""
+        if not units.any():
+            return
+        for sl in incoming(model, site, stats=False):
+            where = unit_mask_for(model, sl, units, site.num_units)
+            if sl.name not in new:
+                new[sl.name] = self.masks.masks.get(
+                    sl.name, torch.ones_like(tensor(model, sl.name), dtype=torch.bool)).clone()
+            new[sl.name] = new[sl.name] & ~where
+
+    def _backward_pass(self, model, new: dict) -> None:
+        """From the last site back: units whose outgoing weights are all pruned go."""
+        for site in reversed(self.sites):
+            slices = outgoing(model, site) if not site.residual else []
+            if not slices or any(sl.name not in new for sl in slices):
+                continue
+            has_out = torch.zeros(site.num_units, dtype=torch.bool,
+                                  device=new[slices[0].name].device)
+            for sl in slices:
+                keep = new[sl.name].movedim(sl.dim, 0).flatten(1).any(1)   # per column
+                if sl.group > 1:
+                    keep = (keep.view(-1, sl.group) if sl.layout == "block"
+                            else keep.view(sl.group, -1).t()).any(1)
+                has_out |= keep
+            self._drop_units(model, site, ~has_out, new)
