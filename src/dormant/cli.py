@@ -83,10 +83,13 @@ def cmd_list(args) -> int:
     from .data import DATASETS
     from .experiments import PRESETS
     from .methods import METHODS
-    from .models import MODELS
+    from .models import INITS, MODELS
     from .monitor import CRITERIA
+    from .pruning import PRUNERS
+    from .schedules import SCHEDULES
     regs = {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "presets": PRESETS,
-            "activations": ACTIVATIONS, "criteria": CRITERIA}
+            "activations": ACTIVATIONS, "criteria": CRITERIA, "pruners": PRUNERS,
+            "schedules": SCHEDULES, "inits": INITS}
     for what in args.what or list(regs):
         if what not in regs:
             raise ConfigError(f"cannot list {what!r}; choose from {', '.join(regs)}")
@@ -163,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                "dormant doctor runs/<run-dir> | dormant report results/")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("list", help="datasets, models, methods, presets, activations, criteria")
-    q.add_argument("what", nargs="*",
-                   help="datasets, models, methods, presets, activations, criteria (default: all)")
+    kinds = ("datasets, models, methods, presets, activations, criteria, pruners, schedules, "
+             "inits")
+    q = sub.add_parser("list", help=kinds)
+    q.add_argument("what", nargs="*", help=f"{kinds} (default: all)")
     q.set_defaults(func=cmd_list)
 
     for name, func, hlp in (("run", cmd_run, "train one experiment (resumes if interrupted)"),

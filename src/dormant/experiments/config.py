@@ -6,15 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
-from ..activations import ACTIVATIONS
+from ..activations import ACTIVATIONS, make_activation
 from ..data import DATASETS
 from ..methods import METHODS
-from ..models import MODELS
+from ..models import INITS, MODELS
 from ..monitor import CRITERIA
 from ..schedules import SCHEDULES
 from ..train.loop import OPTIMIZERS
 
-_MAPPINGS = ("model_args", "method_args", "dataset_args", "schedule_args")
+_MAPPINGS = ("model_args", "method_args", "dataset_args", "schedule_args", "activation_args",
+             "init_args")
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,9 @@ class ExperimentConfig:
     model: str = "mlp"
     model_args: Mapping[str, Any] = field(default_factory=dict)
     activation: str = "relu"
+    activation_args: Mapping[str, Any] = field(default_factory=dict)
+    init: str = "default"          # "eoc": edge-of-chaos init for the activation's sparsity
+    init_args: Mapping[str, Any] = field(default_factory=dict)
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -52,7 +56,7 @@ class ExperimentConfig:
         for value, reg in ((self.dataset, DATASETS), (self.model, MODELS),
                            (self.activation, ACTIVATIONS), (self.optimizer, OPTIMIZERS),
                            (self.method, METHODS), (self.criterion, CRITERIA),
-                           (self.schedule, SCHEDULES)):
+                           (self.schedule, SCHEDULES), (self.init, INITS)):
             if value not in reg:
                 raise ConfigError(f"unknown {reg.kind} {value!r}; valid {reg.plural}: "
                                   f"{', '.join(reg.names())}")
@@ -81,13 +85,28 @@ class ExperimentConfig:
         _check_names("model", self.model, MODELS.get(self.model), self.model_args, skip=3)
         _check_names("schedule", self.schedule, SCHEDULES.get(self.schedule),
                      self.schedule_args, skip=1)
+        _check_names("init", self.init, INITS.get(self.init), self.init_args, skip=3)
         try:
             SCHEDULES.get(self.schedule)(self.epochs, **self.schedule_args)
+            make_activation(self.activation, **self.activation_args)
+            if self.init == "eoc":
+                self._check_eoc()
             for cb in build_method(self.method, **self.method_args):
                 if hasattr(cb, "check_config"):
                     cb.check_config(self)
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
+
+    def _check_eoc(self) -> None:
+        from .. import eoc
+        a = dict(self.init_args)
+        if self.activation == "relu":
+            return
+        if self.activation not in eoc.KINDS:
+            raise ValueError(f"eoc init needs activation relu, {', '.join(eoc.KINDS)}; "
+                             f"got {self.activation!r}")
+        eoc.prescribe(self.activation, a.get("sparsity", 0.85), a.get("q_star", 1.0),
+                      a.get("v_prime"))
 
     # -- identity ------------------------------------------------------------------------
     def to_dict(self) -> dict:

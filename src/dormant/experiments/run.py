@@ -10,6 +10,7 @@ interrupted ones resume from their last epoch checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -21,7 +22,8 @@ import torch
 from .. import __version__
 from ..data import load_dataset
 from ..methods import build_method
-from ..models import build_model
+from ..activations import make_activation
+from ..models import build_model, initialize
 from ..schedules import make_scheduler
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
 from ..train.callbacks import read_jsonl
@@ -52,9 +54,11 @@ def build(cfg: ExperimentConfig):
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, val_size=None if cfg.val_size < 0 else cfg.val_size,
                         **cfg.dataset_args).to(cfg.device)
-    model = build_model(cfg.model, data.input_shape, data.num_classes,
-                        activation=cfg.activation, **cfg.model_args).to(cfg.device)
-    return data, model
+    act = functools.partial(make_activation, cfg.activation, **cfg.activation_args)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, activation=act,
+                        **cfg.model_args)
+    initialize(cfg.init, model, data.train.inputs[:1024], cfg.activation, **cfg.init_args)
+    return data, model.to(cfg.device)
 
 
 def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,

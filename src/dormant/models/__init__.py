@@ -11,9 +11,49 @@ import torch.nn as nn
 from ..activations import make_activation
 from ..registry import Registry
 
-__all__ = ["MODELS", "build_model", "MLP", "LeNet5", "SmallVGG", "ResNet20", "TinyViT"]
+__all__ = ["MODELS", "INITS", "build_model", "initialize", "MLP", "LeNet5", "SmallVGG",
+           "ResNet20", "TinyViT"]
 
 MODELS = Registry("model")
+INITS = Registry("initialisation")
+
+
+@INITS.register("default")
+def default_init(model: nn.Module, example: torch.Tensor, activation: str) -> None:
+    """PyTorch's default initialisation (what the model was built with)."""
+
+
+@INITS.register("eoc")
+def eoc_init(model: nn.Module, example: torch.Tensor, activation: str, sparsity: float = 0.85,
+             q_star: float = 1.0, v_prime: float | None = None, head: str = "default") -> None:
+    """Edge of chaos for a sparsity-inducing activation (Price et al. 2024): sets tau, m,
+    sigma_w^2, sigma_b^2 (dormant.eoc.eoc_init). ReLU is shifted_relu at sparsity 0.5."""
+    from .. import eoc
+    kind = "shifted_relu" if activation == "relu" else activation
+    if activation == "relu" and sparsity != 0.5:
+        raise ValueError("eoc init with activation relu means sparsity 0.5; for other "
+                         "sparsities use activation shifted_relu, soft_threshold, crelu or cst")
+    eoc.eoc_init(model, kind, sparsity, q_star, v_prime, example=example, head=head) \
+        if activation != "relu" else _relu_eoc(model, example, q_star)
+
+
+def _relu_eoc(model: nn.Module, example: torch.Tensor, q_star: float) -> None:
+    """He initialisation (sigma_w^2 = 2, sigma_b^2 = 0): ReLU's edge of chaos."""
+    import math
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))][:-1]
+    ms = float(example.pow(2).mean())
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            var = 2.0 if i else q_star / max(ms, 1e-12)
+            layer.weight.normal_(0.0, math.sqrt(var / layer.weight[0].numel()))
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
+def initialize(name: str, model: nn.Module, example: torch.Tensor, activation: str,
+               **args) -> None:
+    """Apply a registered initialisation (`dormant list inits`)."""
+    INITS.get(name)(model, example, activation, **args)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:

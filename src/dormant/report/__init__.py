@@ -14,7 +14,9 @@ from typing import Mapping, Sequence
 from ..experiments.compare import mean_std
 
 __all__ = ["Comparison", "load_comparison", "curves", "plot_curves", "final_values",
-           "machine", "mean_std"]
+           "machine", "mean_std", "by_round", "paired", "plot_series"]
+
+Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
 
 
 def machine() -> str:
@@ -99,16 +101,79 @@ def final_values(cmp: Comparison, key: str) -> dict[str, list[float]]:
     return out
 
 
-def plot_curves(cmp: Comparison, keys: Sequence[str], path: str | os.PathLike, *,
-                titles: Mapping[str, str] | None = None, scale: Mapping[str, float] | None = None
-                ) -> Path:
-    """One panel per metric: mean over seeds per variant, with a ±1 std band; saved as PNG."""
+def by_round(cmp: Comparison, key: str, x: str = "sparsity") -> Series:
+    """Per variant, at the last epoch of every pruning round (``round_end`` rows): the mean
+    of `x` and mean ± std of `key` over seeds, for rounds every seed reached."""
+    out: Series = {}
+    for variant in cmp.variants:
+        hists = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == variant]
+        n = min(len(h) for h in hists)
+        xs, ms, ss = [], [], []
+        for i in range(n):
+            xs.append(mean_std([h[i][x] for h in hists])[0])
+            m, s_ = mean_std([h[i][key] for h in hists])
+            ms.append(m)
+            ss.append(s_)
+        out[variant] = (xs, ms, ss)
+    return out
+
+
+def paired(cmp: Comparison, key: str, a: str, b: str) -> list[tuple[float, float, float]]:
+    """Per pruning round: (mean sparsity, mean and std over seeds of key[b] - key[a]), seeds
+    paired (runs of both variants are listed in the same seed order)."""
+    ra = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == a]
+    rb = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == b]
+    n = min(min(len(h) for h in ra), min(len(h) for h in rb))
+    out = []
+    for i in range(n):
+        d = [hb[i][key] - ha[i][key] for ha, hb in zip(ra, rb)]
+        sp = mean_std([h[i]["sparsity"] for h in ra + rb])[0]
+        out.append((sp, *mean_std(d)))
+    return out
+
+
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'dormant[plot]'") from None
+    return plt
+
+
+def plot_series(panels: Sequence[tuple[str, Series]], path: str | os.PathLike, *,
+                xlabel: str = "", xscale: str = "linear", scale: float = 1.0,
+                x_transform=None) -> Path:
+    """Panels of (title, {variant: (x, mean, std)}) with ±1 std bands; saved as PNG."""
+    plt = _pyplot()
+    variants = list(dict.fromkeys(v for _, series in panels for v in series))
+    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.3), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for v, (x, m, s) in series.items():
+            x = [x_transform(t) for t in x] if x_transform else x
+            ax.plot(x, [scale * t for t in m], marker="o", ms=2.5, color=colors[v], label=v)
+            ax.fill_between(x, [scale * (a - b) for a, b in zip(m, s)],
+                            [scale * (a + b) for a, b in zip(m, s)], alpha=0.2, color=colors[v])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_xscale(xscale)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(cmp: Comparison, keys: Sequence[str], path: str | os.PathLike, *,
+                titles: Mapping[str, str] | None = None, scale: Mapping[str, float] | None = None
+                ) -> Path:
+    """One panel per metric: mean over seeds per variant, with a ±1 std band; saved as PNG."""
+    plt = _pyplot()
     titles, scale = dict(titles or {}), dict(scale or {})
     colors = {v: f"C{i % 10}" for i, v in enumerate(cmp.variants)}   # same color in every panel
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
