@@ -14,7 +14,9 @@ from dormant.models import build_model
 QUIET = dict(show_progress=False, log=lambda *a: None)
 ROUNDS = {"rounds": 2, "epochs_per_round": 1}          # 3 epochs
 METHOD_ARGS = {"synaptic-stripping": {"factor": 0.2}, "redo": {"tau": 0.1}, "imp": ROUNDS,
-               "ap": {**ROUNDS, "neuron_fraction": 0.5}, "nnrelief": {**ROUNDS, "probe_samples": 200}}
+               "ap": {**ROUNDS, "neuron_fraction": 0.5}, "nnrelief": {**ROUNDS, "probe_samples": 200},
+               "demp": {"reg_peak": 0.5, "target": "all", "prune_every": 20, "noise_peak": 1e-3},
+               "structured": {"sparsity": 0.5, "prune_every": 10}}
 NAMES = [n for n in METHODS.names() if n != "none"]
 
 

@@ -25,6 +25,7 @@ from ..methods import build_method
 from ..activations import make_activation
 from ..models import build_model, initialize
 from ..schedules import make_scheduler
+from ..surgery import architecture, resize
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
 from ..train.callbacks import read_jsonl
 from .config import ExperimentConfig
@@ -73,6 +74,7 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
         return {**json.loads((rd / "result.json").read_text()), "skipped": True}
     method_callbacks = build_method(cfg.method, **cfg.method_args)  # refuse bad options early
     data, model = build(cfg)
+    arch_built = architecture(model)
     rd.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
@@ -96,6 +98,9 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     trainer.fit()
     history = read_jsonl(rd / "metrics.jsonl")
     torch.save(model.state_dict(), rd / "model.pt")
+    arch = architecture(model)
+    if arch != arch_built:                       # compacted during training (DemP)
+        _write_json(rd / "architecture.json", arch)
     result = {"config": cfg.to_dict(), "final": history[-1], "run_dir": str(rd),
               "train_time": sum(r["train_time"] for r in history),
               "wall_time": time.perf_counter() - t0,
@@ -113,11 +118,17 @@ def load_run(path: str | os.PathLike):
         raise FileNotFoundError(f"{rd} is not a run directory (no config.json)")
     cfg = ExperimentConfig.from_dict(json.loads((rd / "config.json").read_text()))
     data, model = build(cfg)
+    arch = None
     if (rd / "model.pt").exists():
         state = torch.load(rd / "model.pt", map_location=cfg.device, weights_only=True)
+        if (rd / "architecture.json").exists():
+            arch = json.loads((rd / "architecture.json").read_text())
     elif (rd / "checkpoint.pt").exists():
-        state = torch.load(rd / "checkpoint.pt", map_location=cfg.device, weights_only=True)["model"]
+        ckpt = torch.load(rd / "checkpoint.pt", map_location=cfg.device, weights_only=True)
+        state, arch = ckpt["model"], ckpt.get("arch")
     else:
         raise FileNotFoundError(f"{rd} has no weights yet (no model.pt or checkpoint.pt)")
+    if arch is not None and arch != architecture(model):
+        resize(model, arch)
     model.load_state_dict(state)
     return cfg, model, data

@@ -11,12 +11,14 @@ import inspect
 from ..registry import Registry
 from .base import Method, prunable_weights, weight_sparsity
 from .ap import AP
+from .demp import DemP
 from .iterative import IMP, IterativePruning
 from .nnrelief import NNrelief
 from .redo import ReDo
+from .structured import StructuredPruning
 from .synaptic_stripping import SynapticStripping
 
-__all__ = ["AP", "IMP", "IterativePruning", "METHODS", "Method", "NNrelief", "ReDo",
+__all__ = ["AP", "DemP", "IMP", "StructuredPruning", "IterativePruning", "METHODS", "Method", "NNrelief", "ReDo",
            "SynapticStripping", "build_method", "method_options",
            "prunable_weights", "weight_sparsity"]
 
@@ -34,6 +36,8 @@ METHODS.register("redo")(ReDo)
 METHODS.register("imp")(IMP)
 METHODS.register("ap")(AP)
 METHODS.register("nnrelief")(NNrelief)
+METHODS.register("demp")(DemP)
+METHODS.register("structured")(StructuredPruning)
 
 
 def method_options(name: str) -> list[str]:

@@ -10,7 +10,8 @@ import torch
 
 from ..diagnose import diagnose
 from ..monitor import ActivityMonitor
-from ..sites import Site, find_sites
+from ..sites import Site, _unwrap, find_sites
+from ..surgery import architecture, resize
 
 
 class Callback:
@@ -25,6 +26,8 @@ class Callback:
     def on_step_end(self, trainer, loss: torch.Tensor) -> None: ...
     def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None: ...
     def on_fit_end(self, trainer) -> None: ...
+    def on_model_changed(self, trainer) -> None:
+        """Units were removed physically (surgery): sites and sizes changed."""
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -36,7 +39,9 @@ class MonitorCallback(Callback):
       dynamic_dnr, dnr/<site>  -- zero-output rate on training batches (watched steps)
       dead_fraction, dead_units, dead/<site> -- never-active units on the probe split,
                                   exact, eval mode
-      sparsity/<site>          -- exact-zero rate on the probe split
+      sparsity/<site>, sparsity -- exact-zero rate on the probe split (per site, mean)
+      test_sparsity            -- the same on the test split, after the last epoch only
+                                  (a measurement; nothing is decided on test data)
     """
 
     def __init__(self, sites: Sequence[Site] | None = None, *, every: int = 10, eps: float = 0.0,
@@ -56,6 +61,15 @@ class MonitorCallback(Callback):
     def on_step_end(self, trainer, loss) -> None:
         self.monitor.step()
 
+    def on_model_changed(self, trainer) -> None:
+        """Sites shrank: start a new monitor on them (this epoch's training-batch rates
+        restart from the change)."""
+        self.monitor.close()
+        self.sites = find_sites(trainer.model, trainer.data.train.inputs[:2])
+        self.monitor = ActivityMonitor(trainer.model, self.sites, eps=self.eps,
+                                       every=self.every, mode="train").__enter__()
+        self.monitor.set_step(trainer.step)
+
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         if self.monitor.observed:
             metrics["dynamic_dnr"] = self.monitor.dynamic_dnr()
@@ -70,6 +84,10 @@ class MonitorCallback(Callback):
         for r in report.rows:
             metrics[f"dead/{r.site}"] = r.dead / r.units
             metrics[f"sparsity/{r.site}"] = r.sparsity
+        metrics["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
+        if epoch == trainer.epochs or trainer.stop:
+            test = diagnose(trainer.model, trainer.data.test, sites=self.sites, eps=self.eps)
+            metrics["test_sparsity"] = sum(r.sparsity for r in test.rows) / len(test.rows)
 
     def on_fit_end(self, trainer) -> None:
         if self.monitor is not None:
@@ -105,6 +123,7 @@ class CheckpointCallback(Callback):
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         state = {
             "epoch": trainer.epoch, "step": trainer.step,
+            "arch": architecture(trainer.model),
             "model": trainer.model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
@@ -120,6 +139,8 @@ class CheckpointCallback(Callback):
         if not self.path.exists():
             return False
         state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("arch") and state["arch"] != architecture(trainer.model):
+            _resize_with_optimizer(trainer.model, state["arch"], trainer.optimizer)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.scheduler is not None and state["scheduler"] is not None:
@@ -129,3 +150,15 @@ class CheckpointCallback(Callback):
         torch.set_rng_state(state["rng"])
         trainer.epoch, trainer.step = int(state["epoch"]), int(state["step"])
         return True
+
+
+def _resize_with_optimizer(model, arch, optimizer) -> None:
+    """Give a freshly built model a compacted architecture and point the optimizer at its new
+    parameters (their state comes from the checkpoint right after)."""
+    model = _unwrap(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    resize(model, arch)
+    new = dict(model.named_parameters())
+    for g in optimizer.param_groups:
+        g["params"] = [new[names[id(p)]] for p in g["params"]]
+    optimizer.state.clear()

@@ -73,6 +73,10 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
+    def model_changed(self) -> None:
+        """A callback removed units physically: let every callback refresh its view."""
+        self._call("on_model_changed")
+
     def fit(self) -> list[dict]:
         """Train from `self.epoch` (0, or where a checkpoint left off) to `epochs`."""
         history = []

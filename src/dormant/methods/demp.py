@@ -1,0 +1,156 @@
+"""DemP: Demon Pruning (Dufort-Labbé, D'Oro, Nikishin, Rish, Pascanu, Bacon & Baratin,
+"Maxwell's Demon at Work: Efficient Pruning by Leveraging Saturation of Neurons",
+arXiv 2403.07688, TMLR).
+
+Rule implemented (official JAX code `SimonDufLab/Maxwell_demon`, final configurations):
+* a regulariser whose strength follows a one-cycle schedule lambda(t) (pct_start 0.3, div 25,
+  final div 1e4) over the first `span` of training: L1 on the scale of every norm layer by
+  default ("lasso", "scale"); L2 / CDG variants and other parameter sets as options;
+* Gaussian noise sigma(t) N(0, 1), same one-cycle shape, added to the parameters *after* the
+  optimizer update (not to the gradient, not scaled by the learning rate), only on live
+  units: entries whose data-loss gradient is non-zero, and the norm parameters of units whose
+  producer row received gradient;
+* every `prune_every` steps, a death check in eval mode on a fixed subset of the training
+  split (never active on any probe sample, eps = 0 — the same as "dead on every probe batch")
+  followed by physical removal of the dead units (`dormant.surgery`), the optimizer state
+  sliced to match; a final check and removal after the last epoch. The classifier's outputs
+  are never sites, so never removed; a residual-stream unit goes only if dead at every site
+  that shares it.
+
+Deviations from the official code:
+* the regulariser's gradient is added explicitly after the backward pass (the same gradient
+  as adding lambda R to the loss) so the live mask can be read from the data gradient alone;
+* `span` is a fraction of the run's steps (default 0.9, the code's `zero_end_reg_param`) or
+  a step count;
+* after the final removal, validation and test accuracy are re-measured on the compacted
+  model (units dead on the probe subset may still fire on other inputs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..schedules import one_cycle
+from ..sites import NORMS, _unwrap
+from .structural import Structural
+
+__all__ = ["DemP", "regulariser_grad"]
+
+REGULARISERS = ("lasso", "l2", "cdg_lasso", "cdg_l2")
+TARGETS = ("scale", "offset", "norm", "all")
+
+
+def regulariser_grad(p: torch.Tensor, kind: str) -> torch.Tensor:
+    """dR/dp for R = sum|p| (lasso), 1/2 sum p^2 (l2), sum max(p, 0) (cdg_lasso),
+    1/2 sum max(p, 0)^2 (cdg_l2; CDG penalises only positive parameters)."""
+    if kind == "lasso":
+        return p.sign()
+    if kind == "l2":
+        return p
+    if kind == "cdg_lasso":
+        return (p > 0).to(p.dtype)
+    if kind == "cdg_l2":
+        return p.clamp_min(0)
+    raise ValueError(f"unknown regulariser {kind!r}; choose from {REGULARISERS}")
+
+
+class DemP(Structural):
+    """Make units die on purpose (one-cycle regulariser + noise on live units) and remove them
+    physically during training, so training and inference get faster.
+
+    reg_peak / noise_peak: peaks of lambda(t) and sigma(t); span: fraction of the run's steps
+    (<= 1) or a number of steps over which both follow the one-cycle curve (then 0);
+    regulariser: lasso | l2 | cdg_lasso | cdg_l2; target: scale (norm scales) | offset |
+    norm (both) | all (every parameter but biases and norms); prune_every: steps between
+    death checks; probe_samples: training samples of the death check.
+    """
+
+    name = "demp"
+
+    def __init__(self, reg_peak: float = 1e-3, noise_peak: float = 5e-5, span: float = 0.9,
+                 regulariser: str = "lasso", target: str = "scale", prune_every: int = 500,
+                 prune_after: int = 0, probe: str = "train", probe_samples: int | None = 2048,
+                 pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4, **kwargs):
+        super().__init__(prune_every=prune_every, probe=probe, probe_samples=probe_samples,
+                         **kwargs)
+        if reg_peak < 0 or noise_peak < 0:
+            raise ValueError(f"{self.name}: reg_peak and noise_peak must be >= 0")
+        if regulariser not in REGULARISERS:
+            raise ValueError(f"{self.name}: regulariser must be one of {REGULARISERS}, "
+                             f"got {regulariser!r}")
+        if target not in TARGETS:
+            raise ValueError(f"{self.name}: target must be one of {TARGETS}, got {target!r}")
+        if span <= 0:
+            raise ValueError(f"{self.name}: span must be > 0, got {span}")
+        self.reg_peak, self.noise_peak, self.span = reg_peak, noise_peak, span
+        self.regulariser, self.target = regulariser, target
+        self.prune_after = int(prune_after)
+        self.cycle = {"pct_start": pct_start, "div": div, "final_div": final_div}
+        self.span_steps = 0
+        self._live: dict[str, torch.Tensor] = {}
+
+    def prepare(self, trainer) -> None:
+        super().prepare(trainer)
+        self.span_steps = int(self.span * self.total_steps) if self.span <= 1 else int(self.span)
+
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(lambda, sigma) at optimizer step `step`."""
+        lam = one_cycle(step, self.span_steps, self.reg_peak, **self.cycle)
+        sig = one_cycle(step, self.span_steps, self.noise_peak, **self.cycle)
+        return lam, sig
+
+    def _reg_params(self, model: nn.Module) -> list[torch.Tensor]:
+        out = []
+        for mod in model.modules():
+            is_norm = isinstance(mod, NORMS)
+            for attr, p in mod.named_parameters(recurse=False):
+                if self.target == "all":
+                    ok = not is_norm and attr != "bias"
+                else:
+                    ok = is_norm and ((attr == "weight" and self.target in ("scale", "norm"))
+                                      or (attr == "bias" and self.target in ("offset", "norm")))
+                if ok:
+                    out.append(p)
+        return out
+
+    # -- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_after_backward(self, trainer) -> None:
+        model = _unwrap(trainer.model)
+        lam, sig = self.schedule(trainer.step)
+        if sig > 0:   # live mask from the data gradient, before the regulariser is added
+            self._live = {n: p.grad != 0 for n, p in model.named_parameters()
+                          if p.grad is not None}
+            for site in self.sites:
+                if site.norm is not None and f"{site.producer}.weight" in self._live:
+                    unit = self._live[f"{site.producer}.weight"].flatten(1).any(1)
+                    for attr in ("weight", "bias"):
+                        if f"{site.norm}.{attr}" in self._live:
+                            self._live[f"{site.norm}.{attr}"] = unit
+        if lam > 0:
+            for p in self._reg_params(model):
+                if p.grad is not None:
+                    p.grad.add_(regulariser_grad(p.detach(), self.regulariser), alpha=lam)
+
+    @torch.no_grad()
+    def on_step_end(self, trainer, loss) -> None:
+        model = _unwrap(trainer.model)
+        _, sig = self.schedule(trainer.step - 1)
+        if sig > 0 and self._live:
+            for n, p in model.named_parameters():
+                live = self._live.get(n)
+                if live is not None:
+                    p.add_(torch.randn_like(p) * live * sig)
+        self._live = {}
+        if trainer.step >= self.prune_after and trainer.step % self.prune_every == 0:
+            self.prune(trainer)
+
+    def prune(self, trainer) -> int:
+        """Death check on the probe subset, then physical removal of the dead units."""
+        return self.remove(trainer, self.observe(trainer).dead_units("never_active"))
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
+        if epoch == trainer.epochs and self.prune(trainer):   # the final check
+            self.remeasure(trainer, metrics)
+        lam, sig = self.schedule(trainer.step)
+        metrics.update({**self.report(trainer), "demp/lambda": lam, "demp/sigma": sig})

@@ -1,0 +1,242 @@
+"""Physical removal of units, with the optimizer state sliced to match.
+
+Torch-Pruning's dependency graph (Fang et al., CVPR 2023; `pip install 'dormant[prune]'`)
+does the graph work: removing output channel u of a producer also removes the norm layer's
+scale, offset and running statistics of u and the input column/channel u of every consumer
+(for flatten -> Linear, all spatial positions of u). On a residual stream one channel is
+coupled across every layer that writes or reads it; such a unit is removed only when it is
+dead at *every* coupled site ("every reader agrees"), so the computation never changes for
+units that carry signal. The classifier's outputs are never sites, so never removed.
+
+After each removal the optimizer (SGD momentum, Adam moments, ...) is updated in place: the
+new, smaller parameters replace the old ones in its param groups and each per-entry state
+tensor is sliced with the same indices, so training continues as if only the units had gone.
+
+A compacted model saves as its state dict plus `architecture(model)` (plain ints, loads with
+``torch.load(weights_only=True)``); `resize(fresh_model, arch)` reshapes a freshly built
+model so the state dict loads into it.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .sites import CONVS, NORMS, PRODUCERS, Site, _unwrap
+
+__all__ = ["remove_units", "coupled_sites", "architecture", "resize", "count_units"]
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ImportError("removing units physically needs Torch-Pruning: "
+                          "pip install 'dormant[prune]'") from None
+    return tp
+
+
+def _out_fn(tp, module: nn.Module):
+    if isinstance(module, nn.Linear):
+        return tp.prune_linear_out_channels
+    if isinstance(module, CONVS):
+        return tp.prune_conv_out_channels
+    raise TypeError(f"cannot remove output units of {type(module).__name__}")
+
+
+def _graph(tp, model: nn.Module, example_input: torch.Tensor):
+    """Torch-Pruning's dependency graph (it traces with autograd, whatever the caller's grad
+    mode; train/eval flags are restored so running statistics are not disturbed)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def _group_items(group) -> list[tuple[nn.Module, str, list[int], list[int]]]:
+    """(module, "out"|"in", local idxs, root idxs) of the real layers in a TP group."""
+    out = []
+    for item in group:
+        dep = item.dep
+        mod = dep.target.module
+        kind = getattr(dep.handler, "__name__", "")
+        if not isinstance(mod, PRODUCERS + NORMS) or kind not in ("prune_out_channels",
+                                                                   "prune_in_channels"):
+            continue
+        out.append((mod, "out" if kind == "prune_out_channels" else "in",
+                    list(item.idxs), list(item.root_idxs)))
+    return out
+
+
+def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, torch.Tensor],
+                 example_input: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Remove `units` ({site: BoolTensor[U]}, e.g. the dead ones) physically. A unit coupled
+    to other sites (a residual stream) goes only if it is flagged at every one of them.
+    Returns, per site, which units were removed (BoolTensor[U], the original indexing).
+    Sites must be found again afterwards (their unit counts changed)."""
+    tp = _tp()
+    model = _unwrap(model)
+    modules = {m: n for n, m in model.named_modules()}
+    by_producer = {s.producer: s for s in sites if s.producer is not None}
+    removed = {s.name: torch.zeros(s.num_units, dtype=torch.bool) for s in sites}
+    done: set[str] = set()
+    graph = None
+    for site in sites:
+        flags = units.get(site.name)
+        if site.producer is None or site.name in done or flags is None or not flags.any():
+            continue
+        if graph is None:
+            graph = _graph(tp, model, example_input)
+        producer = model.get_submodule(site.producer)
+        idxs = flags.nonzero().flatten().tolist()
+        group = graph.get_pruning_group(producer, _out_fn(tp, producer), idxs=idxs)
+        keep_root = set(idxs)
+        coupled: dict[str, dict[int, int]] = {}     # site -> root idx -> its local idx
+        for mod, kind, local, root in _group_items(group):
+            other = by_producer.get(modules.get(mod)) if kind == "out" else None
+            if other is None:
+                continue
+            coupled[other.name] = dict(zip(root, local))
+            other_flags = units.get(other.name)
+            for l, r in zip(local, root):
+                if other_flags is None or not bool(other_flags[l]):
+                    keep_root.discard(r)
+        done.update(coupled)
+        if not keep_root:
+            continue
+        root = sorted(keep_root)
+        group = graph.get_pruning_group(producer, _out_fn(tp, producer), idxs=root)
+        _prune_with_state(model, group, optimizer)
+        for name, to_local in (coupled or {site.name: {r: r for r in root}}).items():
+            removed[name][[to_local[r] for r in root]] = True
+        graph = None   # shapes changed: rebuild before the next group
+    return removed
+
+
+def coupled_sites(model: nn.Module, sites: Sequence[Site], example_input: torch.Tensor
+                  ) -> dict[str, frozenset[str]]:
+    """For every site with a producer: the sites whose units are the same channels (itself
+    included). A site coupled only with itself holds block-internal units."""
+    tp = _tp()
+    model = _unwrap(model)
+    graph = _graph(tp, model, example_input)
+    modules = {m: n for n, m in model.named_modules()}
+    by_producer = {s.producer: s.name for s in sites if s.producer is not None}
+    out = {}
+    for site in sites:
+        if site.producer is None:
+            continue
+        producer = model.get_submodule(site.producer)
+        group = graph.get_pruning_group(producer, _out_fn(tp, producer), idxs=[0])
+        names = {by_producer.get(modules.get(mod)) for mod, kind, _, _ in _group_items(group)
+                 if kind == "out"}
+        out[site.name] = frozenset(n for n in names if n is not None) | {site.name}
+    return out
+
+
+def _prune_with_state(model: nn.Module, group, optimizer) -> None:
+    """Prune a TP group and carry the optimizer state of every reshaped parameter."""
+    items = _group_items(group)
+    cut: dict[nn.Module, dict[str, list[int]]] = {}
+    for mod, kind, local, _ in items:
+        cut.setdefault(mod, {}).setdefault(kind, []).extend(local)
+    old = {(mod, attr): getattr(mod, attr) for mod in cut for attr in ("weight", "bias")
+           if isinstance(getattr(mod, attr, None), nn.Parameter)}
+    group.prune()
+    if optimizer is None:
+        return
+    for (mod, attr), p_old in old.items():
+        p_new = getattr(mod, attr)
+        if p_new is p_old:
+            continue
+        index = []   # (dim, kept indices)
+        if "out" in cut[mod]:
+            index.append((0, _kept(p_old.shape[0], cut[mod]["out"])))
+        if "in" in cut[mod] and attr == "weight" and p_old.ndim > 1:
+            index.append((1, _kept(p_old.shape[1], cut[mod]["in"])))
+        _swap_param(optimizer, p_old, p_new, index)
+
+
+def _kept(size: int, removed: list[int]) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[removed] = False
+    return mask.nonzero().flatten()
+
+
+def _swap_param(optimizer, p_old, p_new, index) -> None:
+    for g in optimizer.param_groups:
+        g["params"] = [p_new if p is p_old else p for p in g["params"]]
+    state = optimizer.state.pop(p_old, None)
+    if not state:
+        return
+    new_state = {}
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.shape == p_old.shape:
+            for dim, keep in index:
+                v = v.index_select(dim, keep.to(v.device))
+        new_state[k] = v
+    optimizer.state[p_new] = new_state
+
+
+# -- architecture descriptions ------------------------------------------------------------
+def architecture(model: nn.Module) -> dict[str, list[int]]:
+    """The width of every Linear/Conv/norm layer (plain ints: saves with weights_only)."""
+    out = {}
+    for name, m in _unwrap(model).named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = [m.in_features, m.out_features]
+        elif isinstance(m, CONVS):
+            out[name] = [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out[name] = [m.num_features]
+        elif isinstance(m, nn.LayerNorm):
+            out[name] = list(m.normalized_shape)
+    return out
+
+
+@torch.no_grad()
+def resize(model: nn.Module, arch: Mapping[str, Sequence[int]]) -> nn.Module:
+    """Give a freshly built model the widths of `arch` (values are then loaded from a state
+    dict); parameters are re-created empty, so load weights afterwards."""
+    model = _unwrap(model)
+    for name, shape in arch.items():
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Linear):
+            m.in_features, m.out_features = shape
+            _new(m, "weight", (shape[1], shape[0]))
+            _new(m, "bias", (shape[1],))
+        elif isinstance(m, CONVS):
+            m.in_channels, m.out_channels = shape
+            k = tuple(m.weight.shape[2:])
+            _new(m, "weight", (shape[1], shape[0] // m.groups, *k))
+            _new(m, "bias", (shape[1],))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = shape[0]
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                _new(m, attr, (shape[0],))
+        elif isinstance(m, nn.LayerNorm):
+            m.normalized_shape = tuple(shape)
+            for attr in ("weight", "bias"):
+                _new(m, attr, tuple(shape))
+    return model
+
+
+def _new(m: nn.Module, attr: str, shape) -> None:
+    t = getattr(m, attr, None)
+    if t is None:
+        return
+    fresh = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    if isinstance(t, nn.Parameter):
+        setattr(m, attr, nn.Parameter(fresh, requires_grad=t.requires_grad))
+    else:
+        setattr(m, attr, fresh)
+
+
+def count_units(sites: Sequence[Site]) -> int:
+    return sum(s.num_units for s in sites)

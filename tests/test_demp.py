@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+pytest.importorskip("torch_pruning")
+
+from dormant import find_sites
+from dormant.data import load_dataset
+from dormant.methods import DemP, StructuredPruning
+from dormant.methods.demp import regulariser_grad
+from dormant.methods.structured import lowest_norm_units
+from dormant.models import build_model
+from dormant.schedules import one_cycle
+from dormant.surgery import coupled_sites
+from dormant.train import Callback, Trainer
+
+
+def test_one_cycle_golden():
+    peak, total = 2.0, 100
+    assert one_cycle(0, total, peak) == pytest.approx(peak / 25)
+    assert one_cycle(30, total, peak) == pytest.approx(peak)
+    assert one_cycle(100, total, peak) == pytest.approx(peak / 25e4)
+    assert one_cycle(101, total, peak) == 0.0
+    assert one_cycle(15, total, peak) == pytest.approx(peak / 25 + (peak - peak / 25) / 2)
+    assert one_cycle(15, total, peak) < one_cycle(20, total, peak) < peak
+
+
+def test_regulariser_gradients():
+    p = torch.tensor([-2.0, 0.0, 3.0])
+    assert regulariser_grad(p, "lasso").tolist() == [-1, 0, 1]
+    assert regulariser_grad(p, "l2").tolist() == [-2, 0, 3]
+    assert regulariser_grad(p, "cdg_lasso").tolist() == [0, 0, 1]
+    assert regulariser_grad(p, "cdg_l2").tolist() == [0, 0, 3]
+    with pytest.raises(ValueError, match="regulariser"):
+        regulariser_grad(p, "l3")
+
+
+def _vgg():
+    torch.manual_seed(0)
+    data = load_dataset("synthetic", image=True, num_train=1024)
+    return data, build_model("vgg-small", data.input_shape, data.num_classes, width=0.25,
+                             hidden=16)
+
+
+class Rows(Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        self.rows.append(dict(metrics))
+
+
+def test_demp_kills_and_removes_units_and_the_model_shrinks():
+    data, model = _vgg()
+    demp = DemP(reg_peak=1.0, noise_peak=1e-4, prune_every=20, span=1.0)
+    rows = Rows()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    Trainer(model, data, opt, epochs=4, batch_size=64, callbacks=[demp, rows],
+            show_progress=False).fit()
+    first, last = rows.rows[0], rows.rows[-1]
+    assert last["units"] < first["units"] or first["units_removed"] > 0
+    assert last["units_removed"] > 0.2 and last["macs_ratio"] < 0.9
+    assert last["params_ratio"] < 1
+    widths = {s.name: s.num_units for s in find_sites(model, data.train.inputs[:2])}
+    assert widths == last["width"]
+    assert sum(p.numel() for p in model.parameters()) == last["params"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the optimizer follows the compacted parameters
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_noise_goes_to_live_units_only():
+    data, model = _vgg()
+    with torch.no_grad():   # unit 0 of the first conv site is dead: its BN offset is very negative
+        model.features.bn1_1.bias[0] = -1e3
+    demp = DemP(reg_peak=0.0, noise_peak=1e-2, prune_every=10 ** 9, span=1.0)
+    before = model.features.conv1_1.weight.detach().clone()
+    bn_before = model.features.bn1_1.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)     # only the noise moves parameters
+    seen = {}
+
+    class Snapshot(Callback):   # after the last step, before DemP's final death check
+        def on_step_end(self, trainer, loss):
+            seen["w"] = model.features.conv1_1.weight.detach().clone()
+            seen["bn"] = model.features.bn1_1.weight.detach().clone()
+
+    Trainer(model, data, opt, epochs=1, batch_size=64, callbacks=[demp, Snapshot()],
+            show_progress=False).fit()
+    w, bn = seen["w"], seen["bn"]
+    assert torch.equal(w[0], before[0])                  # dead unit: untouched
+    assert not torch.equal(w[1:], before[1:])            # live units: noised
+    assert bn[0] == bn_before[0] and (bn[1:] != bn_before[1:]).all()
+    assert model.features.conv1_1.out_channels == before.shape[0] - 1   # then removed
+
+
+def test_structured_follows_the_cubic_schedule_to_its_targets():
+    data, model = _vgg()
+    st = StructuredPruning(sparsity=0.5, widths={"act_fc": 5}, start=0.0, end=0.5,
+                           prune_every=8)
+    rows = Rows()
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, batch_size=64,
+            callbacks=[st, rows], show_progress=False).fit()
+    final = rows.rows[-1]["width"]
+    initial = st.initial["width"]
+    assert final["act_fc"] == 5
+    for name, w0 in initial.items():
+        if name != "act_fc":
+            assert final[name] == round(0.5 * w0), name
+    half = st.total_steps * 0.25                          # halfway through the pruning window
+    w = st.width_at("act_fc", half)
+    assert w == 5 + -(-(initial["act_fc"] - 5) * 0.125 // 1)
+
+
+def test_structured_leaves_residual_streams_alone():
+    torch.manual_seed(0)
+    data = load_dataset("synthetic", image=True, num_train=512)
+    model = build_model("resnet20", data.input_shape, data.num_classes, width=0.5, blocks=2)
+    coupled = coupled_sites(model, find_sites(model, data.train.inputs[:2]), data.train.inputs[:2])
+    assert len(coupled["relu"]) == 3 and len(coupled["layer1.0.relu"]) == 1
+    st = StructuredPruning(sparsity=0.5, start=0.0, end=0.5, prune_every=4)
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01), epochs=1, batch_size=64,
+            callbacks=[st], show_progress=False).fit()
+    widths = {s.name: s.num_units for s in find_sites(model, data.train.inputs[:2])}
+    for name, w0 in st.initial["width"].items():
+        shared = len(coupled[name]) > 1
+        assert widths[name] == (w0 if shared else round(w0 / 2)), name
+
+
+def test_lowest_norm_units():
+    assert lowest_norm_units(torch.tensor([3.0, 1.0, 2.0, 1.0]), 2).tolist() == [False, True, False, True]
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="target"):
+        DemP(target="weights")
+    with pytest.raises(ValueError, match="start < end"):
+        StructuredPruning(start=0.5, end=0.2)
+    with pytest.raises(ValueError, match="do not apply"):
+        DemP(every=2)
