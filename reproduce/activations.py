@@ -14,7 +14,6 @@ Writes docs/results/activations.md and its plots.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from dormant import eoc
 from dormant.activations import make_activation
 from dormant.data import load_dataset
-from dormant.experiments import CompareSpec, ExperimentConfig, run_compare
+from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.models import build_model
 from dormant.report import final_values, load_comparison, machine, mean_std, plot_series
 
@@ -99,15 +98,10 @@ def depth_profile(depth: int, width: int, out: Path) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--jobs", type=int, default=2)
+    p = reproduce_parser(__doc__)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--root", default="runs/reproduce")
-    p.add_argument("--out", default="docs/results")
     args = p.parse_args()
     out = Path(args.out)
     if args.quick:

@@ -10,10 +10,9 @@ Finished runs are reused (runs/reproduce/...), so an interrupted reproduction re
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from dormant.experiments import CompareSpec, ExperimentConfig, run_compare
+from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import by_round, load_comparison, machine, paired, plot_series
 
 MODELS = {  # model -> (epochs per round, learning rate)
@@ -48,13 +47,8 @@ def diff_table(cmp, min_sparsity: float) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds of 1 epoch")
-    p.add_argument("--jobs", type=int, default=2)
+    p = reproduce_parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--root", default="runs/reproduce")
-    p.add_argument("--out", default="docs/results")
     args = p.parse_args()
     out = Path(args.out)
     rounds, seeds = (2, [0]) if args.quick else (18, [0, 1, 2])

@@ -10,10 +10,9 @@ Writes docs/results/nnrelief.md.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from dormant.experiments import CompareSpec, ExperimentConfig, run_compare
+from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import by_round, load_comparison, machine, mean_std
 
 MODELS = {  # model -> (epochs per round, relief options)
@@ -50,14 +49,9 @@ def table(cmp, variant: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--jobs", type=int, default=2)
+    p = reproduce_parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--root", default="runs/reproduce")
-    p.add_argument("--out", default="docs/results")
+    p.add_argument("--rounds", type=int, default=7, help="pruning iterations")
     args = p.parse_args()
     out = Path(args.out)
     rounds, seeds = (1, [0]) if args.quick else (args.rounds, [0, 1, 2])

@@ -10,10 +10,9 @@ Finished runs are reused (runs/reproduce/...), so an interrupted reproduction re
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from dormant.experiments import CompareSpec, ExperimentConfig, run_compare
+from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.experiments.compare import columns_for, to_markdown
 from dormant.report import final_values, load_comparison, machine, mean_std, plot_curves
 
@@ -68,12 +67,7 @@ def reduction_table(cmp, pairs) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs (smoke run)")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--root", default="runs/reproduce")
-    p.add_argument("--out", default="docs/results")
+    p = reproduce_parser(__doc__)
     args = p.parse_args()
     epochs, seeds = (3, [0]) if args.quick else (15, [0, 1, 2])
     out = Path(args.out)

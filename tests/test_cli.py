@@ -77,3 +77,5 @@ def test_report_without_a_comparison_is_a_clear_error(tmp_path, capsys):
 def test_parse_mapping_keeps_lists():
     assert _parse_mapping("widths=[300,100],bias=False,name=x") == {
         "widths": [300, 100], "bias": False, "name": "x"}
+    assert _parse_mapping("widths={'act1': 3, 'act2': 4},sparsity=0.5") == {
+        "widths": {"act1": 3, "act2": 4}, "sparsity": 0.5}

@@ -29,9 +29,9 @@ def _split_top(text: str) -> list[str]:
     """Split on commas outside brackets, so ``widths=[300,100]`` stays whole."""
     parts, depth, cur = [], 0, ""
     for ch in text:
-        if ch in "[(":
+        if ch in "[({":
             depth += 1
-        elif ch in "])":
+        elif ch in "])}":
             depth -= 1
         if ch == "," and depth == 0:
             parts.append(cur)

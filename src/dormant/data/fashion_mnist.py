@@ -113,8 +113,9 @@ def _missing_message(stem: str, dirs: list[Path]) -> str:
 
 @DATASETS.register("fashion-mnist")
 def fashion_mnist(val_size: int | None = None, *, root: str | None = None,
-                  download_if_missing: bool = False) -> Dataset:
-    """Fashion-MNIST (Xiao et al. 2017): 28x28 grey images, 10 classes, 60k/10k."""
+                  download_if_missing: bool = False, train_size: int | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017): 28x28 grey images, 10 classes, 60k/10k.
+    `train_size` keeps a fixed subset of the training split (quick runs, pilots)."""
     dirs = search_dirs(root)
     arrays = {}
     for stem, (sha, _) in FILES.items():
@@ -129,6 +130,10 @@ def fashion_mnist(val_size: int | None = None, *, root: str | None = None,
         return ((torch.from_numpy(a.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1)
     x, y = images(arrays["train-images-idx3-ubyte"]), torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
     train, val = carve_val(x, y, 5000 if val_size is None else val_size)
+    if train_size is not None:
+        if not 0 < train_size <= len(train):
+            raise ValueError(f"train_size must be in [1, {len(train)}], got {train_size}")
+        train = Split(train.inputs[:train_size], train.targets[:train_size])
     test = Split(images(arrays["t10k-images-idx3-ubyte"]),
                  torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)))
     return Dataset("fashion-mnist", train, val, test, 10)

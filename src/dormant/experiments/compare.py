@@ -109,6 +109,18 @@ def to_csv(rows: list[dict], columns: Sequence = COLUMNS) -> str:
     return buf.getvalue()
 
 
+def reproduce_parser(doc: str | None) -> "argparse.ArgumentParser":
+    """The options every script in reproduce/ shares: --quick, --jobs, --root, --out."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, tiny budget: a smoke run")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
+    p.add_argument("--root", default="runs/reproduce", help="where run directories go")
+    p.add_argument("--out", default="docs/results", help="where tables and plots go")
+    return p
+
+
 def _run_quiet(cfg: ExperimentConfig, root: str, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)

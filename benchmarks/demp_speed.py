@@ -1,0 +1,105 @@
+"""DemP speed: training wall-clock of DemP vs dense for the same epochs, and inference latency
+of the compacted vs the dense model, each as a ratio measured in one run, next to the FLOP
+(MAC) ratio.
+
+Training: the two runs advance epoch by epoch in turn in this process (same data, seed and
+batches), so both see the same machine conditions; the ratio is total dense time / total
+DemP time over the epochs' training loops (evaluation excluded). Inference: forward passes
+of a batch through the dense and the compacted model, interleaved, median of paired ratios.
+
+    python benchmarks/demp_speed.py --model vgg-small --epochs 8 --reg-peak 0.02
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dormant.data import load_dataset
+from dormant.flops import macs, positions
+from dormant.methods import DemP
+from dormant.models import build_model
+from dormant.schedules import make_scheduler
+from dormant.train import Trainer
+
+
+def trainer(model, data, epochs, lr, callbacks, seed):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    return Trainer(model, data, opt, epochs=epochs, batch_size=128, seed=seed,
+                   scheduler=make_scheduler("cosine", opt, epochs), callbacks=callbacks,
+                   show_progress=False)
+
+
+def train_interleaved(dense: Trainer, demp: Trainer) -> tuple[list[dict], list[dict]]:
+    rows = ([], [])
+    for t in (dense, demp):
+        t._call("on_fit_start")
+    try:
+        while dense.epoch < dense.epochs:
+            for t, r in zip((dense, demp), rows):
+                r.append(t._run_epoch())
+    finally:
+        for t in (dense, demp):
+            t._call("on_fit_end")
+    return rows
+
+
+@torch.no_grad()
+def latency_ratio(a, b, x, rounds: int = 30) -> tuple[float, float, float]:
+    a.eval(), b.eval()
+    for _ in range(3):
+        a(x), b(x)
+    ta, tb, ratios = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter(); a(x); t1 = time.perf_counter(); b(x); t2 = time.perf_counter()
+        ta.append(t1 - t0), tb.append(t2 - t1), ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vgg-small")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--reg-peak", type=float, default=0.02)
+    p.add_argument("--noise-peak", type=float, default=5e-5)
+    p.add_argument("--prune-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=256, help="inference batch size")
+    args = p.parse_args()
+    data = load_dataset(args.dataset)
+    torch.manual_seed(args.seed)
+    dense_model = build_model(args.model, data.input_shape, data.num_classes)
+    torch.manual_seed(args.seed)
+    demp_model = build_model(args.model, data.input_shape, data.num_classes)
+    demp = DemP(reg_peak=args.reg_peak, noise_peak=args.noise_peak, prune_every=args.prune_every)
+    rows_dense, rows_demp = train_interleaved(
+        trainer(dense_model, data, args.epochs, args.lr, [], args.seed),
+        trainer(demp_model, data, args.epochs, args.lr, [demp], args.seed))
+    t_dense = sum(r["train_time"] for r in rows_dense)
+    t_demp = sum(r["train_time"] for r in rows_demp)
+    pos = positions(dense_model, data.train.inputs[:1])
+    mac_ratio = macs(dense_model, pos, "dense") / macs(demp_model, pos, "dense")
+    x = data.test.inputs[:args.batch]
+    la, lb, lat = latency_ratio(dense_model, demp_model, x)
+    last = rows_demp[-1]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model} on "
+          f"{args.dataset}, {args.epochs} epochs, DemP reg_peak={args.reg_peak}")
+    print("epoch  dense s  demp s  ratio  units removed")
+    for e, (a, b) in enumerate(zip(rows_dense, rows_demp), start=1):
+        print(f"{e:>5}  {a['train_time']:>7.1f}  {b['train_time']:>6.1f}  "
+              f"{a['train_time'] / b['train_time']:>5.2f}  {100 * b['units_removed']:>5.1f}%")
+    print(f"test acc: dense {100 * rows_dense[-1]['test_acc']:.2f}%, DemP {100 * last['test_acc']:.2f}%")
+    print(f"training speed-up (dense time / DemP time): {t_dense / t_demp:.2f}x "
+          f"({t_dense:.0f}s vs {t_demp:.0f}s)")
+    print(f"inference (batch {args.batch}): dense {1e3 * la:.1f} ms, compacted {1e3 * lb:.1f} ms,"
+          f" speed-up {lat:.2f}x; FLOP reduction {mac_ratio:.2f}x; "
+          f"speed-up / FLOP reduction = {lat / mac_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

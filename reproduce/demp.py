@@ -1,0 +1,104 @@
+"""DemP (Demon Pruning, Dufort-Labbé et al.) on Fashion-MNIST with the small VGG (BN) and
+ResNet-20: dense vs DemP (a sweep of the regulariser peak, giving several unit sparsities) vs
+gradual structured L1-norm channel pruning to the *same final widths* (per site, the mean of
+DemP's seeds), same epochs, optimizer and seeds. Writes docs/results/demp.md and a plot of
+accuracy vs fraction of units removed.
+
+    python reproduce/demp.py --jobs 2                 # several hours on 2 CPU cores
+    python reproduce/demp.py --quick                  # 1 seed, 1 epoch, 4k samples
+
+Training speed is measured separately, as a ratio in one process: benchmarks/demp_speed.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
+from dormant.report import final_values, load_comparison, machine, mean_std, plot_series
+
+MODELS = {"vgg-small": {}, "resnet20": {}}
+REG_PEAKS = (0.002, 0.005, 0.02)
+DEMP = {"noise_peak": 5e-5, "prune_every": 100, "span": 0.9}
+
+
+def base(model: str, epochs: int, train_size: int | None) -> ExperimentConfig:
+    return ExperimentConfig(
+        dataset="fashion-mnist", model=model, model_args=MODELS[model], optimizer="adamw",
+        lr=5e-3, weight_decay=5e-4, batch_size=128, epochs=epochs, schedule="cosine",
+        dataset_args={"train_size": train_size} if train_size else {})
+
+
+def demp_variants(peaks) -> dict:
+    return {f"DemP λ={p:g}": {"method": "demp", "method_args": {**DEMP, "reg_peak": p}}
+            for p in peaks}
+
+
+def matched_baselines(cmp, peaks) -> dict:
+    """A structured variant per DemP variant, pruned to DemP's mean final width per site."""
+    out = {}
+    for p in peaks:
+        finals = [h[-1]["width"] for v, h in cmp.runs if v == f"DemP λ={p:g}"]
+        widths = {k: max(1, round(mean_std([f[k] for f in finals])[0])) for k in finals[0]}
+        out[f"structured (as λ={p:g})"] = {"method": "structured", "method_args": {
+            "widths": widths, "prune_every": DEMP["prune_every"], "start": 0.1, "end": 0.7}}
+    return out
+
+
+def table(cmp) -> str:
+    acc, rem = final_values(cmp, "test_acc"), final_values(cmp, "units_removed")
+    macs, params = final_values(cmp, "macs_ratio"), final_values(cmp, "params_ratio")
+    fmt = lambda xs, k=100: "{:.2f} ± {:.2f}".format(*mean_std([k * x for x in xs])) if xs else "–"
+    lines = ["| variant | test acc % | units removed % | MACs % of dense | params % of dense |",
+             "|---|---:|---:|---:|---:|"]
+    for v in cmp.variants:
+        lines.append(f"| {v} | {fmt(acc[v])} | {fmt(rem.get(v, [0.0]))} | "
+                     f"{fmt(macs.get(v, [1.0]))} | {fmt(params.get(v, [1.0]))} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = reproduce_parser(__doc__)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--peaks", default=",".join(str(x) for x in REG_PEAKS))
+    args = p.parse_args()
+    out = Path(args.out)
+    peaks = [float(x) for x in args.peaks.split(",")]
+    epochs, seeds, size = (1, [0], 4000) if args.quick else (args.epochs, [0, 1, 2], None)
+    text = ["# DemP vs structured pruning on Fashion-MNIST", "",
+            f"Machine: {machine()}. AdamW lr 5e-3 (wd 5e-4), cosine, {epochs} epochs, seeds "
+            f"{seeds}; DemP: L1 on BN scales, one-cycle over 90% of the steps, noise peak 5e-5, "
+            "death check every 100 steps on 2048 training samples. Structured: L1-norm of "
+            "filters, cubic schedule from 10% to 70% of the steps, to DemP's final widths. "
+            "Regenerate with `python reproduce/demp.py --jobs 2`.", ""]
+    for model in args.models.split(","):
+        cfg = base(model, epochs, size)
+        folder = out / f"demp_{model}"
+        run_compare(CompareSpec(cfg, {"dense": {}, **demp_variants(peaks)}, seeds), args.root,
+                    folder, show_progress=False, jobs=args.jobs)
+        first = load_comparison(folder, args.root)
+        folder_b = out / f"demp_{model}_structured"
+        run_compare(CompareSpec(cfg, matched_baselines(first, peaks), seeds), args.root,
+                    folder_b, show_progress=False, jobs=args.jobs)
+        second = load_comparison(folder_b, args.root)
+        both = type(first)(first.spec, first.rows + second.rows, first.runs + second.runs)
+        series = {}
+        for label, prefix in (("DemP", "DemP"), ("structured L1", "structured")):
+            pts = []
+            for v in both.variants:
+                if v.startswith(prefix):
+                    r, a = final_values(both, "units_removed")[v], final_values(both, "test_acc")[v]
+                    pts.append((mean_std(r)[0], *mean_std(a)))
+            pts.sort()
+            series[label] = ([x for x, _, _ in pts], [m for _, m, _ in pts], [s for _, _, s in pts])
+        dense = mean_std(final_values(both, "test_acc")["dense"])
+        series["dense"] = ([0.0], [dense[0]], [dense[1]])
+        plot_series([(f"{model}: test accuracy %", series)], out / f"demp_{model}.png",
+                    xlabel="fraction of units removed", scale=100)
+        text += [f"## {model}", "", table(both), "", f"![{model}](demp_{model}.png)", ""]
+    (out / "demp.md").write_text("\n".join(text))
+    print(f"wrote {out / 'demp.md'}")
+
+
+if __name__ == "__main__":
+    main()
