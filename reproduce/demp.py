@@ -17,7 +17,7 @@ from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser,
 from dormant.report import final_values, load_comparison, machine, mean_std, plot_series
 
 MODELS = {"vgg-small": {}, "resnet20": {}}
-REG_PEAKS = (0.002, 0.005, 0.02)
+REG_PEAKS = (0.003, 0.01, 0.05)
 DEMP = {"noise_peak": 5e-5, "prune_every": 100, "span": 0.9}
 
 
