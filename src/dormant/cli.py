@@ -41,19 +41,39 @@ def _split_top(text: str) -> list[str]:
     return parts + [cur]
 
 
+_EXAMPLES = {"model_args": "depth=3,width=512", "method_args": "factor=0.05,every=1",
+             "dataset_args": "train_size=10000", "schedule_args": "warmup=1,final=0.01",
+             "activation_args": "tau=1.0,m=1.0", "init_args": "sparsity=0.85,v_prime=0.7"}
+
+
+def _registries() -> dict:
+    from .activations import ACTIVATIONS
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import INITS, MODELS
+    from .monitor import CRITERIA
+    from .schedules import SCHEDULES
+    from .train.loop import OPTIMIZERS
+    return {"dataset": DATASETS, "model": MODELS, "activation": ACTIVATIONS, "init": INITS,
+            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "method": METHODS,
+            "criterion": CRITERIA}
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ExperimentConfig field; only flags given on the command line override."""
     g = p.add_argument_group("experiment config (override the preset/config file)")
-    defaults = ExperimentConfig()
+    defaults, regs = ExperimentConfig(), _registries()
     for f in fields(ExperimentConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in _MAPPINGS:
             g.add_argument(flag, type=_parse_mapping, default=None, metavar="K=V,...",
-                           help=f"options for the {f.name.split('_')[0]} (e.g. width=512)")
+                           help=f"options for the {f.name.split('_')[0]}, "
+                                f"e.g. {_EXAMPLES.get(f.name, 'key=value')}")
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
+            choices = f"; one of: {', '.join(regs[f.name].names())}" if f.name in regs else ""
             g.add_argument(flag, type=typ, default=None,
-                           help=f"default: {getattr(defaults, f.name)}")
+                           help=f"default: {getattr(defaults, f.name)}{choices}")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,17 +99,14 @@ def _base_config(args) -> ExperimentConfig:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_list(args) -> int:
-    from .activations import ACTIVATIONS
-    from .data import DATASETS
     from .experiments import PRESETS
-    from .methods import METHODS
-    from .models import INITS, MODELS
-    from .monitor import CRITERIA
     from .pruning import PRUNERS
-    from .schedules import SCHEDULES
-    regs = {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "presets": PRESETS,
-            "activations": ACTIVATIONS, "criteria": CRITERIA, "pruners": PRUNERS,
-            "schedules": SCHEDULES, "inits": INITS}
+    named = _registries()
+    regs = {"datasets": named["dataset"], "models": named["model"], "methods": named["method"],
+            "presets": PRESETS, "activations": named["activation"],
+            "criteria": named["criterion"], "pruners": PRUNERS,
+            "schedules": named["schedule"], "inits": named["init"],
+            "optimizers": named["optimizer"]}
     for what in args.what or list(regs):
         if what not in regs:
             raise ConfigError(f"cannot list {what!r}; choose from {', '.join(regs)}")
@@ -167,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     kinds = ("datasets, models, methods, presets, activations, criteria, pruners, schedules, "
-             "inits")
+             "inits, optimizers")
     q = sub.add_parser("list", help=kinds)
     q.add_argument("what", nargs="*", help=f"{kinds} (default: all)")
     q.set_defaults(func=cmd_list)
