@@ -141,7 +141,10 @@ def test_eoc_init_keeps_the_variance_at_q_star_through_depth():
 
 @pytest.mark.parametrize("name", ["shifted_relu", "soft_threshold", "crelu", "cst"])
 def test_activations_are_found_by_site_discovery_in_every_model(name):
+    from dormant.models import MODELS
     assert name in ACTIVATIONS
-    for model in ("mlp", "vgg-small", "lenet5"):
+    for model in MODELS.names():
         m = build_model(model, (1, 28, 28), 10, activation=name)
-        assert {s.activation for s in find_sites(m, torch.randn(2, 1, 28, 28))} == {name}
+        x = torch.randn(2, 1, 28, 28)
+        assert m(x).shape == (2, 10)
+        assert {s.activation for s in find_sites(m, x)} == {name}, model
