@@ -95,3 +95,16 @@ def test_load_run_restores_weights(tmp_path):
     assert cfg == TINY
     saved = torch.load(tmp_path / TINY.label() / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_diverged_run_stops_and_logs_no_activity_statistics(tmp_path):
+    cfg = TINY.override(lr=1e6, epochs=4)
+    res = run_experiment(cfg, tmp_path, **QUIET)
+    final = res["final"]
+    assert final["diverged"] and final["epoch"] < 4
+    assert "dead_fraction" not in final and "dynamic_dnr" not in final
+    lines = []
+    rows = run_compare(CompareSpec(TINY.override(epochs=4), {"ok": {}, "bad": {"lr": 1e6}},
+                                   seeds=[0]), tmp_path, show_progress=False, log=lines.append)
+    assert any("diverged" in l for l in lines)
+    assert "dead_fraction" not in next(r for r in rows if r["variant"] == "bad")

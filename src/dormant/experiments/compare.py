@@ -131,9 +131,10 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
     """Run configs in order (jobs=1) or in a pool of `jobs` processes, one thread each."""
     def done(i: int, name: str, cfg, res: dict) -> None:
         f = res["final"]
+        dead = ("diverged" if f.get("diverged") else
+                f"dead units {100 * f['dead_fraction']:.1f}%" if "dead_fraction" in f else "")
         log(f"[{i}/{len(configs)}] {name} seed={cfg.seed}: test acc {100 * f['test_acc']:.2f}%"
-            f"  dead units {100 * f['dead_fraction']:.1f}%  ({res['train_time']:.1f}s"
-            f"{', reused' if res.get('skipped') else ''})")
+            f"  {dead}  ({res['train_time']:.1f}s{', reused' if res.get('skipped') else ''})")
 
     if jobs <= 1:
         out = []

@@ -71,6 +71,9 @@ class MonitorCallback(Callback):
         self.monitor.set_step(trainer.step)
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        if metrics.get("diverged"):     # NaN activations: no statistic would mean anything
+            self.monitor.reset()
+            return
         if self.monitor.observed:
             metrics["dynamic_dnr"] = self.monitor.dynamic_dnr()
             for n, v in self.monitor.dynamic_dnr(per_site=True).items():
