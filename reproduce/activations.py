@@ -114,7 +114,8 @@ def main() -> None:
     profile = depth_profile(args.depth, 1024, out)
     text = ["# Sparsity-inducing activations on Fashion-MNIST", "",
             f"Machine: {machine()}. Deep plain MLP {args.depth} x {args.width}, SGD momentum "
-            f"0.9, lr 0.003 (the best of 0.003, 0.01, 0.03 for ReLU and CReLU in a 3-epoch pilot) with cosine decay, {epochs} epochs, seeds {seeds}, every network "
+            "0.9, lr 0.003 (the best of 0.003, 0.01, 0.03 for ReLU and CReLU in a 3-epoch "
+            f"pilot) with cosine decay, {epochs} epochs, seeds {seeds}, every network "
             "initialised on the edge of chaos for its activation and target sparsity (q* = 1). "
             "Train sparsity: exact zeros on training batches during the last epoch (sampled "
             "every 10th step); test sparsity: exact zeros on the whole test split after training. "
