@@ -101,12 +101,15 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
+                   help="target sparsities s, comma-separated")
     args = p.parse_args()
     out = Path(args.out)
     if args.quick:
         epochs, seeds, sparsities = 1, [0], (0.6, 0.85)
     else:
-        epochs, seeds, sparsities = args.epochs, [0, 1, 2], SPARSITIES
+        epochs, seeds = args.epochs, [0, 1, 2]
+        sparsities = tuple(float(x) for x in args.sparsities.split(","))
     folder = out / "activations_mlp"
     run_compare(spec(args.depth, args.width, epochs, seeds, sparsities), args.root, folder,
                 show_progress=False, jobs=args.jobs)
@@ -119,7 +122,9 @@ def main() -> None:
             "initialised on the edge of chaos for its activation and target sparsity (q* = 1). "
             "Train sparsity: exact zeros on training batches during the last epoch (sampled "
             "every 10th step); test sparsity: exact zeros on the whole test split after training. "
-            "Regenerate with `python reproduce/activations.py --jobs 2`.", "",
+            f"Target sparsities {', '.join(map(str, sparsities))}. Regenerate with `python "
+            f"reproduce/activations.py --jobs 2 --sparsities {','.join(map(str, sparsities))}`.",
+            "",
             results_table(cmp), "",
             f"## Pre-activation variance through depth at initialisation (width 1024, "
             f"{args.depth} layers)", "", profile, "", "![depth](activations_depth.png)", ""]
