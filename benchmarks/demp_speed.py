@@ -70,8 +70,11 @@ def main() -> None:
     p.add_argument("--prune-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="inference batch size")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="train on this many training samples (default: all)")
     args = p.parse_args()
-    data = load_dataset(args.dataset)
+    data = load_dataset(args.dataset, **({"train_size": args.train_size}
+                                          if args.train_size else {}))
     torch.manual_seed(args.seed)
     dense_model = build_model(args.model, data.input_shape, data.num_classes)
     torch.manual_seed(args.seed)

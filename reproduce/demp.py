@@ -61,16 +61,22 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--peaks", default=",".join(str(x) for x in REG_PEAKS))
+    p.add_argument("--train-size", type=int, default=None,
+                   help="train on this many training samples (default: all 55k)")
     args = p.parse_args()
     out = Path(args.out)
     peaks = [float(x) for x in args.peaks.split(",")]
-    epochs, seeds, size = (1, [0], 4000) if args.quick else (args.epochs, [0, 1, 2], None)
+    epochs, seeds, size = (1, [0], 4000) if args.quick else (args.epochs, [0, 1, 2],
+                                                               args.train_size)
     text = ["# DemP vs structured pruning on Fashion-MNIST", "",
-            f"Machine: {machine()}. AdamW lr 5e-3 (wd 5e-4), cosine, {epochs} epochs, seeds "
+            f"Machine: {machine()}. Training samples: {size or 'all'}. "
+            f"AdamW lr 5e-3 (wd 5e-4), cosine, {epochs} epochs, seeds "
             f"{seeds}; DemP: L1 on BN scales, one-cycle over 90% of the steps, noise peak 5e-5, "
             "death check every 100 steps on 2048 training samples. Structured: L1-norm of "
             "filters, cubic schedule from 10% to 70% of the steps, to DemP's final widths. "
-            "Regenerate with `python reproduce/demp.py --jobs 2`.", ""]
+            f"Regenerate with `python reproduce/demp.py --jobs 2 --models {args.models} "
+            f"--epochs {epochs} --peaks {args.peaks}"
+            + (f" --train-size {size}`." if size else "`."), ""]
     for model in args.models.split(","):
         cfg = base(model, epochs, size)
         folder = out / f"demp_{model}"
