@@ -74,7 +74,8 @@ def main() -> None:
     seeds = [0] if args.quick else [0, 1, 2]
     text = ["# NNrelief vs iterative magnitude pruning on Fashion-MNIST", "",
             f"Machine: {machine()}. Seeds {seeds}. Iteration 0 is the dense pre-trained "
-            "network. Regenerate with `python reproduce/nnrelief.py --jobs 2`.", ""]
+            "network. Regenerate with `python reproduce/nnrelief.py --jobs 2"
+            + ("" if args.models == ",".join(MODELS) else f" --models {args.models}") + "`.", ""]
     for model in args.models.split(","):
         rounds, epr, relief = MODELS[model]
         rounds = 1 if args.quick else (args.rounds or rounds)
