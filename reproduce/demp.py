@@ -87,17 +87,14 @@ def main() -> None:
         run_compare(CompareSpec(cfg, matched_baselines(first, peaks), seeds), args.root,
                     folder_b, show_progress=False, jobs=args.jobs)
         second = load_comparison(folder_b, args.root)
-        both = type(first)(first.spec, first.rows + second.rows, first.runs + second.runs)
+        both = first + second
+        removed, acc = final_values(both, "units_removed"), final_values(both, "test_acc")
         series = {}
         for label, prefix in (("DemP", "DemP"), ("structured L1", "structured")):
-            pts = []
-            for v in both.variants:
-                if v.startswith(prefix):
-                    r, a = final_values(both, "units_removed")[v], final_values(both, "test_acc")[v]
-                    pts.append((mean_std(r)[0], *mean_std(a)))
-            pts.sort()
+            pts = sorted((mean_std(removed[v])[0], *mean_std(acc[v]))
+                         for v in both.variants if v.startswith(prefix))
             series[label] = ([x for x, _, _ in pts], [m for _, m, _ in pts], [s for _, _, s in pts])
-        dense = mean_std(final_values(both, "test_acc")["dense"])
+        dense = mean_std(acc["dense"])
         series["dense"] = ([0.0], [dense[0]], [dense[1]])
         plot_series([(f"{model}: test accuracy %", series)], out / f"demp_{model}.png",
                     xlabel="fraction of units removed", scale=100)

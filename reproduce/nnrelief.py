@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import by_round, load_comparison, machine, mean_std
+from dormant.report import by_round, load_comparison, machine, mean_std, paired, round_ends
 
 MODELS = {  # model -> (pruning iterations, epochs per iteration, relief options)
     # alpha_fc 0.95 removes less each iteration (35% of the weights, then 28%, 23%, ... 14% at
@@ -36,7 +36,7 @@ def rounds_args(rounds: int, epr: int) -> dict:
 def table(cmp, variant: str) -> str:
     lines = ["| iteration | sparsity % | compression | test acc % | surviving units | "
              "FLOPs (non-zero) | FLOPs (structured) |", "|---:|---:|---:|---:|---|---:|---:|"]
-    hists = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == variant]
+    hists = round_ends(cmp, variant)
     for i in range(min(len(h) for h in hists)):
         rows = [h[i] for h in hists]
         sp, comp = mean_std([r["sparsity"] for r in rows]), mean_std([r["compression"] for r in rows])
@@ -51,16 +51,14 @@ def table(cmp, variant: str) -> str:
 
 
 def summary(relief_cmp, imp_cmp) -> str:
-    """Dense vs final accuracy of NNrelief and IMP, paired by seed."""
-    def ends(cmp):  # runs are listed in seed order
-        return [[r for r in h if r.get("round_end")] for _, h in cmp.runs]
-    pairs = list(zip(ends(relief_cmp), ends(imp_cmp)))
-    drop = mean_std([100 * (r[0]["test_acc"] - r[-1]["test_acc"]) for r, _ in pairs])
-    diff = mean_std([100 * (r[-1]["test_acc"] - i[-1]["test_acc"]) for r, i in pairs])
-    comp = mean_std([r[-1]["compression"] for r, _ in pairs])
+    """Dense vs final accuracy of NNrelief, and NNrelief vs IMP, paired by seed."""
+    relief = round_ends(relief_cmp, "NNrelief")
+    drop = mean_std([100 * (r[0]["test_acc"] - r[-1]["test_acc"]) for r in relief])
+    comp = mean_std([r[-1]["compression"] for r in relief])
+    _, diff, spread = paired(relief_cmp + imp_cmp, "test_acc", "IMP", "NNrelief")[-1]
     return (f"Final: compression {comp[0]:.1f}× ± {comp[1]:.1f}, accuracy drop from dense "
             f"{drop[0]:+.2f} ± {drop[1]:.2f} points (positive = lower), NNrelief − IMP at the "
-            f"same sparsity {diff[0]:+.2f} ± {diff[1]:.2f} points (paired by seed).")
+            f"same sparsity {100 * diff:+.2f} ± {100 * spread:.2f} points (paired by seed).")
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ class DemP(Structural):
         self.cycle = {"pct_start": pct_start, "div": div, "final_div": final_div}
         self.span_steps = 0
         self._live: dict[str, torch.Tensor] = {}
+        self._reg: list[torch.Tensor] | None = None   # regularised parameters, until a removal
 
     def prepare(self, trainer) -> None:
         super().prepare(trainer)
@@ -128,9 +129,14 @@ class DemP(Structural):
                         if f"{site.norm}.{attr}" in self._live:
                             self._live[f"{site.norm}.{attr}"] = unit
         if lam > 0:
-            for p in self._reg_params(model):
+            if self._reg is None:
+                self._reg = self._reg_params(model)
+            for p in self._reg:
                 if p.grad is not None:
                     p.grad.add_(regulariser_grad(p.detach(), self.regulariser), alpha=lam)
+
+    def on_model_changed(self, trainer) -> None:
+        self._reg = None      # the removal replaced the parameters
 
     @torch.no_grad()
     def on_step_end(self, trainer, loss) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ..flops import macs, positions
 from ..sites import _unwrap, find_sites
-from ..surgery import remove_units
+from ..surgery import count_units, remove_units
 from ..train.loop import evaluate
 from .base import Method
 
@@ -43,7 +43,7 @@ class Structural(Method):
         self._example = trainer.data.train.inputs[:2]
         self._pos = positions(model, self._example)
         if not self.initial:     # a resumed run keeps the original reference sizes
-            self.initial = {"units": sum(s.num_units for s in self.sites),
+            self.initial = {"units": count_units(self.sites),
                             "params": sum(p.numel() for p in model.parameters()),
                             "macs": macs(model, self._pos, "dense"),
                             "width": {s.name: s.num_units for s in self.sites}}
@@ -68,7 +68,7 @@ class Structural(Method):
 
     def report(self, trainer) -> dict:
         model = _unwrap(trainer.model)
-        units = sum(s.num_units for s in self.sites)
+        units = count_units(self.sites)
         params = sum(p.numel() for p in model.parameters())
         return {"units": units, "units_removed": 1 - units / self.initial["units"],
                 "params": params, "params_ratio": params / self.initial["params"],

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from ..experiments.compare import mean_std
 
 __all__ = ["Comparison", "load_comparison", "curves", "plot_curves", "final_values",
-           "machine", "mean_std", "by_round", "paired", "plot_series"]
+           "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series"]
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
 
@@ -49,6 +49,11 @@ class Comparison:
     @property
     def variants(self) -> list[str]:
         return list(dict.fromkeys(v for v, _ in self.runs))
+
+    def __add__(self, other: "Comparison") -> "Comparison":
+        """Both comparisons' rows and runs in one (e.g. a baseline run after the method);
+        the spec is this one's."""
+        return Comparison(self.spec, self.rows + other.rows, self.runs + other.runs)
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -101,12 +106,18 @@ def final_values(cmp: Comparison, key: str) -> dict[str, list[float]]:
     return out
 
 
+def round_ends(cmp: Comparison, variant: str) -> list[list[dict]]:
+    """Per seed of `variant` (in seed order): its rows at the last epoch of every pruning
+    round (``round_end`` rows)."""
+    return [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == variant]
+
+
 def by_round(cmp: Comparison, key: str, x: str = "sparsity") -> Series:
     """Per variant, at the last epoch of every pruning round (``round_end`` rows): the mean
     of `x` and mean ± std of `key` over seeds, for rounds every seed reached."""
     out: Series = {}
     for variant in cmp.variants:
-        hists = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == variant]
+        hists = round_ends(cmp, variant)
         n = min(len(h) for h in hists)
         xs, ms, ss = [], [], []
         for i in range(n):
@@ -121,8 +132,7 @@ def by_round(cmp: Comparison, key: str, x: str = "sparsity") -> Series:
 def paired(cmp: Comparison, key: str, a: str, b: str) -> list[tuple[float, float, float]]:
     """Per pruning round: (mean sparsity, mean and std over seeds of key[b] - key[a]), seeds
     paired (runs of both variants are listed in the same seed order)."""
-    ra = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == a]
-    rb = [[r for r in h if r.get("round_end")] for v, h in cmp.runs if v == b]
+    ra, rb = round_ends(cmp, a), round_ends(cmp, b)
     n = min(min(len(h) for h in ra), min(len(h) for h in rb))
     out = []
     for i in range(n):
