@@ -5,7 +5,7 @@ rewind to init -> retrain, the best epoch of each retraining picked on the valid
 IMP's per-round rate is set so that K rounds reach NNrelief's mean final sparsity.
 Writes docs/results/nnrelief.md.
 
-    python reproduce/nnrelief.py --jobs 2     # ~1 h on 2 CPU cores
+    python reproduce/nnrelief.py --jobs 2     # ~1.5 h on 2 CPU cores (LeNet-300-100 alone: ~25 min)
     python reproduce/nnrelief.py --quick      # 1 seed, 1 iteration: a smoke run
 """
 from __future__ import annotations
