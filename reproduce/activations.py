@@ -11,6 +11,12 @@ Writes docs/results/activations.md and its plots.
 
     python reproduce/activations.py --jobs 2     # ~1.5 h on 2 CPU cores
     python reproduce/activations.py --quick      # 1 seed, 1 epoch, two sparsities
+    python reproduce/activations.py --jobs 2 --epochs 20 --sparsities 0.85,0.9 \
+        --v-primes 0.7,0.9 --clipped crelu       # the longer budget (~35 min)
+
+Each epoch budget has its own folder (activations_mlp for 10 epochs, activations_mlp_<E>ep
+otherwise); the page shows every budget whose folder exists, so a later run with other
+options adds a table and keeps the earlier ones.
 """
 from __future__ import annotations
 
@@ -23,44 +29,54 @@ from dormant.activations import make_activation
 from dormant.data import load_dataset
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.models import build_model
-from dormant.report import load_comparison, machine, mean_std, plot_series
+from dormant.report import final_values, load_comparison, machine, mean_std, plot_series
 
 SPARSITIES = (0.6, 0.7, 0.8, 0.85, 0.9)
 V_PRIMES = (0.5, 0.7, 0.9)
 
 
-def variants(sparsities) -> dict[str, dict]:
+CLIPPED = {"crelu": "CReLU", "cst": "CST"}
+
+
+def variants(sparsities, v_primes=V_PRIMES, clipped=tuple(CLIPPED)) -> dict[str, dict]:
     out = {"ReLU s=0.5": {"activation": "relu", "init_args": {"sparsity": 0.5}}}
     for s in sparsities:
         for kind, label in (("shifted_relu", "ReLU_tau"), ("soft_threshold", "ST_tau")):
             out[f"{label} s={s}"] = {"activation": kind, "init_args": {"sparsity": s}}
-        for kind, label in (("crelu", "CReLU"), ("cst", "CST")):
-            for vp in V_PRIMES:
+        for kind in clipped:
+            label = CLIPPED[kind]
+            for vp in v_primes:
                 out[f"{label} s={s} V'={vp}"] = {"activation": kind,
                                                   "init_args": {"sparsity": s, "v_prime": vp}}
     return out
 
 
-def spec(depth: int, width: int, epochs: int, seeds, sparsities) -> CompareSpec:
+def spec(depth: int, width: int, epochs: int, seeds, sparsities, v_primes=V_PRIMES,
+         clipped=tuple(CLIPPED)) -> CompareSpec:
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp",
                             model_args={"depth": depth, "width": width}, init="eoc",
                             optimizer="sgd", lr=0.003, momentum=0.9, batch_size=128,
                             epochs=epochs, schedule="cosine", schedule_args={"final": 0.0})
-    return CompareSpec(base, variants(sparsities), seeds,
+    return CompareSpec(base, variants(sparsities, v_primes, clipped), seeds,
                        title=f"Deep plain MLP ({depth} x {width}) on Fashion-MNIST",
                        columns=["sparsity", "test_sparsity"])
 
 
 def results_table(cmp) -> str:
-    """Accuracy over all seeds; sparsities over the seeds that did not diverge."""
-    lines = ["| activation | test acc % | train sparsity % | test sparsity % | diverged |",
-             "|---|---:|---:|---:|---:|"]
+    """Accuracy over all seeds and its gap to ReLU paired by seed; sparsities over the seeds
+    that did not diverge."""
+    lines = ["| activation | test acc % | vs ReLU (paired) | train sparsity % | test sparsity % "
+             "| diverged |", "|---|---:|---:|---:|---:|---:|"]
     fmt = lambda xs: "–" if not xs else "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs]))
+    acc = final_values(cmp, "test_acc")
+    relu = acc.get("ReLU s=0.5")
     for v in cmp.variants:
         finals = [h[-1] for name, h in cmp.runs if name == v]
         ok = [f for f in finals if not f.get("diverged")]
-        acc = mean_std([100 * f["test_acc"] for f in finals])
-        lines.append(f"| {v} | {acc[0]:.2f} ± {acc[1]:.2f} | "
+        a = mean_std([100 * x for x in acc[v]])
+        gap = ("–" if v == "ReLU s=0.5" or not relu else
+               "{:+.2f} ± {:.2f}".format(*mean_std([100 * (x - r) for x, r in zip(acc[v], relu)])))
+        lines.append(f"| {v} | {a[0]:.2f} ± {a[1]:.2f} | {gap} | "
                      f"{fmt([f['dynamic_dnr'] for f in ok if 'dynamic_dnr' in f])} | "
                      f"{fmt([f['test_sparsity'] for f in ok if 'test_sparsity' in f])} | "
                      f"{len(finals) - len(ok)}/{len(finals)} |")
@@ -96,6 +112,18 @@ def depth_profile(depth: int, width: int, out: Path) -> str:
     return "\n".join(rows)
 
 
+def budget_folder(out: Path, epochs: int) -> Path:
+    return out / ("activations_mlp" if epochs == 10 else f"activations_mlp_{epochs}ep")
+
+
+def budget_section(folder: Path, root: str) -> list[str]:
+    """One epoch budget: how it was made (about.md, written when its runs were made) and
+    its table."""
+    about = folder / "about.md"
+    return [about.read_text().strip() if about.exists() else "", "",
+            results_table(load_comparison(folder, root)), ""]
+
+
 def main() -> None:
     p = reproduce_parser(__doc__)
     p.add_argument("--depth", type=int, default=20)
@@ -103,31 +131,46 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
                    help="target sparsities s, comma-separated")
+    p.add_argument("--v-primes", default=",".join(map(str, V_PRIMES)),
+                   help="targets V'(q*) of the clipped activations, comma-separated")
+    p.add_argument("--clipped", default=",".join(CLIPPED),
+                   help=f"clipped activations to run, comma-separated (of {', '.join(CLIPPED)})")
     args = p.parse_args()
     out = Path(args.out)
+    clipped = tuple(k for k in args.clipped.split(",") if k)
+    if unknown := [k for k in clipped if k not in CLIPPED]:
+        p.error(f"unknown clipped activation {unknown}; choose from {', '.join(CLIPPED)}")
     if args.quick:
-        epochs, seeds, sparsities = 1, [0], (0.6, 0.85)
+        epochs, seeds, sparsities, v_primes = 1, [0], (0.6, 0.85), V_PRIMES
     else:
         epochs, seeds = args.epochs, [0, 1, 2]
         sparsities = tuple(float(x) for x in args.sparsities.split(","))
-    folder = out / "activations_mlp"
-    run_compare(spec(args.depth, args.width, epochs, seeds, sparsities), args.root, folder,
-                show_progress=False, jobs=args.jobs)
-    cmp = load_comparison(folder, args.root)
+        v_primes = tuple(float(x) for x in args.v_primes.split(","))
+    folder = budget_folder(out, epochs)
+    run_compare(spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped),
+                args.root, folder, show_progress=False, jobs=args.jobs)
+    command = (f"python reproduce/activations.py --jobs {args.jobs} --epochs {epochs} "
+               f"--sparsities {','.join(map(str, sparsities))} "
+               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped)}")
+    (folder / "about.md").write_text(
+        f"## {epochs} epochs\n\nMachine: {machine()}. Seeds {seeds}, target sparsities "
+        f"{', '.join(map(str, sparsities))}. Regenerate with `{command}`.\n")
     profile = depth_profile(args.depth, 1024, out)
     text = ["# Sparsity-inducing activations on Fashion-MNIST", "",
-            f"Machine: {machine()}. Deep plain MLP {args.depth} x {args.width}, SGD momentum "
-            "0.9, lr 0.003 (the best of 0.003, 0.01, 0.03 for ReLU and CReLU in a 3-epoch "
-            f"pilot) with cosine decay, {epochs} epochs, seeds {seeds}, every network "
-            "initialised on the edge of chaos for its activation and target sparsity (q* = 1). "
-            "Train sparsity: exact zeros on training batches during the last epoch (sampled "
-            "every 10th step); test sparsity: exact zeros on the whole test split after training. "
-            f"Target sparsities {', '.join(map(str, sparsities))}. Regenerate with `python "
-            f"reproduce/activations.py --jobs 2 --sparsities {','.join(map(str, sparsities))}`.",
-            "",
-            results_table(cmp), "",
-            f"## Pre-activation variance through depth at initialisation (width 1024, "
-            f"{args.depth} layers)", "", profile, "", "![depth](activations_depth.png)", ""]
+            f"Deep plain MLP {args.depth} x {args.width}, SGD momentum 0.9, lr 0.003 (the best "
+            "of 0.003, 0.01, 0.03 for ReLU and CReLU in a 3-epoch pilot) with cosine decay, "
+            "every network initialised on the edge of chaos for its activation and target "
+            "sparsity (q* = 1). Train sparsity: exact zeros on training batches during the "
+            "last epoch (sampled every 10th step); test sparsity: exact zeros on the whole "
+            "test split after training. 'vs ReLU': test accuracy minus the ReLU baseline's, "
+            "same seed, mean ± std over seeds.", ""]
+    budgets = sorted((f for f in out.glob("activations_mlp*") if (f / "compare.json").exists()),
+                     key=lambda f: int(f.name.split("_")[-1][:-2]) if f.name.endswith("ep")
+                     else 10)
+    for f in budgets:
+        text += budget_section(f, args.root)
+    text += [f"## Pre-activation variance through depth at initialisation (width 1024, "
+             f"{args.depth} layers)", "", profile, "", "![depth](activations_depth.png)", ""]
     (out / "activations.md").write_text("\n".join(text))
     print(f"wrote {out / 'activations.md'}")
 
