@@ -6,12 +6,17 @@ Training: the two runs advance epoch by epoch in turn in this process (same data
 batches), so both see the same machine conditions; the ratio is total dense time / total
 DemP time over the epochs' training loops (evaluation excluded). Inference: forward passes
 of a batch through the dense and the compacted model, interleaved, median of paired ratios.
+Training step: one AdamW step (forward, backward, update) on copies of the trained dense and
+the final compacted model, interleaved, median of paired ratios -- the speed-up the run
+would reach if the units had died at step 0, which separates what the kernels give from
+what the schedule gives (units die around the peak of the one-cycle, 30% into its span).
 
     python benchmarks/demp_speed.py --model vgg-small --epochs 8 --reg-peak 0.02
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -57,6 +62,28 @@ def latency_ratio(a, b, x, rounds: int = 30) -> tuple[float, float, float]:
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
+def step_ratio(a, b, x, y, rounds: int = 20) -> tuple[float, float, float]:
+    """Median time of one training step of copies of a and b (interleaved), and the median
+    of the paired ratios a/b."""
+    a, b = copy.deepcopy(a).train(), copy.deepcopy(b).train()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (a, b)]
+
+    def step(m, opt) -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step(a, opts[0]), step(b, opts[1])
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(step(a, opts[0])), tb.append(step(b, opts[1]))
+    return (statistics.median(ta), statistics.median(tb),
+            statistics.median([u / v for u, v in zip(ta, tb)]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +115,8 @@ def main() -> None:
     mac_ratio = 1 / last["macs_ratio"]    # DemP reports its MACs over the dense model's
     x = data.test.inputs[:args.batch]
     la, lb, lat = latency_ratio(dense_model, demp_model, x)
+    sa, sb, step = step_ratio(dense_model, demp_model, data.train.inputs[:128],
+                              data.train.targets[:128])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model} on "
           f"{args.dataset}, {args.epochs} epochs, DemP reg_peak={args.reg_peak}")
     print("epoch  dense s  demp s  ratio  units removed")
@@ -100,6 +129,9 @@ def main() -> None:
     print(f"inference (batch {args.batch}): dense {1e3 * la:.1f} ms, compacted {1e3 * lb:.1f} ms,"
           f" speed-up {lat:.2f}x; FLOP reduction {mac_ratio:.2f}x; "
           f"speed-up / FLOP reduction = {lat / mac_ratio:.2f}")
+    print(f"training step (batch 128), final widths: dense {1e3 * sa:.1f} ms, compacted "
+          f"{1e3 * sb:.1f} ms, speed-up {step:.2f}x; speed-up / FLOP reduction = "
+          f"{step / mac_ratio:.2f}")
 
 
 if __name__ == "__main__":
