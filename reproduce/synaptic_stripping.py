@@ -73,6 +73,30 @@ def reduction_table(cmp, pairs) -> str:
     return "\n".join(lines)
 
 
+def layer_table(cmp, shapes, methods) -> str:
+    """Dead units at the end in the first hidden layer (fed by standardised pixels, signed)
+    and in the deeper layers (fed by ReLU outputs), mean over seeds."""
+    def split(variant: str, width: int) -> tuple[float, float]:
+        finals = [h[-1] for name, h in cmp.runs if name == variant]
+        first = [f["dead/act1"] * width for f in finals]
+        rest = [f["dead_units"] - a for f, a in zip(finals, first)]
+        return mean_std(first)[0], mean_std(rest)[0]
+
+    lines = ["| shape | variant | dead in layer 1 | dead in layers 2+ | fewer dead in layers 2+ |",
+             "|---|---|---:|---:|---:|"]
+    for shape in shapes:
+        width = int(shape.split()[0][1:])
+        base = split(f"{shape} ReLU", width)
+        lines.append(f"| {shape} | ReLU | {base[0]:.1f} | {base[1]:.1f} | |")
+        for label, suffix in methods:
+            if f"{shape}{suffix}" not in cmp.variants:
+                continue
+            first, rest = split(f"{shape}{suffix}", width)
+            red = 100 * (1 - rest / base[1]) if base[1] > 0 else float("nan")
+            lines.append(f"| {shape} | {label} | {first:.1f} | {rest:.1f} | {red:.0f}% |")
+    return "\n".join(lines)
+
+
 def long_section(cmp, epochs: int, shapes, cols, out: Path) -> list[str]:
     """The MLP ablation trained longer, stripping every epoch."""
     pick = [v for v in cmp.variants if v.startswith(("w256 d8", "w1024 d4"))]
@@ -87,6 +111,7 @@ def long_section(cmp, epochs: int, shapes, cols, out: Path) -> list[str]:
             to_markdown(cmp.rows, cols), "",
             reduction_table(cmp, [(f"{s}, every epoch, {epochs} epochs", f"{s} ReLU",
                                    f"{s} + stripping") for s in shapes]), "",
+            layer_table(cmp, shapes, [("stripping every epoch", " + stripping")]), "",
             "![MLP curves, longer](synaptic_stripping_mlp_long.png)", ""]
 
 
@@ -148,6 +173,13 @@ def main() -> None:
                            for s in shapes]),
         "",
         "![MLP curves](synaptic_stripping_mlp.png)",
+        "",
+        "Where the dead units are at the end. Stripping a negative weight raises a unit's "
+        "pre-activation only where that input is >= 0; the first hidden layer reads "
+        "standardised pixels, 60% of them negative, so stripping cannot be relied on there:",
+        "",
+        layer_table(mlp, shapes, [("stripping every epoch", " + stripping"),
+                                  ("stripping every 100 steps", " + stripping/100 steps")]),
         "",
     ]
     if "mlp_long" in parts:
