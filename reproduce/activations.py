@@ -15,8 +15,8 @@ Writes docs/results/activations.md and its plots.
         --v-primes 0.7,0.9 --clipped crelu       # the longer budget (~35 min)
 
 Each epoch budget has its own folder (activations_mlp for 10 epochs, activations_mlp_<E>ep
-otherwise); the page shows every budget whose folder exists, so a later run with other
-options adds a table and keeps the earlier ones.
+otherwise; --name <N> makes it activations_mlp_<N>); the page shows every folder that
+exists, so a later run with other options adds a table and keeps the earlier ones.
 """
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def depth_profile(depth: int, width: int, out: Path) -> str:
     return "\n".join(rows)
 
 
-def budget_folder(out: Path, epochs: int) -> Path:
-    return out / ("activations_mlp" if epochs == 10 else f"activations_mlp_{epochs}ep")
+def budget_folder(out: Path, epochs: int, name: str = "") -> Path:
+    name = name or ("" if epochs == 10 else f"{epochs}ep")
+    return out / ("activations_mlp" + (f"_{name}" if name else ""))
 
 
 def budget_section(folder: Path, root: str) -> list[str]:
@@ -135,6 +136,8 @@ def main() -> None:
                    help="targets V'(q*) of the clipped activations, comma-separated")
     p.add_argument("--clipped", default=",".join(CLIPPED),
                    help=f"clipped activations to run, comma-separated (of {', '.join(CLIPPED)})")
+    p.add_argument("--name", default="",
+                   help="folder suffix for this sweep (default: the epoch budget)")
     args = p.parse_args()
     out = Path(args.out)
     clipped = tuple(k for k in args.clipped.split(",") if k)
@@ -146,14 +149,16 @@ def main() -> None:
         epochs, seeds = args.epochs, [0, 1, 2]
         sparsities = tuple(float(x) for x in args.sparsities.split(","))
         v_primes = tuple(float(x) for x in args.v_primes.split(","))
-    folder = budget_folder(out, epochs)
+    folder = budget_folder(out, epochs, args.name)
     run_compare(spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped),
                 args.root, folder, show_progress=False, jobs=args.jobs)
     command = (f"python reproduce/activations.py --jobs {args.jobs} --epochs {epochs} "
                f"--sparsities {','.join(map(str, sparsities))} "
-               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped)}")
+               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped)}"
+               + (f" --name {args.name}" if args.name else ""))
     (folder / "about.md").write_text(
-        f"## {epochs} epochs\n\nMachine: {machine()}. Seeds {seeds}, target sparsities "
+        f"## {epochs} epochs{', ' + args.name if args.name else ''}\n\n"
+        f"Machine: {machine()}. Seeds {seeds}, target sparsities "
         f"{', '.join(map(str, sparsities))}. Regenerate with `{command}`.\n")
     profile = depth_profile(args.depth, 1024, out)
     text = ["# Sparsity-inducing activations on Fashion-MNIST", "",
@@ -164,9 +169,7 @@ def main() -> None:
             "last epoch (sampled every 10th step); test sparsity: exact zeros on the whole "
             "test split after training. 'vs ReLU': test accuracy minus the ReLU baseline's, "
             "same seed, mean ± std over seeds.", ""]
-    budgets = sorted((f for f in out.glob("activations_mlp*") if (f / "compare.json").exists()),
-                     key=lambda f: int(f.name.split("_")[-1][:-2]) if f.name.endswith("ep")
-                     else 10)
+    budgets = sorted(f for f in out.glob("activations_mlp*") if (f / "compare.json").exists())
     for f in budgets:
         text += budget_section(f, args.root)
     text += [f"## Pre-activation variance through depth at initialisation (width 1024, "
