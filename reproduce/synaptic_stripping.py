@@ -8,7 +8,8 @@ and its plots.
 
 The MLP ablation also runs a second time for longer (--long-epochs, default 30; 0 skips it),
 ReLU vs stripping at the paper's cadence (every epoch) only: at 15 epochs the dead count
-with per-epoch stripping is still falling when training ends.
+with per-epoch stripping is still falling when training ends. --long-shapes picks the MLPs
+(the w1024 d4 one alone takes ~1 h of it on 2 cores).
 
 Finished runs are reused (runs/reproduce/...), so an interrupted reproduction resumes.
 """
@@ -42,11 +43,11 @@ def vit_spec(epochs: int, seeds) -> CompareSpec:
 SHAPES = [(64, 4), (256, 4), (1024, 4), (256, 2), (256, 8)]
 
 
-def mlp_spec(epochs: int, seeds, per_steps: bool = True) -> CompareSpec:
+def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES) -> CompareSpec:
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp", optimizer="adam", lr=1e-2,
                             batch_size=128, epochs=epochs, **SCHEDULE)
     variants = {}
-    for width, depth in SHAPES:
+    for width, depth in shapes:
         arch = {"model_args": {"width": width, "depth": depth}}
         variants[f"w{width} d{depth} ReLU"] = arch
         variants[f"w{width} d{depth} + stripping"] = {**arch, **SS}
@@ -120,15 +121,24 @@ def main() -> None:
     p.add_argument("--long-epochs", type=int, default=30,
                    help="epochs of the longer MLP ablation (ReLU vs per-epoch stripping); "
                         "0 skips it")
+    p.add_argument("--long-shapes", default=",".join(f"{w}x{d}" for w, d in SHAPES),
+                   help="WIDTHxDEPTH of the MLPs in the longer ablation, comma-separated")
     args = p.parse_args()
     if args.long_epochs < 0:
         p.error("--long-epochs must be >= 0")
+    try:
+        long_shapes = [tuple(int(v) for v in x.split("x")) for x in args.long_shapes.split(",")]
+        assert all(len(t) == 2 and min(t) > 0 for t in long_shapes)
+    except (ValueError, AssertionError):
+        p.error(f"--long-shapes: expected WIDTHxDEPTH,... with positive ints, "
+                f"got {args.long_shapes!r}")
     epochs, seeds = (3, [0]) if args.quick else (15, [0, 1, 2])
     long_epochs = 0 if args.quick else args.long_epochs
     out = Path(args.out)
     specs = [("vit", vit_spec(epochs, seeds)), ("mlp", mlp_spec(epochs, seeds))]
     if long_epochs:
-        specs.append(("mlp_long", mlp_spec(long_epochs, seeds, per_steps=False)))
+        specs.append(("mlp_long", mlp_spec(long_epochs, seeds, per_steps=False,
+                                           shapes=long_shapes)))
     parts = {}
     for key, spec in specs:
         folder = out / f"synaptic_stripping_{key}"
@@ -183,7 +193,9 @@ def main() -> None:
         "",
     ]
     if "mlp_long" in parts:
-        text += long_section(parts["mlp_long"], long_epochs, shapes, cols, out)
+        long_names = [f"w{w} d{d}" for w, d in long_shapes]
+        text += long_section(parts["mlp_long"], long_epochs,
+                             [s for s in shapes if s in long_names], cols, out)
     (out / "synaptic_stripping.md").write_text("\n".join(text))
     print(f"wrote {out / 'synaptic_stripping.md'}")
 
