@@ -154,7 +154,7 @@ def main() -> None:
                 args.root, folder, show_progress=False, jobs=args.jobs)
     command = (f"python reproduce/activations.py --jobs {args.jobs} --epochs {epochs} "
                f"--sparsities {','.join(map(str, sparsities))} "
-               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped)}"
+               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped) or "''"}"
                + (f" --name {args.name}" if args.name else ""))
     (folder / "about.md").write_text(
         f"## {epochs} epochs{', ' + args.name if args.name else ''}\n\n"
