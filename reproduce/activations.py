@@ -152,10 +152,10 @@ def main() -> None:
     folder = budget_folder(out, epochs, args.name)
     run_compare(spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped),
                 args.root, folder, show_progress=False, jobs=args.jobs)
-    EMPTY = "''"
+    empty = "''"
     command = (f"python reproduce/activations.py --jobs {args.jobs} --epochs {epochs} "
                f"--sparsities {','.join(map(str, sparsities))} "
-               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped) or EMPTY}"
+               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped) or empty}"
                + (f" --name {args.name}" if args.name else ""))
     (folder / "about.md").write_text(
         f"## {epochs} epochs{', ' + args.name if args.name else ''}\n\n"
