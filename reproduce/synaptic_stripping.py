@@ -100,10 +100,11 @@ def layer_table(cmp, shapes, methods) -> str:
 
 def long_section(cmp, epochs: int, shapes, cols, out: Path) -> list[str]:
     """The MLP ablation trained longer, stripping every epoch."""
-    pick = [v for v in cmp.variants if v.startswith(("w256 d8", "w1024 d4"))]
+    shown = [s for s in ("w256 d8", "w1024 d4") if s in shapes] or shapes[-1:]
+    pick = [v for v in cmp.variants if v.startswith(tuple(shown))]
     sub = type(cmp)(cmp.spec, cmp.rows, [r for r in cmp.runs if r[0] in pick])
     plot_curves(sub, ["dead_units", "test_acc"], out / "synaptic_stripping_mlp_long.png",
-                titles={"dead_units": f"dead units, w256 d8 and w1024 d4, {epochs} epochs",
+                titles={"dead_units": f"dead units, {' and '.join(shown)}, {epochs} epochs",
                         "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
     return [f"## ReLU MLP, {epochs} epochs, stripping every epoch", "",
