@@ -50,38 +50,45 @@ def train_interleaved(dense: Trainer, demp: Trainer) -> tuple[list[dict], list[d
     return rows
 
 
-@torch.no_grad()
-def latency_ratio(a, b, x, rounds: int = 30) -> tuple[float, float, float]:
-    a.eval(), b.eval()
-    for _ in range(3):
-        a(x), b(x)
-    ta, tb, ratios = [], [], []
+def interleaved(fa, fb, rounds: int, warmup: int = 3) -> tuple[float, float, float]:
+    """Call fa and fb in turn (after `warmup` untimed pairs): their median times and the
+    median of the paired ratios time(fa) / time(fb)."""
+    for _ in range(warmup):
+        fa(), fb()
+    ta, tb = [], []
     for _ in range(rounds):
-        t0 = time.perf_counter(); a(x); t1 = time.perf_counter(); b(x); t2 = time.perf_counter()
-        ta.append(t1 - t0), tb.append(t2 - t1), ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+        for f, ts in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return (statistics.median(ta), statistics.median(tb),
+            statistics.median([u / v for u, v in zip(ta, tb)]))
+
+
+def latency_ratio(a, b, x, rounds: int = 30) -> tuple[float, float, float]:
+    """Forward passes of x through a and b in eval mode."""
+    a.eval(), b.eval()
+
+    def forward(m):
+        def run():
+            with torch.no_grad():
+                m(x)
+        return run
+    return interleaved(forward(a), forward(b), rounds)
 
 
 def step_ratio(a, b, x, y, rounds: int = 20) -> tuple[float, float, float]:
-    """Median time of one training step of copies of a and b (interleaved), and the median
-    of the paired ratios a/b."""
-    a, b = copy.deepcopy(a).train(), copy.deepcopy(b).train()
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (a, b)]
+    """One AdamW step (forward, backward, update) on copies of a and b."""
+    def trainer_step(m):
+        m = copy.deepcopy(m).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
-    def step(m, opt) -> float:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-        return time.perf_counter() - t0
-
-    for _ in range(3):
-        step(a, opts[0]), step(b, opts[1])
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(step(a, opts[0])), tb.append(step(b, opts[1]))
-    return (statistics.median(ta), statistics.median(tb),
-            statistics.median([u / v for u, v in zip(ta, tb)]))
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        return step
+    return interleaved(trainer_step(a), trainer_step(b), rounds)
 
 
 def main() -> None:

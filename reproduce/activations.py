@@ -64,22 +64,19 @@ def spec(depth: int, width: int, epochs: int, seeds, sparsities, v_primes=V_PRIM
 
 def results_table(cmp) -> str:
     """Accuracy over all seeds and its gap to ReLU paired by seed; sparsities over the seeds
-    that did not diverge."""
+    that did not diverge (a diverged run records no activity statistics)."""
     lines = ["| activation | test acc % | vs ReLU (paired) | train sparsity % | test sparsity % "
              "| diverged |", "|---|---:|---:|---:|---:|---:|"]
     fmt = lambda xs: "–" if not xs else "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs]))
-    acc = final_values(cmp, "test_acc")
+    acc, div = final_values(cmp, "test_acc"), final_values(cmp, "diverged")
+    train_s, test_s = final_values(cmp, "dynamic_dnr"), final_values(cmp, "test_sparsity")
     relu = acc.get("ReLU s=0.5")
     for v in cmp.variants:
-        finals = [h[-1] for name, h in cmp.runs if name == v]
-        ok = [f for f in finals if not f.get("diverged")]
         a = mean_std([100 * x for x in acc[v]])
         gap = ("–" if v == "ReLU s=0.5" or not relu else
                "{:+.2f} ± {:.2f}".format(*mean_std([100 * (x - r) for x, r in zip(acc[v], relu)])))
-        lines.append(f"| {v} | {a[0]:.2f} ± {a[1]:.2f} | {gap} | "
-                     f"{fmt([f['dynamic_dnr'] for f in ok if 'dynamic_dnr' in f])} | "
-                     f"{fmt([f['test_sparsity'] for f in ok if 'test_sparsity' in f])} | "
-                     f"{len(finals) - len(ok)}/{len(finals)} |")
+        lines.append(f"| {v} | {a[0]:.2f} ± {a[1]:.2f} | {gap} | {fmt(train_s.get(v, []))} | "
+                     f"{fmt(test_s.get(v, []))} | {int(sum(div.get(v, [])))}/{len(acc[v])} |")
     return "\n".join(lines)
 
 
@@ -118,8 +115,8 @@ def budget_folder(out: Path, epochs: int, name: str = "") -> Path:
 
 
 def budget_section(folder: Path, root: str) -> list[str]:
-    """One epoch budget: how it was made (about.md, written when its runs were made) and
-    its table."""
+    """One epoch budget: how it was made (about.md, rewritten whenever the budget is
+    regenerated) and its table."""
     about = folder / "about.md"
     return [about.read_text().strip() if about.exists() else "", "",
             results_table(load_comparison(folder, root)), ""]

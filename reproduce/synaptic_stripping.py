@@ -40,7 +40,23 @@ def vit_spec(epochs: int, seeds) -> CompareSpec:
                        columns=COLUMNS)
 
 
-SHAPES = [(64, 4), (256, 4), (1024, 4), (256, 2), (256, 8)]
+SHAPES = [(64, 4), (256, 4), (1024, 4), (256, 2), (256, 8)]   # (width, depth)
+
+
+def shape_name(width: int, depth: int) -> str:
+    return f"w{width} d{depth}"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"64x4,256x8" -> [(64, 4), (256, 8)]; ValueError unless every item is WIDTHxDEPTH with
+    positive ints."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ValueError(item)
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
 
 
 def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES) -> CompareSpec:
@@ -48,11 +64,11 @@ def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES) -> Compa
                             batch_size=128, epochs=epochs, **SCHEDULE)
     variants = {}
     for width, depth in shapes:
-        arch = {"model_args": {"width": width, "depth": depth}}
-        variants[f"w{width} d{depth} ReLU"] = arch
-        variants[f"w{width} d{depth} + stripping"] = {**arch, **SS}
+        arch, name = {"model_args": {"width": width, "depth": depth}}, shape_name(width, depth)
+        variants[f"{name} ReLU"] = arch
+        variants[f"{name} + stripping"] = {**arch, **SS}
         if per_steps:
-            variants[f"w{width} d{depth} + stripping/100 steps"] = {
+            variants[f"{name} + stripping/100 steps"] = {
                 **arch, "method": "synaptic-stripping",
                 "method_args": {"factor": 0.05, "every_steps": 100}}
     return CompareSpec(base, variants, seeds, title="ReLU MLP ablation on Fashion-MNIST",
@@ -77,16 +93,16 @@ def reduction_table(cmp, pairs) -> str:
 def layer_table(cmp, shapes, methods) -> str:
     """Dead units at the end in the first hidden layer (fed by standardised pixels, signed)
     and in the deeper layers (fed by ReLU outputs), mean over seeds."""
+    first_frac, dead = final_values(cmp, "dead/act1"), final_values(cmp, "dead_units")
+
     def split(variant: str, width: int) -> tuple[float, float]:
-        finals = [h[-1] for name, h in cmp.runs if name == variant]
-        first = [f["dead/act1"] * width for f in finals]
-        rest = [f["dead_units"] - a for f, a in zip(finals, first)]
-        return mean_std(first)[0], mean_std(rest)[0]
+        first = [f * width for f in first_frac[variant]]
+        return mean_std(first)[0], mean_std([d - a for d, a in zip(dead[variant], first)])[0]
 
     lines = ["| shape | variant | dead in layer 1 | dead in layers 2+ | fewer dead in layers 2+ |",
              "|---|---|---:|---:|---:|"]
-    for shape in shapes:
-        width = int(shape.split()[0][1:])
+    for width, depth in shapes:
+        shape = shape_name(width, depth)
         base = split(f"{shape} ReLU", width)
         lines.append(f"| {shape} | ReLU | {base[0]:.1f} | {base[1]:.1f} | |")
         for label, suffix in methods:
@@ -100,10 +116,10 @@ def layer_table(cmp, shapes, methods) -> str:
 
 def long_section(cmp, epochs: int, shapes, cols, out: Path) -> list[str]:
     """The MLP ablation trained longer, stripping every epoch."""
-    shown = [s for s in ("w256 d8", "w1024 d4") if s in shapes] or shapes[-1:]
-    pick = [v for v in cmp.variants if v.startswith(tuple(shown))]
-    sub = type(cmp)(cmp.spec, cmp.rows, [r for r in cmp.runs if r[0] in pick])
-    plot_curves(sub, ["dead_units", "test_acc"], out / "synaptic_stripping_mlp_long.png",
+    names = [shape_name(*s) for s in shapes]
+    shown = [n for n in ("w256 d8", "w1024 d4") if n in names] or names[-1:]
+    plot_curves(cmp.select([v for v in cmp.variants if v.startswith(tuple(shown))]),
+                ["dead_units", "test_acc"], out / "synaptic_stripping_mlp_long.png",
                 titles={"dead_units": f"dead units, {' and '.join(shown)}, {epochs} epochs",
                         "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
@@ -111,8 +127,8 @@ def long_section(cmp, epochs: int, shapes, cols, out: Path) -> list[str]:
             "The same ablation trained twice as long (the cosine schedule stretched to the new "
             "length), ReLU vs stripping at the paper's cadence.", "",
             to_markdown(cmp.rows, cols), "",
-            reduction_table(cmp, [(f"{s}, every epoch, {epochs} epochs", f"{s} ReLU",
-                                   f"{s} + stripping") for s in shapes]), "",
+            reduction_table(cmp, [(f"{n}, every epoch, {epochs} epochs", f"{n} ReLU",
+                                   f"{n} + stripping") for n in names]), "",
             layer_table(cmp, shapes, [("stripping every epoch", " + stripping")]), "",
             "![MLP curves, longer](synaptic_stripping_mlp_long.png)", ""]
 
@@ -128,9 +144,8 @@ def main() -> None:
     if args.long_epochs < 0:
         p.error("--long-epochs must be >= 0")
     try:
-        long_shapes = [tuple(int(v) for v in x.split("x")) for x in args.long_shapes.split(",")]
-        assert all(len(t) == 2 and min(t) > 0 for t in long_shapes)
-    except (ValueError, AssertionError):
+        long_shapes = parse_shapes(args.long_shapes)
+    except ValueError:
         p.error(f"--long-shapes: expected WIDTHxDEPTH,... with positive ints, "
                 f"got {args.long_shapes!r}")
     epochs, seeds = (3, [0]) if args.quick else (15, [0, 1, 2])
@@ -151,19 +166,22 @@ def main() -> None:
                 titles={"dead_units": "dead units (never active on val)",
                         "test_acc": "test accuracy %", "weight_sparsity": "weight sparsity %"},
                 scale={"test_acc": 100, "weight_sparsity": 100})
-    shapes = sorted({v.split(" ReLU")[0].split(" +")[0] for v in mlp.variants},
-                    key=lambda s: (int(s.split()[1][1:]), int(s.split()[0][1:])))
-    pick = [v for v in mlp.variants if v.startswith(("w256 d4",))]
-    sub = type(mlp)(mlp.spec, mlp.rows, [r for r in mlp.runs if r[0] in pick])
-    plot_curves(sub, ["dead_units", "test_acc"], out / "synaptic_stripping_mlp.png",
+    order = sorted(SHAPES, key=lambda s: (s[1], s[0]))   # by depth, then width
+    shapes = [shape_name(*s) for s in order]
+    plot_curves(mlp.select([v for v in mlp.variants if v.startswith("w256 d4")]),
+                ["dead_units", "test_acc"], out / "synaptic_stripping_mlp.png",
                 titles={"dead_units": "dead units, MLP w256 d4", "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
     cols = columns_for(COLUMNS)
+    opts = ["--quick"] if args.quick else [
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("long_epochs", "long_shapes")
+        if getattr(args, k) != p.get_default(k)]
+    command = " ".join(["python reproduce/synaptic_stripping.py --jobs 2", *opts])
     text = [
         "# Synaptic Stripping on Fashion-MNIST",
         "",
         f"Machine: {machine()}. Epochs: {epochs}, seeds: {seeds}. Regenerate with "
-        "`python reproduce/synaptic_stripping.py --jobs 2`.",
+        f"`{command}`.",
         "",
         "## Tiny ViT (ReLU after both MLP linears)",
         "",
@@ -189,14 +207,13 @@ def main() -> None:
         "pre-activation only where that input is >= 0; the first hidden layer reads "
         "standardised pixels, 60% of them negative, so stripping cannot be relied on there:",
         "",
-        layer_table(mlp, shapes, [("stripping every epoch", " + stripping"),
+        layer_table(mlp, order, [("stripping every epoch", " + stripping"),
                                   ("stripping every 100 steps", " + stripping/100 steps")]),
         "",
     ]
     if "mlp_long" in parts:
-        long_names = [f"w{w} d{d}" for w, d in long_shapes]
         text += long_section(parts["mlp_long"], long_epochs,
-                             [s for s in shapes if s in long_names], cols, out)
+                             [s for s in order if s in long_shapes], cols, out)
     (out / "synaptic_stripping.md").write_text("\n".join(text))
     print(f"wrote {out / 'synaptic_stripping.md'}")
 

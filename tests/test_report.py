@@ -45,3 +45,11 @@ def test_round_curves_pair_seeds(tmp_path):
 def test_missing_comparison_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="dormant compare"):
         load_comparison(tmp_path)
+
+
+def test_select_and_add_keep_runs_of_the_named_variants(tmp_path):
+    cmp = _write(tmp_path, {"a": [[{"epoch": 1, "acc": 0.5}]], "b": [[{"epoch": 1, "acc": 0.1}]],
+                            "c": [[{"epoch": 1, "acc": 0.3}]]})
+    sub = cmp.select(["a", "c"])
+    assert sub.variants == ["a", "c"] and final_values(sub, "acc") == {"a": [0.5], "c": [0.3]}
+    assert (sub + cmp.select(["b"])).variants == ["a", "c", "b"]

@@ -50,6 +50,11 @@ class Comparison:
     def variants(self) -> list[str]:
         return list(dict.fromkeys(v for v, _ in self.runs))
 
+    def select(self, variants: Sequence[str]) -> "Comparison":
+        """The runs of these variants only (rows and spec kept), e.g. to plot a few."""
+        keep = set(variants)
+        return Comparison(self.spec, self.rows, [r for r in self.runs if r[0] in keep])
+
     def __add__(self, other: "Comparison") -> "Comparison":
         """Both comparisons' rows and runs in one (e.g. a baseline run after the method);
         the spec is this one's."""
