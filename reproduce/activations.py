@@ -38,26 +38,31 @@ V_PRIMES = (0.5, 0.7, 0.9)
 CLIPPED = {"crelu": "CReLU", "cst": "CST"}
 
 
-def variants(sparsities, v_primes=V_PRIMES, clipped=tuple(CLIPPED)) -> dict[str, dict]:
+def variants(sparsities, v_primes=V_PRIMES, clipped=tuple(CLIPPED),
+             q_star: float = 1.0) -> dict[str, dict]:
+    """ReLU (whose edge-of-chaos init does not depend on q*) and, at each target sparsity,
+    the unclipped and clipped activations at the fixed point q*. q* = 1 is left out of the
+    config, so runs made before q* was an option keep their names."""
     out = {"ReLU s=0.5": {"activation": "relu", "init_args": {"sparsity": 0.5}}}
+    q = {} if q_star == 1.0 else {"q_star": q_star}
     for s in sparsities:
         for kind, label in (("shifted_relu", "ReLU_tau"), ("soft_threshold", "ST_tau")):
-            out[f"{label} s={s}"] = {"activation": kind, "init_args": {"sparsity": s}}
+            out[f"{label} s={s}"] = {"activation": kind, "init_args": {"sparsity": s, **q}}
         for kind in clipped:
             label = CLIPPED[kind]
             for vp in v_primes:
-                out[f"{label} s={s} V'={vp}"] = {"activation": kind,
-                                                  "init_args": {"sparsity": s, "v_prime": vp}}
+                out[f"{label} s={s} V'={vp}"] = {
+                    "activation": kind, "init_args": {"sparsity": s, "v_prime": vp, **q}}
     return out
 
 
 def spec(depth: int, width: int, epochs: int, seeds, sparsities, v_primes=V_PRIMES,
-         clipped=tuple(CLIPPED)) -> CompareSpec:
+         clipped=tuple(CLIPPED), q_star: float = 1.0) -> CompareSpec:
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp",
                             model_args={"depth": depth, "width": width}, init="eoc",
                             optimizer="sgd", lr=0.003, momentum=0.9, batch_size=128,
                             epochs=epochs, schedule="cosine", schedule_args={"final": 0.0})
-    return CompareSpec(base, variants(sparsities, v_primes, clipped), seeds,
+    return CompareSpec(base, variants(sparsities, v_primes, clipped, q_star), seeds,
                        title=f"Deep plain MLP ({depth} x {width}) on Fashion-MNIST",
                        columns=["sparsity", "test_sparsity"])
 
@@ -133,6 +138,9 @@ def main() -> None:
                    help="targets V'(q*) of the clipped activations, comma-separated")
     p.add_argument("--clipped", default=",".join(CLIPPED),
                    help=f"clipped activations to run, comma-separated (of {', '.join(CLIPPED)})")
+    p.add_argument("--q-star", type=float, default=1.0,
+                   help="fixed point q* of the pre-activation variance (Dent & Tanner 2026 "
+                        "report that a larger q* helps at high sparsity)")
     p.add_argument("--name", default="",
                    help="folder suffix for this sweep (default: the epoch budget)")
     args = p.parse_args()
@@ -140,6 +148,8 @@ def main() -> None:
     clipped = tuple(k for k in args.clipped.split(",") if k)
     if unknown := [k for k in clipped if k not in CLIPPED]:
         p.error(f"unknown clipped activation {unknown}; choose from {', '.join(CLIPPED)}")
+    if not args.q_star > 0:
+        p.error(f"--q-star must be > 0, got {args.q_star}")
     if args.quick:
         epochs, seeds, sparsities, v_primes = 1, [0], (0.6, 0.85), V_PRIMES
     else:
@@ -147,23 +157,25 @@ def main() -> None:
         sparsities = tuple(float(x) for x in args.sparsities.split(","))
         v_primes = tuple(float(x) for x in args.v_primes.split(","))
     folder = budget_folder(out, epochs, args.name)
-    run_compare(spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped),
+    run_compare(spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped,
+                     args.q_star),
                 args.root, folder, show_progress=False, jobs=args.jobs)
     empty = "''"
     command = (f"python reproduce/activations.py --jobs {args.jobs} --epochs {epochs} "
                f"--sparsities {','.join(map(str, sparsities))} "
                f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped) or empty}"
+               + (f" --q-star {args.q_star:g}" if args.q_star != 1.0 else "")
                + (f" --name {args.name}" if args.name else ""))
     (folder / "about.md").write_text(
         f"## {epochs} epochs{', ' + args.name if args.name else ''}\n\n"
-        f"Machine: {machine()}. Seeds {seeds}, target sparsities "
+        f"Machine: {machine()}. Seeds {seeds}, q* = {args.q_star:g}, target sparsities "
         f"{', '.join(map(str, sparsities))}. Regenerate with `{command}`.\n")
     profile = depth_profile(args.depth, 1024, out)
     text = ["# Sparsity-inducing activations on Fashion-MNIST", "",
             f"Deep plain MLP {args.depth} x {args.width}, SGD momentum 0.9, lr 0.003 (the best "
             "of 0.003, 0.01, 0.03 for ReLU and CReLU in a 3-epoch pilot) with cosine decay, "
             "every network initialised on the edge of chaos for its activation and target "
-            "sparsity (q* = 1). Train sparsity: exact zeros on training batches during the "
+            "sparsity (q* = 1 unless a section says otherwise). Train sparsity: exact zeros on training batches during the "
             "last epoch (sampled every 10th step); test sparsity: exact zeros on the whole "
             "test split after training. 'vs ReLU': test accuracy minus the ReLU baseline's, "
             "same seed, mean ± std over seeds.", ""]

@@ -9,7 +9,12 @@ and its plots.
 The MLP ablation also runs a second time for longer (--long-epochs, default 30; 0 skips it),
 ReLU vs stripping at the paper's cadence (every epoch) only: at 15 epochs the dead count
 with per-epoch stripping is still falling when training ends. --long-shapes picks the MLPs
-(the w1024 d4 one alone takes ~1 h of it on 2 cores).
+(the w1024 d4 one alone takes ~1 h of it on 2 cores); --long-inputs unit feeds them pixels
+in [0, 1] instead of standardised ones (stripping needs non-negative inputs to revive a
+first-layer unit). Each longer budget keeps its own folder
+(synaptic_stripping_mlp_<E>ep[_unit]) and the page shows every one that exists:
+
+    python reproduce/synaptic_stripping.py --jobs 2 --long-epochs 60 --long-shapes 64x4,256x2
 
 Finished runs are reused (runs/reproduce/...), so an interrupted reproduction resumes.
 """
@@ -59,9 +64,11 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES) -> CompareSpec:
+def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES,
+             unit_inputs: bool = False) -> CompareSpec:
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp", optimizer="adam", lr=1e-2,
-                            batch_size=128, epochs=epochs, **SCHEDULE)
+                            batch_size=128, epochs=epochs, **SCHEDULE,
+                            dataset_args={"standardize": False} if unit_inputs else {})
     variants = {}
     for width, depth in shapes:
         arch, name = {"model_args": {"width": width, "depth": depth}}, shape_name(width, depth)
@@ -91,8 +98,8 @@ def reduction_table(cmp, pairs) -> str:
 
 
 def layer_table(cmp, shapes, methods) -> str:
-    """Dead units at the end in the first hidden layer (fed by standardised pixels, signed)
-    and in the deeper layers (fed by ReLU outputs), mean over seeds."""
+    """Dead units at the end in the first hidden layer (fed by the pixels: signed when they
+    are standardised) and in the deeper layers (fed by ReLU outputs), mean over seeds."""
     first_frac, dead = final_values(cmp, "dead/act1"), final_values(cmp, "dead_units")
 
     def split(variant: str, width: int) -> tuple[float, float]:
@@ -114,23 +121,52 @@ def layer_table(cmp, shapes, methods) -> str:
     return "\n".join(lines)
 
 
-def long_section(cmp, epochs: int, shapes, cols, out: Path) -> list[str]:
-    """The MLP ablation trained longer, stripping every epoch."""
+def long_folder(out: Path, epochs: int, unit_inputs: bool) -> Path:
+    return out / (f"synaptic_stripping_mlp_{epochs}ep" + ("_unit" if unit_inputs else ""))
+
+
+def spec_shapes(cmp) -> list[tuple[int, int]]:
+    """The (width, depth) of every MLP in a comparison, by depth then width."""
+    shapes = {(v["model_args"]["width"], v["model_args"]["depth"])
+              for v in cmp.spec["variants"].values()}
+    return sorted(shapes, key=lambda s: (s[1], s[0]))
+
+
+def long_section(cmp, folder: Path, cols, out: Path) -> list[str]:
+    """One longer MLP ablation (ReLU vs stripping every epoch), read from its folder: the
+    options that made it come from its spec."""
+    epochs = cmp.spec["base"]["epochs"]
+    unit = cmp.spec["base"]["dataset_args"].get("standardize", True) is False
+    shapes = spec_shapes(cmp)
     names = [shape_name(*s) for s in shapes]
     shown = [n for n in ("w256 d8", "w1024 d4") if n in names] or names[-1:]
+    plot = out / f"{folder.name}.png"
     plot_curves(cmp.select([v for v in cmp.variants if v.startswith(tuple(shown))]),
-                ["dead_units", "test_acc"], out / "synaptic_stripping_mlp_long.png",
+                ["dead_units", "test_acc"], plot,
                 titles={"dead_units": f"dead units, {' and '.join(shown)}, {epochs} epochs",
                         "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
-    return [f"## ReLU MLP, {epochs} epochs, stripping every epoch", "",
-            "The same ablation trained twice as long (the cosine schedule stretched to the new "
-            "length), ReLU vs stripping at the paper's cadence.", "",
+    opts = f"--long-epochs {epochs} --long-shapes {','.join(f'{w}x{d}' for w, d in shapes)}"
+    inputs = ("pixels in [0, 1] (non-negative, not standardised), so stripping can revive "
+              "first-layer units too" if unit else "standardised pixels, as above")
+    return [f"## ReLU MLP, {epochs} epochs, stripping every epoch"
+            + (", inputs in [0, 1]" if unit else ""), "",
+            f"The ablation trained for {epochs} epochs (the cosine schedule stretched to the "
+            f"new length), ReLU vs stripping at the paper's cadence; inputs: {inputs}. "
+            f"Regenerate with `python reproduce/synaptic_stripping.py --jobs 2 {opts}"
+            + (" --long-inputs unit" if unit else "") + "`.", "",
             to_markdown(cmp.rows, cols), "",
             reduction_table(cmp, [(f"{n}, every epoch, {epochs} epochs", f"{n} ReLU",
                                    f"{n} + stripping") for n in names]), "",
             layer_table(cmp, shapes, [("stripping every epoch", " + stripping")]), "",
-            "![MLP curves, longer](synaptic_stripping_mlp_long.png)", ""]
+            f"![MLP curves, {epochs} epochs]({plot.name})", ""]
+
+
+def long_folders(out: Path) -> list[Path]:
+    """Every longer ablation that has been run, by epochs, standardised inputs first."""
+    found = [f for f in out.glob("synaptic_stripping_mlp_*ep*") if (f / "compare.json").exists()]
+    key = lambda f: (int(f.name.split("_")[3].removesuffix("ep")), f.name.endswith("_unit"))
+    return sorted(found, key=key)
 
 
 def main() -> None:
@@ -140,6 +176,9 @@ def main() -> None:
                         "0 skips it")
     p.add_argument("--long-shapes", default=",".join(f"{w}x{d}" for w, d in SHAPES),
                    help="WIDTHxDEPTH of the MLPs in the longer ablation, comma-separated")
+    p.add_argument("--long-inputs", choices=("standardised", "unit"), default="standardised",
+                   help="pixels of the longer ablation: standardised (as the 15-epoch one) "
+                        "or unit (in [0, 1], non-negative)")
     args = p.parse_args()
     if args.long_epochs < 0:
         p.error("--long-epochs must be >= 0")
@@ -151,16 +190,17 @@ def main() -> None:
     epochs, seeds = (3, [0]) if args.quick else (15, [0, 1, 2])
     long_epochs = 0 if args.quick else args.long_epochs
     out = Path(args.out)
-    specs = [("vit", vit_spec(epochs, seeds)), ("mlp", mlp_spec(epochs, seeds))]
+    unit = args.long_inputs == "unit"
+    specs = [(out / "synaptic_stripping_vit", vit_spec(epochs, seeds)),
+             (out / "synaptic_stripping_mlp", mlp_spec(epochs, seeds))]
     if long_epochs:
-        specs.append(("mlp_long", mlp_spec(long_epochs, seeds, per_steps=False,
-                                           shapes=long_shapes)))
-    parts = {}
-    for key, spec in specs:
-        folder = out / f"synaptic_stripping_{key}"
+        specs.append((long_folder(out, long_epochs, unit),
+                      mlp_spec(long_epochs, seeds, per_steps=False, shapes=long_shapes,
+                               unit_inputs=unit)))
+    for folder, spec in specs:
         run_compare(spec, args.root, folder, show_progress=False, jobs=args.jobs)
-        parts[key] = load_comparison(folder, args.root)
-    vit, mlp = parts["vit"], parts["mlp"]
+    vit = load_comparison(out / "synaptic_stripping_vit", args.root)
+    mlp = load_comparison(out / "synaptic_stripping_mlp", args.root)
     plot_curves(vit, ["dead_units", "test_acc", "weight_sparsity"],
                 out / "synaptic_stripping_vit.png",
                 titles={"dead_units": "dead units (never active on val)",
@@ -173,15 +213,13 @@ def main() -> None:
                 titles={"dead_units": "dead units, MLP w256 d4", "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
     cols = columns_for(COLUMNS)
-    opts = ["--quick"] if args.quick else [
-        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("long_epochs", "long_shapes")
-        if getattr(args, k) != p.get_default(k)]
-    command = " ".join(["python reproduce/synaptic_stripping.py --jobs 2", *opts])
+    command = "python reproduce/synaptic_stripping.py --jobs 2" + (
+        " --quick" if args.quick else "")
     text = [
         "# Synaptic Stripping on Fashion-MNIST",
         "",
         f"Machine: {machine()}. Epochs: {epochs}, seeds: {seeds}. Regenerate with "
-        f"`{command}`.",
+        f"`{command}` (each longer ablation below names its own options).",
         "",
         "## Tiny ViT (ReLU after both MLP linears)",
         "",
@@ -211,9 +249,8 @@ def main() -> None:
                                   ("stripping every 100 steps", " + stripping/100 steps")]),
         "",
     ]
-    if "mlp_long" in parts:
-        text += long_section(parts["mlp_long"], long_epochs,
-                             [s for s in order if s in long_shapes], cols, out)
+    for folder in long_folders(out):
+        text += long_section(load_comparison(folder, args.root), folder, cols, out)
     (out / "synaptic_stripping.md").write_text("\n".join(text))
     print(f"wrote {out / 'synaptic_stripping.md'}")
 

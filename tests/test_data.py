@@ -76,6 +76,11 @@ def test_real_fashion_mnist():
     assert d.input_shape == (1, 28, 28) and d.num_classes == 10
     assert abs(d.train.inputs.mean().item()) < 0.05
     assert torch.bincount(d.test.targets).tolist() == [1000] * 10
+    unit = load_dataset("fashion-mnist", standardize=False)
+    assert unit.train.inputs.min().item() == 0.0 and unit.train.inputs.max().item() == 1.0
+    assert torch.allclose((unit.test.inputs - fm.MEAN) / fm.STD, d.test.inputs, atol=1e-5)
+    with pytest.raises(ValueError, match="standardize"):
+        load_dataset("fashion-mnist", standardize="no")
 
 
 def test_mnist1d_is_deterministic_and_balanced():

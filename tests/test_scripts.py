@@ -33,8 +33,32 @@ def test_help(script, monkeypatch, capsys):
 @pytest.mark.parametrize("script, args, message", [
     ("reproduce/synaptic_stripping.py", ["--long-shapes", "3"], "WIDTHxDEPTH"),
     ("reproduce/synaptic_stripping.py", ["--long-epochs", "-1"], "--long-epochs"),
+    ("reproduce/synaptic_stripping.py", ["--long-inputs", "raw"], "invalid choice"),
     ("reproduce/activations.py", ["--clipped", "relu6"], "unknown clipped activation"),
+    ("reproduce/activations.py", ["--q-star", "-1"], "--q-star must be > 0"),
 ])
 def test_bad_options_refused(script, args, message, monkeypatch, capsys):
     assert run(ROOT / script, *args, monkeypatch=monkeypatch) == 2
     assert message in capsys.readouterr().err
+
+
+def test_new_options_leave_existing_run_names_alone(tmp_path):
+    """Options added later (q*, unit inputs) stay out of the configs at their defaults, so
+    finished runs are found again; other values name other runs and other folders."""
+    act = runpy.run_path(str(ROOT / "reproduce/activations.py"))
+    default, q2 = act["variants"]([0.85]), act["variants"]([0.85], q_star=2.0)
+    assert all("q_star" not in v["init_args"] for v in default.values())
+    assert q2["ReLU s=0.5"] == default["ReLU s=0.5"]          # ReLU's init has no q*
+    assert q2["CReLU s=0.85 V'=0.7"]["init_args"]["q_star"] == 2.0
+    ss = runpy.run_path(str(ROOT / "reproduce/synaptic_stripping.py"))
+    assert dict(ss["mlp_spec"](30, [0]).base.dataset_args) == {}
+    assert dict(ss["mlp_spec"](30, [0], unit_inputs=True).base.dataset_args) == {
+        "standardize": False}
+    for name in ("synaptic_stripping_mlp_60ep", "synaptic_stripping_mlp_30ep_unit",
+                 "synaptic_stripping_mlp_30ep", "synaptic_stripping_mlp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text("{}")
+    assert [f.name for f in ss["long_folders"](tmp_path)] == [
+        "synaptic_stripping_mlp_30ep", "synaptic_stripping_mlp_30ep_unit",
+        "synaptic_stripping_mlp_60ep"]
+    assert ss["long_folder"](tmp_path, 30, True).name == "synaptic_stripping_mlp_30ep_unit"

@@ -113,9 +113,14 @@ def _missing_message(stem: str, dirs: list[Path]) -> str:
 
 @DATASETS.register("fashion-mnist")
 def fashion_mnist(val_size: int | None = None, *, root: str | None = None,
-                  download_if_missing: bool = False, train_size: int | None = None) -> Dataset:
+                  download_if_missing: bool = False, train_size: int | None = None,
+                  standardize: bool = True) -> Dataset:
     """Fashion-MNIST (Xiao et al. 2017): 28x28 grey images, 10 classes, 60k/10k.
-    `train_size` keeps a fixed subset of the training split (quick runs, pilots)."""
+    `train_size` keeps a fixed subset of the training split (quick runs, pilots).
+    Pixels are standardised with the training set's mean and std (signed, about 60% of them
+    negative); `standardize=False` keeps them in [0, 1], non-negative."""
+    if not isinstance(standardize, bool):
+        raise ValueError(f"standardize must be true or false, got {standardize!r}")
     dirs = search_dirs(root)
     arrays = {}
     for stem, (sha, _) in FILES.items():
@@ -127,7 +132,8 @@ def fashion_mnist(val_size: int | None = None, *, root: str | None = None,
             raise DataNotFoundError(_missing_message(stem, dirs))
         arrays[stem] = read_idx(path, sha)
     def images(a: np.ndarray) -> torch.Tensor:
-        return ((torch.from_numpy(a.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+        x = torch.from_numpy(a.copy()).float() / 255.0
+        return ((x - MEAN) / STD if standardize else x).unsqueeze(1)
     x, y = images(arrays["train-images-idx3-ubyte"]), torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
     train, val = carve_val(x, y, 5000 if val_size is None else val_size)
     if train_size is not None:
