@@ -20,15 +20,26 @@ Finished runs are reused (runs/reproduce/...), so an interrupted reproduction re
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from dormant.diagnose import probe
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.experiments.compare import columns_for, to_markdown
+from dormant.experiments.run import load_run
+from dormant.methods.synaptic_stripping import beyond_reach
 from dormant.report import final_values, load_comparison, machine, mean_std, plot_curves
+from dormant.units import fan_in_rows
 
 SCHEDULE = {"schedule": "cosine", "schedule_args": {"warmup": 1, "final": 0.01}}
 SS = {"method": "synaptic-stripping", "method_args": {"factor": 0.05}}
 COLUMNS = ["ss/revived", "ss/active_params"]
+REACH = ("Units still dead at the end with stripping that the rule can no longer reach: no "
+         "negative incoming weight left, so it now strips their smallest positive weights "
+         "(nothing once one weight is left), which cannot raise the pre-activation on "
+         "non-negative inputs, and the bias it leaves alone keeps them below zero. Counted "
+         "from the final weights, dead on the validation split; in layer 1 the inputs are signed "
+         "pixels (unless in [0, 1]), where even that argument does not hold:")
 
 
 def vit_spec(epochs: int, seeds) -> CompareSpec:
@@ -121,6 +132,40 @@ def layer_table(cmp, shapes, methods) -> str:
     return "\n".join(lines)
 
 
+def reach_counts(run_dir: Path) -> tuple[int, int, int]:
+    """(dead, beyond reach, of those with <= 1 incoming weight left) at the end of a run, from
+    its final weights: dead on the validation split (the rule's probe), beyond reach = no
+    negative incoming weight left (see SynapticStripping)."""
+    cfg, model, data = load_run(run_dir)
+    mon = probe(model, data.val.inputs)
+    dead = mon.dead_units("never_active")
+    counts = [0, 0, 0]
+    for site in mon.sites.values():
+        rows = fan_in_rows(model, site).detach()
+        out = beyond_reach(rows, dead[site.name])
+        counts[0] += int(dead[site.name].sum())
+        counts[1] += int(out.sum())
+        counts[2] += int((out & ((rows != 0).sum(1) <= 1)).sum())
+    return counts[0], counts[1], counts[2]
+
+
+def reach_table(folder: Path, root: str, variants) -> str:
+    """Of the units still dead at the end with stripping, how many the rule can no longer
+    reach, mean over seeds (read from each run's final weights)."""
+    runs = json.loads((folder / "compare.json").read_text())["runs"]
+    lines = ["| variant | dead at the end | no negative weight left | of them, <= 1 weight left |",
+             "|---|---:|---:|---:|"]
+    for v in variants:
+        dirs = [Path(r["run_dir"]) for r in runs if r["variant"] == v]
+        dirs = [d if d.exists() else Path(root) / d.name for d in dirs]
+        if not dirs:
+            continue
+        counts = list(zip(*(reach_counts(d) for d in dirs)))
+        cells = " | ".join(f"{mean_std(c)[0]:.1f}" for c in counts)
+        lines.append(f"| {v} | {cells} |")
+    return "\n".join(lines)
+
+
 def long_folder(out: Path, epochs: int, unit_inputs: bool) -> Path:
     return out / (f"synaptic_stripping_mlp_{epochs}ep" + ("_unit" if unit_inputs else ""))
 
@@ -132,7 +177,7 @@ def spec_shapes(cmp) -> list[tuple[int, int]]:
     return sorted(shapes, key=lambda s: (s[1], s[0]))
 
 
-def long_section(cmp, folder: Path, cols, out: Path) -> list[str]:
+def long_section(cmp, folder: Path, root: str, cols, out: Path) -> list[str]:
     """One longer MLP ablation (ReLU vs stripping every epoch), read from its folder: the
     options that made it come from its spec."""
     epochs = cmp.spec["base"]["epochs"]
@@ -159,6 +204,8 @@ def long_section(cmp, folder: Path, cols, out: Path) -> list[str]:
             reduction_table(cmp, [(f"{n}, every epoch, {epochs} epochs", f"{n} ReLU",
                                    f"{n} + stripping") for n in names]), "",
             layer_table(cmp, shapes, [("stripping every epoch", " + stripping")]), "",
+            REACH, "",
+            reach_table(folder, root, [f"{n} + stripping" for n in names]), "",
             f"![MLP curves, {epochs} epochs]({plot.name})", ""]
 
 
@@ -248,9 +295,14 @@ def main() -> None:
         layer_table(mlp, order, [("stripping every epoch", " + stripping"),
                                   ("stripping every 100 steps", " + stripping/100 steps")]),
         "",
+        REACH,
+        "",
+        reach_table(out / "synaptic_stripping_mlp", args.root,
+                    [f"{n}{x}" for n in shapes for x in (" + stripping", " + stripping/100 steps")]),
+        "",
     ]
     for folder in long_folders(out):
-        text += long_section(load_comparison(folder, args.root), folder, cols, out)
+        text += long_section(load_comparison(folder, args.root), folder, args.root, cols, out)
     (out / "synaptic_stripping.md").write_text("\n".join(text))
     print(f"wrote {out / 'synaptic_stripping.md'}")
 

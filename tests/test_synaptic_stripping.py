@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from dormant.data import Dataset, Split
 from dormant.methods import SynapticStripping, build_method
-from dormant.methods.synaptic_stripping import strip_decision
+from dormant.methods.synaptic_stripping import beyond_reach, strip_decision
 from dormant.train import Trainer
 
 
@@ -22,6 +22,22 @@ def test_golden_rows():
     assert keep[3].all()
     # default factor 0.05: position 0.3 -> -3.7: only -4 goes
     assert strip_decision(rows, dead, 0.05)[0].tolist() == [False] + [True] * 7
+
+
+def test_rule_runs_out_without_negative_weights():
+    """No negative weight left: the rule strips the smallest positive one (lowering the
+    pre-activation on x >= 0); one weight left: it strips nothing. Such dead units are
+    counted as beyond reach; live ones and dead ones with a negative weight are not."""
+    rows = torch.tensor([[0., 0.5, 0.2, 0.9, 0.0],      # dead, all positive
+                         [0., 0.0, 0.3, 0.0, 0.0],      # dead, one weight left
+                         [-1., 0.5, 0.2, 0.0, 0.0],     # dead, a negative weight left
+                         [0., 0.5, 0.2, 0.9, 0.0]])     # live
+    dead = torch.tensor([True, True, True, False])
+    keep = strip_decision(rows, dead, 0.05)
+    nz = rows != 0                                # zeros are already pruned either way
+    assert keep[0][nz[0]].tolist() == [True, False, True]     # 0.2 goes: a positive weight
+    assert keep[1][nz[1]].tolist() == [True]                  # one left: a fixed point
+    assert beyond_reach(rows, dead).tolist() == [True, True, False, False]
 
 
 def test_bias_untouched_and_nonnegative_inputs_raise_the_preactivation():

@@ -26,6 +26,14 @@ standardised data, an MLP's fc1 after a LayerNorm -- can lose a negative weight 
 that is mostly negative and end up lower. On Fashion-MNIST (60% of standardised pixels < 0)
 the units a fast stripping cadence leaves dead in an MLP sit mostly in the first layer
 (docs/results/synaptic_stripping.md).
+
+Where the rule runs out: once a dead unit has no negative incoming weight left, the
+`factor`-quantile falls on its smallest positive weights and the rule strips those, which
+lowers the pre-activation on non-negative inputs; with a single weight left it strips
+nothing (the quantile of one value is that value, and `<` is strict). The bias is never
+touched, so a unit held below zero by a negative bias stays dead however long it is stripped.
+`ss/beyond_reach` counts these units (dead, no negative incoming weight left); in narrow
+MLPs they are most of the dead units that remain (docs/results/synaptic_stripping.md).
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import torch
 from ..units import fan_in_rows
 from .base import Method, weight_sparsity
 
-__all__ = ["SynapticStripping", "strip_decision"]
+__all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
 
 
 def strip_decision(rows: torch.Tensor, dead: torch.Tensor, factor: float) -> torch.Tensor:
@@ -51,13 +59,21 @@ def strip_decision(rows: torch.Tensor, dead: torch.Tensor, factor: float) -> tor
     return keep
 
 
+def beyond_reach(rows: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Dead units with no negative incoming weight left: stripping can only remove their
+    positive weights (or nothing, with one weight left), which does not revive a unit fed by
+    non-negative inputs."""
+    return dead & ~(rows < 0).any(dim=1)
+
+
 class SynapticStripping(Method):
     """Prune the most negative incoming weights of dead ReLU units; they come back to life.
 
     Metrics (per epoch, prefix ``ss/``): dead units (before this step's stripping), revived
     units (dead at the previous detection, alive now), weights stripped this step and in
     total, active parameters (unpruned incoming weights of live units, §1.4 of the spec),
-    plus ``weight_sparsity`` over all Linear/Conv weights.
+    dead units beyond the rule's reach (no negative incoming weight left, see
+    `beyond_reach`), plus ``weight_sparsity`` over all Linear/Conv weights.
     """
 
     name = "synaptic-stripping"
@@ -76,6 +92,8 @@ class SynapticStripping(Method):
         revived = sum(int((self.previous[n] & ~d).sum()) for n, d in dead.items()
                       if n in self.previous)
         stripped = 0
+        reach = sum(int(beyond_reach(fan_in_rows(model, site).detach(), dead[site.name]).sum())
+                    for site in self.sites if dead[site.name].any())
         if act:
             masks = self.ensure_masks(trainer)
             for site in self.sites:
@@ -94,7 +112,7 @@ class SynapticStripping(Method):
         self.metrics = {
             "ss/dead_units": sum(int(d.sum()) for d in dead.values()),
             "ss/revived": revived, "ss/stripped": stripped,
-            "ss/stripped_total": self.stripped_total,
+            "ss/stripped_total": self.stripped_total, "ss/beyond_reach": reach,
             "ss/active_params": self.active_params(model, dead),
             "weight_sparsity": weight_sparsity(model),
         }
