@@ -3,7 +3,7 @@ Fashion-MNIST: (1) the tiny ViT with a ReLU after both MLP linears, (2) a width/
 ablation of a ReLU MLP trained where neurons die. Writes docs/results/synaptic_stripping.md
 and its plots.
 
-    python reproduce/synaptic_stripping.py --jobs 2          # ~2.5 h on 2 CPU cores
+    python reproduce/synaptic_stripping.py --jobs 2          # ~3 h on 2 CPU cores
     python reproduce/synaptic_stripping.py --quick           # 1 seed, 3 epochs: a smoke run
 
 The MLP ablation also runs a second time for longer (--long-epochs, default 30; 0 skips it),
