@@ -13,6 +13,11 @@ Writes docs/results/activations.md and its plots.
     python reproduce/activations.py --quick      # 1 seed, 1 epoch, two sparsities
     python reproduce/activations.py --jobs 2 --epochs 20 --sparsities 0.85,0.9 \
         --v-primes 0.7,0.9 --clipped crelu       # the longer budget (~35 min)
+    python reproduce/activations.py --jobs 2 --epochs 30 --sparsities 0.85,0.87 \
+        --v-primes 0.7 --clipped crelu           # >= 85% measured sparsity (~45 min)
+
+--q-star sets the fixed point q* of every edge-of-chaos init (default 1; Dent & Tanner
+2026 propose a larger one at high sparsity).
 
 Each epoch budget has its own folder (activations_mlp for 10 epochs, activations_mlp_<E>ep
 otherwise; --name <N> makes it activations_mlp_<N>); the page shows every folder that
