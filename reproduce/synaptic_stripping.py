@@ -10,9 +10,9 @@ The MLP ablation also runs a second time for longer (--long-epochs, default 30; 
 ReLU vs stripping at the paper's cadence (every epoch) only: at 15 epochs the dead count
 with per-epoch stripping is still falling when training ends. --long-shapes picks the MLPs
 (the w1024 d4 one alone takes ~1 h of it on 2 cores); --long-inputs unit feeds them pixels
-in [0, 1] instead of standardised ones (stripping needs non-negative inputs to revive a
-first-layer unit). Each longer budget keeps its own folder
-(synaptic_stripping_mlp_<E>ep[_unit]) and the page shows every one that exists:
+in [0, 1] instead of standardised ones (the first layer then reads non-negative inputs;
+on w256 d4 at 30 epochs that did not help, see the results). Each longer budget keeps its
+own folder (synaptic_stripping_mlp_<E>ep[_unit]) and the page shows every one that exists:
 
     python reproduce/synaptic_stripping.py --jobs 2 --long-epochs 60 --long-shapes 64x4,256x2
 
@@ -20,7 +20,6 @@ Finished runs are reused (runs/reproduce/...), so an interrupted reproduction re
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dormant.diagnose import probe
@@ -28,7 +27,8 @@ from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser,
 from dormant.experiments.compare import columns_for, to_markdown
 from dormant.experiments.run import load_run
 from dormant.methods.synaptic_stripping import beyond_reach
-from dormant.report import final_values, load_comparison, machine, mean_std, plot_curves
+from dormant.report import (final_values, load_comparison, machine, mean_std, plot_curves,
+                            run_dirs)
 from dormant.units import fan_in_rows
 
 SCHEDULE = {"schedule": "cosine", "schedule_args": {"warmup": 1, "final": 0.01}}
@@ -152,12 +152,11 @@ def reach_counts(run_dir: Path) -> tuple[int, int, int]:
 def reach_table(folder: Path, root: str, variants) -> str:
     """Of the units still dead at the end with stripping, how many the rule can no longer
     reach, mean over seeds (read from each run's final weights)."""
-    runs = json.loads((folder / "compare.json").read_text())["runs"]
+    runs = run_dirs(folder, root)
     lines = ["| variant | dead at the end | no negative weight left | of them, <= 1 weight left |",
              "|---|---:|---:|---:|"]
     for v in variants:
-        dirs = [Path(r["run_dir"]) for r in runs if r["variant"] == v]
-        dirs = [d if d.exists() else Path(root) / d.name for d in dirs]
+        dirs = [d for name, d in runs if name == v]
         if not dirs:
             continue
         counts = list(zip(*(reach_counts(d) for d in dirs)))
@@ -253,7 +252,7 @@ def main() -> None:
                 titles={"dead_units": "dead units (never active on val)",
                         "test_acc": "test accuracy %", "weight_sparsity": "weight sparsity %"},
                 scale={"test_acc": 100, "weight_sparsity": 100})
-    order = sorted(SHAPES, key=lambda s: (s[1], s[0]))   # by depth, then width
+    order = spec_shapes(mlp)
     shapes = [shape_name(*s) for s in order]
     plot_curves(mlp.select([v for v in mlp.variants if v.startswith("w256 d4")]),
                 ["dead_units", "test_acc"], out / "synaptic_stripping_mlp.png",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dormant.report import by_round, curves, final_values, load_comparison, paired
+from dormant.report import by_round, curves, final_values, load_comparison, paired, run_dirs
 
 
 def _write(tmp_path, runs):
@@ -53,3 +53,13 @@ def test_select_and_add_keep_runs_of_the_named_variants(tmp_path):
     sub = cmp.select(["a", "c"])
     assert sub.variants == ["a", "c"] and final_values(sub, "acc") == {"a": [0.5], "c": [0.3]}
     assert (sub + cmp.select(["b"])).variants == ["a", "c", "b"]
+
+
+def test_run_dirs_fall_back_to_root_when_the_runs_moved(tmp_path):
+    _write(tmp_path, {"a": [[{"epoch": 1}], [{"epoch": 1}]], "b": [[{"epoch": 1}]]})
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "runs").rename(moved)
+    dirs = run_dirs(tmp_path / "out", moved)
+    assert [v for v, _ in dirs] == ["a", "a", "b"]
+    assert all(d.parent == moved and d.exists() for _, d in dirs)
+    assert final_values(load_comparison(tmp_path / "out", moved), "epoch") == {"a": [1, 1], "b": [1]}

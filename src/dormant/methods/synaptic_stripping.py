@@ -91,21 +91,21 @@ class SynapticStripping(Method):
         model = trainer.model
         revived = sum(int((self.previous[n] & ~d).sum()) for n, d in dead.items()
                       if n in self.previous)
-        stripped = 0
-        reach = sum(int(beyond_reach(fan_in_rows(model, site).detach(), dead[site.name]).sum())
-                    for site in self.sites if dead[site.name].any())
-        if act:
-            masks = self.ensure_masks(trainer)
-            for site in self.sites:
-                if not dead[site.name].any():
-                    continue
-                rows = fan_in_rows(model, site).detach()
+        stripped = reach = 0
+        masks = self.ensure_masks(trainer) if act else None
+        for site in self.sites:
+            if not dead[site.name].any():
+                continue
+            rows = fan_in_rows(model, site).detach()
+            reach += int(beyond_reach(rows, dead[site.name]).sum())   # before this step
+            if act:
                 keep = strip_decision(rows, dead[site.name], self.factor)
                 name = f"{site.producer}.weight"
                 before = masks.masks.get(name)
                 masks.update(name, keep.view_as(masks._param(name)))
                 after = masks.masks[name]
                 stripped += int(((before if before is not None else True) & ~after).sum())
+        if act:
             masks.apply()
         self.stripped_total += stripped
         self.previous = {n: d.clone() for n, d in dead.items()}

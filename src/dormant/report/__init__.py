@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from ..experiments.compare import mean_std
 
-__all__ = ["Comparison", "load_comparison", "curves", "plot_curves", "final_values",
+__all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
            "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series"]
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
@@ -68,20 +68,30 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Comparison:
-    """Read ``compare.json`` in `out` and the metrics of every run it lists (run directories
-    are looked up as written, then under `root` by name)."""
-    out = Path(out)
+def _compare_json(out: Path) -> dict:
     path = out / "compare.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `dormant compare ... --out {out}` first")
-    data = json.loads(path.read_text())
-    runs = []
-    for r in data["runs"]:
-        rd = Path(r["run_dir"])
-        if not rd.exists() and root is not None:
-            rd = Path(root) / rd.name
-        runs.append((r["variant"], _history(rd)))
+    return json.loads(path.read_text())
+
+
+def _resolve(run_dir: str, root: str | os.PathLike | None) -> Path:
+    rd = Path(run_dir)
+    return rd if rd.exists() or root is None else Path(root) / rd.name
+
+
+def run_dirs(out: str | os.PathLike, root: str | os.PathLike | None = None
+             ) -> list[tuple[str, Path]]:
+    """(variant, run directory) of every run ``compare.json`` in `out` lists, in its order
+    (looked up as written, then under `root` by name), e.g. to reload the trained models."""
+    return [(r["variant"], _resolve(r["run_dir"], root)) for r in _compare_json(Path(out))["runs"]]
+
+
+def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Comparison:
+    """Read ``compare.json`` in `out` and the metrics of every run it lists (run directories
+    are looked up as written, then under `root` by name)."""
+    data = _compare_json(Path(out))
+    runs = [(r["variant"], _history(_resolve(r["run_dir"], root))) for r in data["runs"]]
     return Comparison(data["spec"], data["rows"], runs)
 
 
