@@ -6,7 +6,7 @@ pytest.importorskip("torch_pruning")
 from dormant import find_sites
 from dormant.data import load_dataset
 from dormant.methods import DemP, StructuredPruning
-from dormant.methods.demp import regulariser_grad
+from dormant.methods.demp import add_masked_noise, live_masks, regulariser_grad
 from dormant.methods.structured import lowest_norm_units
 from dormant.models import build_model
 from dormant.schedules import one_cycle
@@ -90,6 +90,32 @@ def test_noise_goes_to_live_units_only():
     assert not torch.equal(w[1:], before[1:])            # live units: noised
     assert bn[0] == bn_before[0] and (bn[1:] != bn_before[1:]).all()
     assert model.features.conv1_1.out_channels == before.shape[0] - 1   # then removed
+
+
+def test_live_masks_and_masked_noise_match_their_definition():
+    data, model = _vgg()
+    with torch.no_grad():
+        model.features.bn1_1.bias[0] = -1e3     # unit 0 of the first site: dead, no gradient
+    torch.nn.functional.cross_entropy(model(data.train.inputs[:64]), data.train.targets[:64]).backward()
+    sites = [s for s in find_sites(model, data.train.inputs[:2]) if s.producer is not None]
+    params, masks = live_masks(model, sites)
+    named = dict(model.named_parameters())
+    norms = {f"{s.norm}.{a}": s.producer for s in sites if s.norm for a in ("weight", "bias")}
+    with_grad = [(n, p) for n, p in named.items() if p.grad is not None]
+    assert [id(p) for _, p in with_grad] == [id(p) for p in params]
+    for (n, p), m in zip(with_grad, masks):
+        want = (named[f"{norms[n]}.weight"].grad.flatten(1) != 0).any(1) if n in norms \
+            else p.grad != 0
+        assert torch.equal(m, want.to(m.dtype)), n
+    assert masks[list(named).index("features.bn1_1.weight")][0] == 0
+    before = [p.detach().clone() for p in params]
+    torch.manual_seed(0)
+    add_masked_noise(params, masks, 0.5)
+    moved = torch.cat([(p != b).flatten() for p, b in zip(params, before)])
+    live = torch.cat([m.flatten() for m in masks]).bool()
+    assert torch.equal(moved, live)                  # exactly the live entries move
+    step = torch.cat([(p - b).flatten() for p, b in zip(params, before)])[live]
+    assert step.std().item() == pytest.approx(0.5, rel=0.05)
 
 
 def test_structured_follows_the_cubic_schedule_to_its_targets():

@@ -24,6 +24,12 @@ Deviations from the official code:
   a step count;
 * after the final removal, validation and test accuracy are re-measured on the compacted
   model (units dead on the probe subset may still fire on other inputs).
+
+Implementation note: the live masks and the noise use multi-tensor ops (one normal draw per
+device and dtype, split into the parameters' shapes). On a GPU the per-parameter version
+cost ~2 ms per step on a small VGG, more than the forward and backward passes. The draw
+order differs from dormant before this change, so a DemP run re-made now follows another
+(equally distributed) noise stream than the runs in docs/results.md.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from ..schedules import one_cycle
 from ..sites import NORMS, _unwrap
 from .structural import Structural
 
-__all__ = ["DemP", "regulariser_grad"]
+__all__ = ["DemP", "regulariser_grad", "live_masks", "add_masked_noise"]
 
 REGULARISERS = ("lasso", "l2", "cdg_lasso", "cdg_l2")
 TARGETS = ("scale", "offset", "norm", "all")
@@ -52,6 +58,44 @@ def regulariser_grad(p: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "cdg_l2":
         return p.clamp_min(0)
     raise ValueError(f"unknown regulariser {kind!r}; choose from {REGULARISERS}")
+
+
+@torch.no_grad()
+def live_masks(model: nn.Module, sites) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters with a gradient, their live masks): 1.0 where the data-loss gradient is
+    non-zero, 0.0 elsewhere; a norm layer's scale and offset take their unit's flag (its
+    producer row received gradient). Multi-tensor ops: a few kernels for the whole model."""
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return [], []
+    live = list(torch._foreach_sign([p.grad for _, p in named]))
+    torch._foreach_abs_(live)
+    index = {n: i for i, (n, _) in enumerate(named)}
+    for site in sites:
+        w = index.get(f"{site.producer}.weight")
+        if site.norm is None or w is None:
+            continue
+        unit = live[w].flatten(1).amax(1)
+        for attr in ("weight", "bias"):
+            i = index.get(f"{site.norm}.{attr}")
+            if i is not None:
+                live[i] = unit
+    return [p for _, p in named], live
+
+
+@torch.no_grad()
+def add_masked_noise(params: list[torch.Tensor], masks: list[torch.Tensor], sigma: float) -> None:
+    """p += sigma * N(0, 1) * mask for every parameter: one normal draw per (device, dtype)
+    group, split into the parameters' shapes, then two multi-tensor ops."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    for (device, dtype), idx in groups.items():
+        sizes = [params[i].numel() for i in idx]
+        flat = torch.randn(sum(sizes), device=device, dtype=dtype)
+        noise = [c.view_as(params[i]) for c, i in zip(flat.split(sizes), idx)]
+        torch._foreach_mul_(noise, [masks[i] for i in idx])
+        torch._foreach_add_([params[i] for i in idx], noise, alpha=sigma)
 
 
 class DemP(Structural):
@@ -87,7 +131,7 @@ class DemP(Structural):
         self.prune_after = int(prune_after)
         self.cycle = {"pct_start": pct_start, "div": div, "final_div": final_div}
         self.span_steps = 0
-        self._live: dict[str, torch.Tensor] = {}
+        self._live: tuple = ()     # (parameters, their live masks) between backward and step
         self._reg: list[torch.Tensor] | None = None   # regularised parameters, until a removal
 
     def prepare(self, trainer) -> None:
@@ -120,14 +164,7 @@ class DemP(Structural):
         model = _unwrap(trainer.model)
         lam, sig = self.schedule(trainer.step)
         if sig > 0:   # live mask from the data gradient, before the regulariser is added
-            self._live = {n: p.grad != 0 for n, p in model.named_parameters()
-                          if p.grad is not None}
-            for site in self.sites:
-                if site.norm is not None and f"{site.producer}.weight" in self._live:
-                    unit = self._live[f"{site.producer}.weight"].flatten(1).any(1)
-                    for attr in ("weight", "bias"):
-                        if f"{site.norm}.{attr}" in self._live:
-                            self._live[f"{site.norm}.{attr}"] = unit
+            self._live = live_masks(model, self.sites)
         if lam > 0:
             if self._reg is None:
                 self._reg = self._reg_params(model)
@@ -143,11 +180,8 @@ class DemP(Structural):
         model = _unwrap(trainer.model)
         _, sig = self.schedule(trainer.step - 1)
         if sig > 0 and self._live:
-            for n, p in model.named_parameters():
-                live = self._live.get(n)
-                if live is not None:
-                    p.add_(torch.randn_like(p) * live * sig)
-        self._live = {}
+            add_masked_noise(*self._live, sig)
+        self._live = ()
         if trainer.step >= self.prune_after and trainer.step % self.prune_every == 0:
             self.prune(trainer)
 

@@ -30,6 +30,13 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9,
     return OPTIMIZERS.get(name)(params, lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def synchronize(t: torch.Tensor) -> None:
+    """Wait for the work queued on `t`'s device (a no-op on the CPU), so that a host timer
+    measures the work itself."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode; the train flag is restored."""
@@ -111,6 +118,7 @@ class Trainer:
             bar.close()
         if self.scheduler is not None:
             self.scheduler.step()
+        synchronize(total)   # a GPU runs ahead of the host: time the work, not its queueing
         train_time = time.perf_counter() - t0
         val_loss, val_acc = evaluate(self.model, self.data.val, self.eval_batch_size)
         test_loss, test_acc = evaluate(self.model, self.data.test, self.eval_batch_size)
