@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dormant.data import fashion_mnist as fm
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted([*ROOT.glob("reproduce/*.py"), *ROOT.glob("benchmarks/*.py")])
 
@@ -62,3 +64,25 @@ def test_new_options_leave_existing_run_names_alone(tmp_path):
         "synaptic_stripping_mlp_30ep", "synaptic_stripping_mlp_30ep_unit",
         "synaptic_stripping_mlp_60ep"]
     assert ss["long_folder"](tmp_path, 30, True).name == "synaptic_stripping_mlp_30ep_unit"
+
+
+@pytest.mark.skipif(fm._find("train-images-idx3-ubyte", fm.search_dirs()) is None,
+                    reason="Fashion-MNIST not installed")
+def test_demp_speed_output_parses_into_the_summary(tmp_path, monkeypatch, capsys):
+    """The summary reads what the benchmark prints (the two formats stay in step)."""
+    script = ROOT / "benchmarks/demp_speed.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--epochs", "1", "--train-size", "256",
+                                      "--width", "0.25", "--train-batch", "64", "--span", "0.5"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = tmp_path / "run.txt"
+    out.write_text(capsys.readouterr().out)
+    summary = runpy.run_path(str(ROOT / "benchmarks/demp_speed_summary.py"))
+    got = summary["parse"](out)
+    assert (got["width"], got["batch"], got["epochs"], got["peak"], got["span"]) == (
+        0.25, 64, 1, 0.02, 0.5)
+    assert 0 <= got["removed"] <= 100 and got["train_x"] > 0 and got["flop_x"] >= 1
+    assert "| 0.25 | 64 | 0.02 | 0.5 | 1 |" in summary["table"]([got])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not a benchmark output\n")
+    with pytest.raises(ValueError, match="not a complete demp_speed.py output"):
+        summary["parse"](bad)
