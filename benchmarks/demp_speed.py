@@ -43,7 +43,9 @@ def trainer(model, data, epochs, lr, callbacks, seed, batch_size=128):
                    show_progress=False)
 
 
-def train_interleaved(dense: Trainer, demp: Trainer) -> tuple[list[dict], list[dict]]:
+def train_interleaved(dense: Trainer, demp: Trainer, report=None
+                      ) -> tuple[list[dict], list[dict]]:
+    """Both runs epoch by epoch in turn; `report(epoch, dense_row, demp_row)` after each."""
     rows = ([], [])
     for t in (dense, demp):
         t._call("on_fit_start")
@@ -51,6 +53,8 @@ def train_interleaved(dense: Trainer, demp: Trainer) -> tuple[list[dict], list[d
         while dense.epoch < dense.epochs:
             for t, r in zip((dense, demp), rows):
                 r.append(t._run_epoch())
+            if report is not None:
+                report(dense.epoch, rows[0][-1], rows[1][-1])
     finally:
         for t in (dense, demp):
             t._call("on_fit_end")
@@ -143,28 +147,30 @@ def main() -> None:
     demp_model = build_model(args.model, data.input_shape, data.num_classes, **options).to(device)
     demp = DemP(reg_peak=args.reg_peak, noise_peak=args.noise_peak, prune_every=args.prune_every,
                 span=args.span)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    nb = args.train_batch
+    print(f"torch {torch.__version__}, {where}; {args.model}"
+          f"{'' if args.width is None else f' width {args.width:g}'} on {args.dataset} "
+          f"({len(data.train)} training samples, batch {nb}), {args.epochs} epochs, "
+          f"DemP reg_peak={args.reg_peak} span={args.span:g}")
+    print("epoch  dense s  demp s  ratio  units removed", flush=True)
+
+    def report(e, a, b):   # as the epochs finish, so a run cut short still says something
+        print(f"{e:>5}  {a['train_time']:>7.1f}  {b['train_time']:>6.1f}  "
+              f"{a['train_time'] / b['train_time']:>5.2f}  {100 * b['units_removed']:>5.1f}%",
+              flush=True)
     rows_dense, rows_demp = train_interleaved(
-        trainer(dense_model, data, args.epochs, args.lr, [], args.seed, args.train_batch),
-        trainer(demp_model, data, args.epochs, args.lr, [demp], args.seed, args.train_batch))
+        trainer(dense_model, data, args.epochs, args.lr, [], args.seed, nb),
+        trainer(demp_model, data, args.epochs, args.lr, [demp], args.seed, nb), report)
     t_dense = sum(r["train_time"] for r in rows_dense)
     t_demp = sum(r["train_time"] for r in rows_demp)
     last = rows_demp[-1]
     mac_ratio = 1 / last["macs_ratio"]    # DemP reports its MACs over the dense model's
     x = data.test.inputs[:args.batch]
     la, lb, lat = latency_ratio(dense_model, demp_model, x)
-    nb = args.train_batch
     sa, sb, step = step_ratio(dense_model, demp_model, data.train.inputs[:nb],
                               data.train.targets[:nb])
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}, {where}; {args.model}"
-          f"{'' if args.width is None else f' width {args.width:g}'} on {args.dataset} "
-          f"({len(data.train)} training samples, batch {nb}), {args.epochs} epochs, "
-          f"DemP reg_peak={args.reg_peak} span={args.span:g}")
-    print("epoch  dense s  demp s  ratio  units removed")
-    for e, (a, b) in enumerate(zip(rows_dense, rows_demp), start=1):
-        print(f"{e:>5}  {a['train_time']:>7.1f}  {b['train_time']:>6.1f}  "
-              f"{a['train_time'] / b['train_time']:>5.2f}  {100 * b['units_removed']:>5.1f}%")
     print(f"test acc: dense {100 * rows_dense[-1]['test_acc']:.2f}%, DemP {100 * last['test_acc']:.2f}%")
     print(f"training speed-up (dense time / DemP time): {t_dense / t_demp:.2f}x "
           f"({t_dense:.0f}s vs {t_demp:.0f}s)")
