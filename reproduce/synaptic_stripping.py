@@ -40,6 +40,12 @@ REACH = ("Units still dead at the end with stripping that the rule can no longer
          "non-negative inputs, and the bias it leaves alone keeps them below zero. Counted "
          "from the final weights, dead on the validation split; in layer 1 the inputs are signed "
          "pixels (unless in [0, 1]), where even that argument does not hold:")
+FALLBACK = ("**Bias fallback: a deviation from the paper, run next to its rule.** "
+            "`SynapticStripping(bias_fallback=True)` treats the bias as the connection from a "
+            "constant input 1: a dead unit with no negative incoming weight left and a negative "
+            "bias loses its bias (masked to 0 for good) instead of its smallest positive "
+            "weights; every other unit gets the paper's rule. The ReLU and paper-rule runs are "
+            "the same runs as in the ablation of the same length above (same configs).")
 
 
 def vit_spec(epochs: int, seeds) -> CompareSpec:
@@ -76,7 +82,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES,
-             unit_inputs: bool = False) -> CompareSpec:
+             unit_inputs: bool = False, bias_fallback: bool = False) -> CompareSpec:
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp", optimizer="adam", lr=1e-2,
                             batch_size=128, epochs=epochs, **SCHEDULE,
                             dataset_args={"standardize": False} if unit_inputs else {})
@@ -85,6 +91,10 @@ def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES,
         arch, name = {"model_args": {"width": width, "depth": depth}}, shape_name(width, depth)
         variants[f"{name} ReLU"] = arch
         variants[f"{name} + stripping"] = {**arch, **SS}
+        if bias_fallback:   # a deviation from the paper, next to its rule
+            variants[f"{name} + stripping, bias fallback"] = {
+                **arch, "method": "synaptic-stripping",
+                "method_args": {"factor": 0.05, "bias_fallback": True}}
         if per_steps:
             variants[f"{name} + stripping/100 steps"] = {
                 **arch, "method": "synaptic-stripping",
@@ -165,8 +175,9 @@ def reach_table(folder: Path, root: str, variants) -> str:
     return "\n".join(lines)
 
 
-def long_folder(out: Path, epochs: int, unit_inputs: bool) -> Path:
-    return out / (f"synaptic_stripping_mlp_{epochs}ep" + ("_unit" if unit_inputs else ""))
+def long_folder(out: Path, epochs: int, unit_inputs: bool, bias_fallback: bool = False) -> Path:
+    return out / (f"synaptic_stripping_mlp_{epochs}ep" + ("_unit" if unit_inputs else "")
+                  + ("_bias" if bias_fallback else ""))
 
 
 def spec_shapes(cmp) -> list[tuple[int, int]]:
@@ -190,28 +201,39 @@ def long_section(cmp, folder: Path, root: str, cols, out: Path) -> list[str]:
                 titles={"dead_units": f"dead units, {' and '.join(shown)}, {epochs} epochs",
                         "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
-    opts = f"--long-epochs {epochs} --long-shapes {','.join(f'{w}x{d}' for w, d in shapes)}"
+    fallback = any(v.endswith(", bias fallback") for v in cmp.variants)
+    opts = (f"--long-epochs {epochs} --long-shapes {','.join(f'{w}x{d}' for w, d in shapes)}"
+            + (" --bias-fallback" if fallback else ""))
+    pairs = [(f"{n}, every epoch, {epochs} epochs", f"{n} ReLU", f"{n} + stripping")
+             for n in names]
+    methods = [("stripping every epoch", " + stripping")]
+    if fallback:
+        pairs += [(f"{n}, bias fallback, {epochs} epochs", f"{n} ReLU",
+                   f"{n} + stripping, bias fallback") for n in names]
+        methods += [("stripping, bias fallback", " + stripping, bias fallback")]
     inputs = ("pixels in [0, 1] (non-negative, not standardised), so stripping can revive "
               "first-layer units too" if unit else "standardised pixels, as above")
     return [f"## ReLU MLP, {epochs} epochs, stripping every epoch"
-            + (", inputs in [0, 1]" if unit else ""), "",
+            + (", inputs in [0, 1]" if unit else "")
+            + (", with the bias fallback (a deviation)" if fallback else ""), "",
+            *([FALLBACK, ""] if fallback else []),
             f"The ablation trained for {epochs} epochs (the cosine schedule stretched to the "
             f"new length), ReLU vs stripping at the paper's cadence; inputs: {inputs}. "
             f"Regenerate with `python reproduce/synaptic_stripping.py --jobs 2 {opts}"
             + (" --long-inputs unit" if unit else "") + "`.", "",
             to_markdown(cmp.rows, cols), "",
-            reduction_table(cmp, [(f"{n}, every epoch, {epochs} epochs", f"{n} ReLU",
-                                   f"{n} + stripping") for n in names]), "",
-            layer_table(cmp, shapes, [("stripping every epoch", " + stripping")]), "",
+            reduction_table(cmp, pairs), "",
+            layer_table(cmp, shapes, methods), "",
             REACH, "",
-            reach_table(folder, root, [f"{n} + stripping" for n in names]), "",
+            reach_table(folder, root, [f"{n}{x}" for n in names for _, x in methods]), "",
             f"![MLP curves, {epochs} epochs]({plot.name})", ""]
 
 
 def long_folders(out: Path) -> list[Path]:
     """Every longer ablation that has been run, by epochs, standardised inputs first."""
     found = [f for f in out.glob("synaptic_stripping_mlp_*ep*") if (f / "compare.json").exists()]
-    key = lambda f: (int(f.name.split("_")[3].removesuffix("ep")), f.name.endswith("_unit"))
+    key = lambda f: (int(f.name.split("_")[3].removesuffix("ep")), "_unit" in f.name,
+                     f.name.endswith("_bias"))
     return sorted(found, key=key)
 
 
@@ -225,6 +247,10 @@ def main() -> None:
     p.add_argument("--long-inputs", choices=("standardised", "unit"), default="standardised",
                    help="pixels of the longer ablation: standardised (as the 15-epoch one) "
                         "or unit (in [0, 1], non-negative)")
+    p.add_argument("--bias-fallback", action="store_true",
+                   help="add, next to the paper's rule, stripping with bias_fallback=True (a "
+                        "deviation: a dead unit with no negative weight left loses its "
+                        "negative bias); the ablation gets its own folder (suffix _bias)")
     args = p.parse_args()
     if args.long_epochs < 0:
         p.error("--long-epochs must be >= 0")
@@ -240,9 +266,9 @@ def main() -> None:
     specs = [(out / "synaptic_stripping_vit", vit_spec(epochs, seeds)),
              (out / "synaptic_stripping_mlp", mlp_spec(epochs, seeds))]
     if long_epochs:
-        specs.append((long_folder(out, long_epochs, unit),
+        specs.append((long_folder(out, long_epochs, unit, args.bias_fallback),
                       mlp_spec(long_epochs, seeds, per_steps=False, shapes=long_shapes,
-                               unit_inputs=unit)))
+                               unit_inputs=unit, bias_fallback=args.bias_fallback)))
     for folder, spec in specs:
         run_compare(spec, args.root, folder, show_progress=False, jobs=args.jobs)
     vit = load_comparison(out / "synaptic_stripping_vit", args.root)

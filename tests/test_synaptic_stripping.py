@@ -126,3 +126,48 @@ def test_invalid_options_are_refused():
         build_method("synaptic-stripping", probe="test")
     with pytest.raises(ValueError, match="no option"):
         build_method("synaptic-stripping", fraction=0.1)
+
+
+def _beyond_reach_model(seed=0):
+    """Units 0..3: positive weights on x >= 0, held dead by a negative bias (beyond the
+    paper's rule); units 4..7: a negative weight left (within reach); 8..15 live."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].weight[:8] = 0.0
+        model[0].weight[:4, :2] = torch.tensor([0.1, 0.2])
+        model[0].bias[:4] = -5.0
+        model[0].weight[4:8, :2] = torch.tensor([-1.0, -0.5])
+        model[0].weight[4:8, 2:4] = 0.5
+        model[0].bias[4:8] = -1.5       # dead too, and their bias is negative
+        model[0].weight[8:] = model[0].weight[8:].abs()
+        model[0].bias[8:] = 0.1
+    return model
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_bias_fallback_strips_only_negative_biases_of_units_beyond_reach(fallback):
+    data = _positive_data()
+    model = _beyond_reach_model()
+    bias0 = model[0].bias.detach().clone()
+    ss = SynapticStripping(factor=0.05, bias_fallback=fallback)
+    trainer = Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.0), epochs=1,
+                      batch_size=64, callbacks=[ss], show_progress=False)
+    trainer.fit()
+    bias = model[0].bias.detach()
+    assert ss.metrics["ss/beyond_reach"] == 4
+    if not fallback:       # the paper's rule: biases untouched, positive weights stripped
+        assert torch.equal(bias, bias0) and "ss/bias_stripped" not in ss.metrics
+        assert (model[0].weight[:4, 0] == 0).all()     # the smaller positive weight went
+        return
+    assert ss.metrics["ss/bias_stripped"] == 4
+    assert (bias[:4] == 0).all() and torch.equal(bias[4:], bias0[4:])
+    assert (model[0].weight[:4, :2] == torch.tensor([0.1, 0.2])).all()   # kept this time
+    assert (model[0].weight[4:8, 0] == 0).all()      # within reach: the paper's rule
+    assert not ss.masks.masks["0.bias"][4:].logical_not().any()
+    assert (model[0](data.val.inputs)[:, :4] > 0).any(0).all()   # they fire again
+
+
+def test_bias_fallback_must_be_a_bool():
+    with pytest.raises(ValueError, match="bias_fallback must be true or false"):
+        build_method("synaptic-stripping", bias_fallback="yes")

@@ -34,11 +34,20 @@ nothing (the quantile of one value is that value, and `<` is strict). The bias i
 touched, so a unit held below zero by a negative bias stays dead however long it is stripped.
 `ss/beyond_reach` counts these units (dead, no negative incoming weight left); in narrow
 MLPs they are most of the dead units that remain (docs/results/synaptic_stripping.md).
+
+Option, a deviation from the paper (off by default): ``bias_fallback=True`` treats the bias as
+the connection from a constant input 1 and strips it where the rule has run out: a dead unit
+with no negative incoming weight left and a negative bias gets its bias pruned (masked to 0,
+permanently) instead of losing its smallest positive weights that step. Only for sites whose
+producer feeds the activation directly (with a norm layer in between, the producer's bias is
+renormalised away and the norm's offset would be the analogue: not covered). Metric
+``ss/bias_stripped``.
 """
 from __future__ import annotations
 
 import torch
 
+from ..sites import _unwrap
 from ..units import fan_in_rows
 from .base import Method, weight_sparsity
 
@@ -78,11 +87,15 @@ class SynapticStripping(Method):
 
     name = "synaptic-stripping"
 
-    def __init__(self, factor: float = 0.05, **kwargs):
+    def __init__(self, factor: float = 0.05, bias_fallback: bool = False, **kwargs):
         super().__init__(**kwargs)
         if not 0 < factor < 1:
             raise ValueError(f"{self.name}: factor must be in (0, 1), got {factor}")
+        if not isinstance(bias_fallback, bool):
+            raise ValueError(f"{self.name}: bias_fallback must be true or false, "
+                             f"got {bias_fallback!r}")
         self.factor = float(factor)
+        self.bias_fallback = bias_fallback
         self.previous: dict[str, torch.Tensor] = {}
         self.stripped_total = 0
 
@@ -91,15 +104,22 @@ class SynapticStripping(Method):
         model = trainer.model
         revived = sum(int((self.previous[n] & ~d).sum()) for n, d in dead.items()
                       if n in self.previous)
-        stripped = reach = 0
+        stripped = reach = biases = 0
         masks = self.ensure_masks(trainer) if act else None
         for site in self.sites:
             if not dead[site.name].any():
                 continue
             rows = fan_in_rows(model, site).detach()
-            reach += int(beyond_reach(rows, dead[site.name]).sum())   # before this step
+            out = beyond_reach(rows, dead[site.name])
+            reach += int(out.sum())   # before this step
             if act:
                 keep = strip_decision(rows, dead[site.name], self.factor)
+                bias = self._fallback_bias(model, site)
+                if bias is not None:
+                    out &= bias.detach() < 0
+                    keep[out] = True          # their bias goes instead of positive weights
+                    masks.update(f"{site.producer}.bias", ~out)
+                    biases += int(out.sum())
                 name = f"{site.producer}.weight"
                 before = masks.masks.get(name)
                 masks.update(name, keep.view_as(masks._param(name)))
@@ -113,9 +133,17 @@ class SynapticStripping(Method):
             "ss/dead_units": sum(int(d.sum()) for d in dead.values()),
             "ss/revived": revived, "ss/stripped": stripped,
             "ss/stripped_total": self.stripped_total, "ss/beyond_reach": reach,
+            **({"ss/bias_stripped": biases} if self.bias_fallback else {}),
             "ss/active_params": self.active_params(model, dead),
             "weight_sparsity": weight_sparsity(model),
         }
+
+    def _fallback_bias(self, model, site) -> torch.Tensor | None:
+        """The producer's bias where `bias_fallback` applies to this site, else None."""
+        if not self.bias_fallback or site.norm is not None:
+            return None
+        bias = getattr(_unwrap(model).get_submodule(site.producer), "bias", None)
+        return bias if isinstance(bias, torch.nn.Parameter) else None
 
     def active_params(self, model, dead: dict[str, torch.Tensor]) -> int:
         """Entries of (stripping mask x live-row mask) summed over the sites' producers (§1.4):
