@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 from pathlib import Path
+
+from dormant.report import mean_std
 
 HEADER = re.compile(r"torch (?P<torch>\S+), (?P<where>[^;]+); (?P<model>\S+)(?: width (?P<width>[\d.]+))? "
                     r"on \S+(?: \((?P<n>\d+) training samples, batch (?P<batch>\d+)\))?,? (?P<epochs>\d+) "
@@ -44,27 +45,33 @@ def parse(path: Path) -> dict:
             "removed": float(removed[-1]) if removed else float("nan")}
 
 
-def ms(values: list[float], digits: int) -> str:
+def pm(values: list[float], digits: int) -> str:
+    """One value as is; several as mean ± sample std."""
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return "{0:.{2}f} ± {1:.{2}f}".format(*mean_std(values), digits)
+
+
+def setting(run: dict) -> tuple:
+    """What makes runs the same setting (their seeds are pooled)."""
+    return run["width"], run["batch"], run["peak"], run["span"], run["old"]
 
 
 def table(runs: list[dict]) -> str:
-    keys = sorted({(r["width"], r["batch"], r["peak"], r["span"], r["old"]) for r in runs})
+    keys = sorted({setting(r) for r in runs})
     lines = ["| width | batch | λ peak | span | seeds | units removed | dense acc | DemP − dense "
              "| training, whole run | one step, final widths | inference | FLOP reduction |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in keys:
-        rs = [r for r in runs if (r["width"], r["batch"], r["peak"], r["span"], r["old"]) == key]
+        rs = [r for r in runs if setting(r) == key]
         w, b, peak, span, old = key
         diff = [r["demp_acc"] - r["dense_acc"] for r in rs]
         lines.append(
             f"| {w:g}{' (old noise code)' if old else ''} | {b} | {peak:g} | {span:g} | {len(rs)} "
-            f"| {ms([r['removed'] for r in rs], 1)}% | {ms([r['dense_acc'] for r in rs], 2)} "
-            f"| {ms(diff, 2)} | {ms([r['train_x'] for r in rs], 2)}× "
-            f"| {ms([r['step_x'] for r in rs], 2)}× | {ms([r['infer_x'] for r in rs], 2)}× "
-            f"| {ms([r['flop_x'] for r in rs], 1)}× |")
+            f"| {pm([r['removed'] for r in rs], 1)}% | {pm([r['dense_acc'] for r in rs], 2)} "
+            f"| {pm(diff, 2)} | {pm([r['train_x'] for r in rs], 2)}× "
+            f"| {pm([r['step_x'] for r in rs], 2)}× | {pm([r['infer_x'] for r in rs], 2)}× "
+            f"| {pm([r['flop_x'] for r in rs], 1)}× |")
     return "\n".join(lines)
 
 

@@ -32,7 +32,14 @@ from dormant.report import (final_values, load_comparison, machine, mean_std, pl
 from dormant.units import fan_in_rows
 
 SCHEDULE = {"schedule": "cosine", "schedule_args": {"warmup": 1, "final": 0.01}}
-SS = {"method": "synaptic-stripping", "method_args": {"factor": 0.05}}
+
+
+def stripping(**options) -> dict:
+    """The variant fields of synaptic stripping at the paper's factor, plus `options`."""
+    return {"method": "synaptic-stripping", "method_args": {"factor": 0.05, **options}}
+
+
+SS = stripping()
 COLUMNS = ["ss/revived", "ss/active_params"]
 REACH = ("Units still dead at the end with stripping that the rule can no longer reach: no "
          "negative incoming weight left, so it now strips their smallest positive weights "
@@ -92,13 +99,10 @@ def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES,
         variants[f"{name} ReLU"] = arch
         variants[f"{name} + stripping"] = {**arch, **SS}
         if bias_fallback:   # a deviation from the paper, next to its rule
-            variants[f"{name} + stripping, bias fallback"] = {
-                **arch, "method": "synaptic-stripping",
-                "method_args": {"factor": 0.05, "bias_fallback": True}}
+            variants[f"{name} + stripping, bias fallback"] = {**arch,
+                                                               **stripping(bias_fallback=True)}
         if per_steps:
-            variants[f"{name} + stripping/100 steps"] = {
-                **arch, "method": "synaptic-stripping",
-                "method_args": {"factor": 0.05, "every_steps": 100}}
+            variants[f"{name} + stripping/100 steps"] = {**arch, **stripping(every_steps=100)}
     return CompareSpec(base, variants, seeds, title="ReLU MLP ablation on Fashion-MNIST",
                        columns=COLUMNS)
 
@@ -142,11 +146,11 @@ def layer_table(cmp, shapes, methods) -> str:
     return "\n".join(lines)
 
 
-def reach_counts(run_dir: Path) -> tuple[int, int, int]:
+def reach_counts(run_dir: Path, datasets: dict | None = None) -> tuple[int, int, int]:
     """(dead, beyond reach, of those with <= 1 incoming weight left) at the end of a run, from
     its final weights: dead on the validation split (the rule's probe), beyond reach = no
-    negative incoming weight left (see SynapticStripping)."""
-    cfg, model, data = load_run(run_dir)
+    negative incoming weight left (see SynapticStripping). `datasets`: see load_run."""
+    cfg, model, data = load_run(run_dir, datasets)
     mon = probe(model, data.val.inputs)
     dead = mon.dead_units("never_active")
     counts = [0, 0, 0]
@@ -162,14 +166,14 @@ def reach_counts(run_dir: Path) -> tuple[int, int, int]:
 def reach_table(folder: Path, root: str, variants) -> str:
     """Of the units still dead at the end with stripping, how many the rule can no longer
     reach, mean over seeds (read from each run's final weights)."""
-    runs = run_dirs(folder, root)
+    runs, datasets = run_dirs(folder, root), {}    # one dataset load for the whole table
     lines = ["| variant | dead at the end | no negative weight left | of them, <= 1 weight left |",
              "|---|---:|---:|---:|"]
     for v in variants:
         dirs = [d for name, d in runs if name == v]
         if not dirs:
             continue
-        counts = list(zip(*(reach_counts(d) for d in dirs)))
+        counts = list(zip(*(reach_counts(d, datasets) for d in dirs)))
         cells = " | ".join(f"{mean_std(c)[0]:.1f}" for c in counts)
         lines.append(f"| {v} | {cells} |")
     return "\n".join(lines)

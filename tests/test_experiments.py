@@ -97,6 +97,18 @@ def test_load_run_restores_weights(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+def test_load_run_shares_a_dataset_between_runs(tmp_path):
+    other = TINY.override(seed=TINY.seed + 1)
+    for cfg in (TINY, other):
+        run_experiment(cfg, tmp_path, **QUIET)
+    datasets = {}
+    _, _, a = load_run(tmp_path / TINY.label(), datasets)
+    _, model, b = load_run(tmp_path / other.label(), datasets)
+    assert b is a and len(datasets) == 1
+    saved = torch.load(tmp_path / other.label() / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_diverged_run_stops_and_logs_no_activity_statistics(tmp_path):
     cfg = TINY.override(lr=1e6, epochs=4)
     res = run_experiment(cfg, tmp_path, **QUIET)

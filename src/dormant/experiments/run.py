@@ -50,11 +50,18 @@ def _code_version() -> str:
         return __version__
 
 
-def build(cfg: ExperimentConfig):
-    """(data, model) for a config, on its device, seeded."""
+def _dataset_key(cfg: ExperimentConfig) -> str:
+    """The config fields that decide its dataset."""
+    return json.dumps([cfg.dataset, cfg.val_size, cfg.dataset_args, cfg.device], sort_keys=True)
+
+
+def build(cfg: ExperimentConfig, data=None):
+    """(data, model) for a config, on its device, seeded; `data` is the config's dataset when
+    the caller already has it loaded."""
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, val_size=None if cfg.val_size < 0 else cfg.val_size,
-                        **cfg.dataset_args).to(cfg.device)
+    if data is None:
+        data = load_dataset(cfg.dataset, val_size=None if cfg.val_size < 0 else cfg.val_size,
+                            **cfg.dataset_args).to(cfg.device)
     act = functools.partial(make_activation, cfg.activation, **cfg.activation_args)
     model = build_model(cfg.model, data.input_shape, data.num_classes, activation=act,
                         **cfg.model_args)
@@ -110,14 +117,18 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     return result
 
 
-def load_run(path: str | os.PathLike):
+def load_run(path: str | os.PathLike, datasets: dict | None = None):
     """(config, trained model, dataset) of a run directory: final weights, else the last
-    checkpoint."""
+    checkpoint. `datasets`, a dict kept by the caller, shares loaded datasets between the
+    runs it loads (keyed by the config fields that decide the dataset)."""
     rd = Path(path)
     if not (rd / "config.json").exists():
         raise FileNotFoundError(f"{rd} is not a run directory (no config.json)")
     cfg = ExperimentConfig.from_dict(json.loads((rd / "config.json").read_text()))
-    data, model = build(cfg)
+    key = _dataset_key(cfg)
+    data, model = build(cfg, None if datasets is None else datasets.get(key))
+    if datasets is not None:
+        datasets[key] = data
     arch = None
     if (rd / "model.pt").exists():
         state = torch.load(rd / "model.pt", map_location=cfg.device, weights_only=True)

@@ -117,9 +117,10 @@ class SynapticStripping(Method):
                 bias = self._fallback_bias(model, site)
                 if bias is not None:
                     out &= bias.detach() < 0
-                    keep[out] = True          # their bias goes instead of positive weights
-                    masks.update(f"{site.producer}.bias", ~out)
-                    biases += int(out.sum())
+                    if out.any():   # no mask (and no per-step masking) for biases never cut
+                        keep[out] = True      # their bias goes instead of positive weights
+                        masks.update(f"{site.producer}.bias", ~out)
+                        biases += int(out.sum())
                 name = f"{site.producer}.weight"
                 before = masks.masks.get(name)
                 masks.update(name, keep.view_as(masks._param(name)))
