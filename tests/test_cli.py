@@ -79,3 +79,8 @@ def test_parse_mapping_keeps_lists():
         "widths": [300, 100], "bias": False, "name": "x"}
     assert _parse_mapping("widths={'act1': 3, 'act2': 4},sparsity=0.5") == {
         "widths": {"act1": 3, "act2": 4}, "sparsity": 0.5}
+
+
+def test_parse_mapping_reads_yaml_style_booleans():
+    assert _parse_mapping("bias_fallback=true,standardize=FALSE,name=truth") == {
+        "bias_fallback": True, "standardize": False, "name": "truth"}

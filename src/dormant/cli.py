@@ -12,12 +12,16 @@ from .experiments.config import _MAPPINGS, ConfigError, ExperimentConfig, load_c
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
-    """``"width=512,depth=4"`` -> ``{"width": 512, "depth": 4}`` (values as Python literals)."""
+    """``"width=512,depth=4"`` -> ``{"width": 512, "depth": 4}`` (values as Python literals;
+    ``true``/``false`` in any case are booleans too, as in the YAML config files)."""
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in _split_top(text))):
         key, sep, val = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        if val.strip().lower() in ("true", "false"):
+            out[key.strip()] = val.strip().lower() == "true"
+            continue
         try:
             out[key.strip()] = ast.literal_eval(val.strip())
         except (ValueError, SyntaxError):
