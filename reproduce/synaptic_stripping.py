@@ -11,10 +11,13 @@ ReLU vs stripping at the paper's cadence (every epoch) only: at 15 epochs the de
 with per-epoch stripping is still falling when training ends. --long-shapes picks the MLPs
 (the w1024 d4 one alone takes ~1 h of it on 2 cores); --long-inputs unit feeds them pixels
 in [0, 1] instead of standardised ones (the first layer then reads non-negative inputs;
-on w256 d4 at 30 epochs that did not help, see the results). Each longer budget keeps its
-own folder (synaptic_stripping_mlp_<E>ep[_unit]) and the page shows every one that exists:
+on w256 d4 at 30 epochs that did not help, see the results); --bias-fallback adds, next
+to the paper's rule, SynapticStripping(bias_fallback=True) (a deviation: a dead unit with no
+negative weight left loses its negative bias). Each longer budget keeps its own folder
+(synaptic_stripping_mlp_<E>ep[_unit][_bias]) and the page shows every one that exists:
 
     python reproduce/synaptic_stripping.py --jobs 2 --long-epochs 60 --long-shapes 64x4,256x2
+    python reproduce/synaptic_stripping.py --jobs 2 --long-epochs 60 --long-shapes 64x4 --bias-fallback
 
 Finished runs are reused (runs/reproduce/...), so an interrupted reproduction resumes.
 """
