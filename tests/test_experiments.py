@@ -5,8 +5,7 @@ import torch
 
 from dormant.experiments import (CompareSpec, ConfigError, ExperimentConfig, load_run,
                                  run_compare, run_experiment)
-from dormant.methods import METHODS
-from dormant.train import Callback
+from dormant.methods import METHODS, Method
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
 TINY = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16}, epochs=3,
@@ -27,15 +26,22 @@ def test_run_writes_metrics_and_is_skipped_when_finished(tmp_path):
     assert again["skipped"] and again["final"] == res["final"]
 
 
-class _Interrupt(Callback):
-    def on_epoch_end(self, trainer, epoch, metrics):
-        if epoch == 2:
+class _Idle(Method):
+    name = "_interrupt"
+
+    def _end_epoch(self, result, val_score, evaluate):
+        pass
+
+
+class _Interrupt(_Idle):
+    def _end_epoch(self, result, val_score, evaluate):
+        if self.epoch == 2:
             raise KeyboardInterrupt
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     straight = run_experiment(TINY, tmp_path / "a", **QUIET)
-    METHODS._items["_interrupt"] = lambda: [_Interrupt()]
+    METHODS._items["_interrupt"] = _Interrupt
     try:
         cfg = TINY.override(method="_interrupt")
         with pytest.raises(KeyboardInterrupt):
@@ -43,7 +49,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
         rd = tmp_path / "b" / cfg.label()
         assert torch.load(rd / "checkpoint.pt", weights_only=True)["epoch"] == 1
         assert not (rd / "result.json").exists()
-        METHODS._items["_interrupt"] = lambda: []      # the "fixed" run continues
+        METHODS._items["_interrupt"] = _Idle      # the "fixed" run continues
         resumed = run_experiment(cfg, tmp_path / "b", **QUIET)
     finally:
         METHODS._items.pop("_interrupt")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dormant.experiments import ExperimentConfig, run_experiment
-from dormant.methods import METHODS, build_method
+from dormant.methods import METHODS, build
 from dormant.train import Trainer
 from dormant.data import load_dataset
 from dormant.models import build_model
@@ -32,7 +32,7 @@ def test_finalize_leaves_a_plain_model(name):
     keys = set(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     Trainer(model, data, opt, epochs=3, batch_size=64, show_progress=False,
-            callbacks=build_method(name, **METHOD_ARGS.get(name, {}))).fit()
+            callbacks=[build(name, **METHOD_ARGS.get(name, {}))]).fit()
     assert _hooks(model) == 0
     assert set(model.state_dict()) == keys
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
@@ -40,10 +40,11 @@ def test_finalize_leaves_a_plain_model(name):
 
 def _interrupting(cls):
     class Interrupted(cls):
-        def on_epoch_end(self, trainer, epoch, metrics):
-            super().on_epoch_end(trainer, epoch, metrics)
-            if epoch == 2:      # after the method acted, before the epoch's checkpoint
+        def end_epoch(self, *args, **kwargs):
+            out = super().end_epoch(*args, **kwargs)
+            if self.epoch == 2:      # after the method acted, before the epoch's checkpoint
                 raise KeyboardInterrupt
+            return out
     return Interrupted
 
 

@@ -2,57 +2,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from .batching import Forward, default_forward, iter_batches, model_input, take, to_device
 from .monitor import ActivityMonitor
 from .sites import Site, _unwrap, find_sites
 
-__all__ = ["diagnose", "Diagnosis", "iter_inputs", "probe"]
-
-
-def iter_inputs(data, batch_size: int = 512) -> Iterator[torch.Tensor]:
-    """Model inputs from a tensor, an ``(inputs, targets)`` pair of tensors, or an iterable
-    of batches (tensors or tuples whose first element is the input)."""
-    if isinstance(data, torch.Tensor):
-        for i in range(0, len(data), batch_size):
-            yield data[i:i + batch_size]
-    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor) \
-            and len(data) == 2 and data[0].shape[:1] == data[1].shape[:1] and data[0].ndim > 1:
-        yield from iter_inputs(data[0], batch_size)
-    elif hasattr(data, "inputs") and isinstance(getattr(data, "inputs"), torch.Tensor):
-        yield from iter_inputs(data.inputs, batch_size)
-    else:
-        for batch in data:
-            yield batch[0] if isinstance(batch, (tuple, list)) else batch
+__all__ = ["diagnose", "Diagnosis", "probe"]
 
 
 def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: float = 0.0,
-          batch_size: int = 512, max_batches: int | None = None,
-          device: torch.device | str | None = None) -> ActivityMonitor:
-    """Run `data` through `model` in eval mode under no_grad with an exact monitor; the
-    model's train/eval flags are restored afterwards. Returns the (detached) monitor."""
+          batch_size: int = 512, max_batches: int | None = None, max_samples: int | None = None,
+          device: torch.device | str | None = None,
+          forward: Forward | None = None) -> ActivityMonitor:
+    """Run probe `data` through `model` in eval mode under no_grad with an exact monitor; the
+    model's train/eval flags are restored afterwards. Returns the (detached) monitor.
+
+    `data`: a tensor, an ``(inputs, targets)`` tuple, a mapping of tensors, or an iterable of
+    batches (`dormant.batching`); `forward(model, batch)` makes the call (default: ``model(x)``,
+    ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple).
+    """
     model = _unwrap(model)
+    forward = forward or default_forward
     device = torch.device(device) if device is not None else _model_device(model)
-    batches = iter_inputs(data, batch_size)
+    batches = iter_batches(data, batch_size, limit=max_samples)
     first = next(batches, None)
     if first is None:
         raise ValueError("probe data is empty")
-    first = first.to(device)
+    first = to_device(first, device)
     if sites is None:
-        sites = find_sites(model, first[:2])
+        sites = find_sites(model, take(model_input(first), 2))
     flags = {m: m.training for m in model.modules()}
     mon = ActivityMonitor(model, sites, eps=eps, every=1, mode="any")
     model.eval()
     try:
         with mon, torch.no_grad():
-            model(first)
-            for i, x in enumerate(batches, start=1):
+            forward(model, first)
+            for i, batch in enumerate(batches, start=1):
                 if max_batches is not None and i >= max_batches:
                     break
-                model(x.to(device))
+                forward(model, to_device(batch, device))
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -121,13 +113,16 @@ class Diagnosis:
 
 def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: float = 0.0,
              sites: Sequence[Site] | None = None, batch_size: int = 512,
-             max_batches: int | None = None, device=None, **criterion_params) -> Diagnosis:
+             max_batches: int | None = None, max_samples: int | None = None, device=None,
+             forward: Forward | None = None, **criterion_params) -> Diagnosis:
     """Which units of `model` are dead on `data`: an exact probe pass in eval mode.
 
-    `data` is a tensor of inputs, an ``(inputs, targets)`` pair, or an iterable of batches.
+    `data` and `forward` as for `probe`: a tensor of inputs, an ``(inputs, targets)`` tuple,
+    a mapping of tensors, or an iterable of batches (a DataLoader).
     """
     mon = probe(model, data, sites=sites, eps=eps, batch_size=batch_size,
-                max_batches=max_batches, device=device)
+                max_batches=max_batches, max_samples=max_samples, device=device,
+                forward=forward)
     dead = mon.dead_units(criterion, **criterion_params)
     sparsity = mon.activation_sparsity()
     stats = mon.stats()

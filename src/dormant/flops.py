@@ -16,15 +16,17 @@ import math
 import torch
 import torch.nn as nn
 
+from .batching import default_forward, take
 from .sites import PRODUCERS, _unwrap
 
 __all__ = ["positions", "macs"]
 
 
 @torch.no_grad()
-def positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+def positions(model: nn.Module, example) -> dict[str, int]:
     """Output positions per sample of every Linear/Conv (tokens x spatial), from one
-    eval-mode forward of `example` (train flags restored)."""
+    eval-mode forward of the first sample of `example` (a tensor or a mapping of keyword
+    inputs; train flags restored)."""
     model = _unwrap(model)
     out: dict[str, int] = {}
     handles = []
@@ -37,7 +39,7 @@ def positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        model(example[:1])
+        default_forward(model, take(example, 1))
     finally:
         for h in handles:
             h.remove()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -350,14 +350,23 @@ class _Meta:
     shape: torch.Size
 
 
+def _placeholder_args(graph: fx.Graph, example) -> tuple:
+    """Positional values for the graph's inputs: a tuple as it is, a mapping (keyword inputs,
+    Hugging Face style) matched by argument name (defaults for the missing ones)."""
+    if isinstance(example, Mapping):
+        holders = [n for n in graph.nodes if n.op == "placeholder"]
+        return tuple(example[n.target] if n.target in example else (n.args[0] if n.args else None)
+                     for n in holders)
+    return example if isinstance(example, tuple) else (example,)
+
+
 def _propagate_shapes(gm: fx.GraphModule, example) -> None:
     """One forward in eval mode under no_grad; running statistics are left untouched."""
     flags = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
         with torch.no_grad():
-            args = example if isinstance(example, tuple) else (example,)
-            _ShapeProp(gm).run(*args)
+            _ShapeProp(gm).run(*_placeholder_args(gm.graph, example))
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -377,7 +386,10 @@ def _runtime_sites(model: nn.Module, example) -> list[Site]:
     model.eval()
     try:
         with torch.no_grad():
-            model(*(example if isinstance(example, tuple) else (example,)))
+            if isinstance(example, Mapping):
+                model(**example)
+            else:
+                model(*(example if isinstance(example, tuple) else (example,)))
     finally:
         for h in handles:
             h.remove()
@@ -417,7 +429,8 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
 
     Args:
         model: the network (a DDP wrapper is unwrapped).
-        example_input: a batch (tensor or tuple of tensors) the model accepts; it runs once
+        example_input: a batch the model accepts: a tensor, a tuple of positional inputs, or
+            a mapping of keyword inputs (``model(**example)``); it runs once
             in eval mode under no_grad, so running statistics do not move.
         include / exclude: site names to keep / drop.
         activations: keep only these activation kinds (e.g. ``["relu"]``).

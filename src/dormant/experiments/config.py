@@ -81,7 +81,7 @@ class ExperimentConfig:
     def _check_options(self) -> None:
         """Model/schedule option names and method options (built once, cheaply) are checked
         here, so a comparison fails before its first run trains, not in its fifth."""
-        from ..methods import build_method
+        from ..methods import build
         _check_names("model", self.model, MODELS.get(self.model), self.model_args, skip=3)
         _check_names("schedule", self.schedule, SCHEDULES.get(self.schedule),
                      self.schedule_args, skip=1)
@@ -91,9 +91,9 @@ class ExperimentConfig:
             make_activation(self.activation, **self.activation_args)
             if self.init == "eoc":
                 self._check_eoc()
-            for cb in build_method(self.method, **self.method_args):
-                if hasattr(cb, "check_config"):
-                    cb.check_config(self)
+            method = build(self.method, **self.method_args)
+            if method is not None:
+                method.check_budget(epochs=self.epochs)
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..data import load_dataset
-from ..methods import build_method
+from .. import methods
 from ..activations import make_activation
 from ..models import build_model, initialize
 from ..schedules import make_scheduler
@@ -79,18 +79,18 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     if (rd / "result.json").exists():
         log(f"[skip] {rd} already finished")
         return {**json.loads((rd / "result.json").read_text()), "skipped": True}
-    method_callbacks = build_method(cfg.method, **cfg.method_args)  # refuse bad options early
+    method = methods.build(cfg.method, **cfg.method_args)  # refuse bad options early
     data, model = build(cfg)
     arch_built = architecture(model)
     rd.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
-    period = next((cb.schedule_period() for cb in method_callbacks
-                   if hasattr(cb, "schedule_period")), None)   # pruning rounds restart it
+    period = getattr(method, "schedule_period", lambda: None)()  # pruning rounds restart it
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, period, **cfg.schedule_args)
     ckpt = CheckpointCallback(rd / "checkpoint.pt")
     callbacks = [MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
-                 *method_callbacks, JsonlLogger(rd / "metrics.jsonl"), ckpt]
+                 *([method] if method is not None else []), JsonlLogger(rd / "metrics.jsonl"),
+                 ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
                       show_progress=show_progress)

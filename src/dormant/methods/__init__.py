@@ -1,15 +1,21 @@
 """Methods on dead neurons, one file each, behind a registry.
 
-A method is built as ``build_method(name, **options)`` and returns a list of training
-callbacks (`dormant.train.Callback`): prepare in ``on_fit_start``, observe with exact probe
-passes, decide and apply in ``on_epoch_end``/``on_step_end``, finalize in ``on_fit_end``.
+A method is an object driven from any training loop (the Method API, `methods.base`):
+
+    method = dormant.methods.build("synaptic-stripping", factor=0.05)
+    method.prepare(model, optimizer, probe=val_loader)
+    ... loss.backward(); method.after_backward(); optimizer.step(); method.after_step() ...
+    metrics = method.end_epoch()
+    method.finalize()
+
+Each method declares its options once, as a dataclass (`Method.Options`): the Python call,
+``--method-args`` and YAML configs are checked through it before anything trains.
 """
 from __future__ import annotations
 
-import inspect
-
+from ..options import OptionError
 from ..registry import Registry
-from .base import Method, prunable_weights, weight_sparsity
+from .base import EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
 from .ap import AP
 from .demp import DemP
 from .iterative import IMP, IterativePruning
@@ -18,46 +24,39 @@ from .redo import ReDo
 from .structured import StructuredPruning
 from .synaptic_stripping import SynapticStripping
 
-__all__ = ["AP", "DemP", "IMP", "StructuredPruning", "IterativePruning", "METHODS", "Method", "NNrelief", "ReDo",
-           "SynapticStripping", "build_method", "method_options",
+__all__ = ["AP", "DemP", "EpochResult", "IMP", "IterativePruning", "METHODS", "Method",
+           "MethodOptions", "NNrelief", "OptionError", "ReDo", "StructuredPruning",
+           "SynapticStripping", "build", "describe_options", "method_options",
            "prunable_weights", "weight_sparsity"]
 
 METHODS = Registry("method")
+METHODS.register("none", help="Plain training (the baseline).")(None)
+for _cls in (SynapticStripping, ReDo, IMP, AP, NNrelief, DemP, StructuredPruning):
+    METHODS.register(_cls.name)(_cls)
 
 
-@METHODS.register("none")
-def none() -> list:
-    """Plain training (the baseline)."""
-    return []
-
-
-METHODS.register("synaptic-stripping")(SynapticStripping)
-METHODS.register("redo")(ReDo)
-METHODS.register("imp")(IMP)
-METHODS.register("ap")(AP)
-METHODS.register("nnrelief")(NNrelief)
-METHODS.register("demp")(DemP)
-METHODS.register("structured")(StructuredPruning)
+def _class(name: str) -> type[Method] | None:
+    return METHODS.get(name)
 
 
 def method_options(name: str) -> list[str]:
     """The option names method `name` accepts."""
-    fn = METHODS.get(name)
-    if isinstance(fn, type):
-        names: list[str] = []
-        for klass in fn.__mro__:
-            if "__init__" in vars(klass) and klass is not object:
-                names += [p for p, v in inspect.signature(klass.__init__).parameters.items()
-                          if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
-        return sorted(set(names) - set(getattr(fn, "hidden_options", ())))
-    return sorted(inspect.signature(fn).parameters)
+    cls = _class(name)
+    return [] if cls is None else sorted(row[0] for row in cls.Options.describe())
 
 
-def build_method(name: str, **options) -> list:
-    """Callbacks for method `name`; unknown options are refused with the valid ones."""
-    valid = method_options(name)
-    bad = sorted(set(options) - set(valid))
-    if bad:
-        raise ValueError(f"method {name!r} has no option(s) {bad}; valid: {valid or 'none'}")
-    out = METHODS.get(name)(**options)
-    return [out] if isinstance(out, Method) else list(out)
+def describe_options(name: str) -> list[tuple[str, str, str, str]]:
+    """(option, type and range, default, help) of method `name`, in declaration order."""
+    cls = _class(name)
+    return [] if cls is None else cls.Options.describe()
+
+
+def build(name: str, **options) -> Method | None:
+    """Method `name` with `options`, each checked (unknown names and bad values raise
+    `OptionError` naming the option). ``build("none")`` is None: plain training."""
+    cls = _class(name)
+    if cls is None:
+        if options:
+            raise OptionError(f"method 'none' has no options; got {sorted(options)}")
+        return None
+    return cls(**options)

@@ -24,13 +24,16 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from ..monitor import ActivityMonitor
+from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune, select_lowest
 from ..sites import _unwrap
+from .base import EpochResult, check_option
 from .iterative import IMP
 
 __all__ = ["AP", "ap_decision"]
@@ -62,36 +65,45 @@ class AP(IMP):
 
     name = "ap"
 
-    def __init__(self, p_ap: float = 0.02, neuron_fraction: float | None = None,
-                 activations=("relu",), **kwargs):
-        super().__init__(activations=activations, **kwargs)
-        if not 0 < p_ap < self.rate:
-            raise ValueError(f"{self.name}: p_ap must be in (0, rate={self.rate}), got {p_ap}")
-        if neuron_fraction is not None and not 0 < neuron_fraction <= 1:
-            raise ValueError(f"{self.name}: neuron_fraction must be in (0, 1], "
-                             f"got {neuron_fraction}")
-        self.p_ap, self.neuron_fraction = float(p_ap), neuron_fraction
+    @dataclass
+    class Options(IMP.Options):
+        activations: tuple[str, ...] | None = option(("relu",), "site activation kinds AP "
+                                                     "acts on (weights feeding a ReLU)")
+        p_ap: float = option(0.02, "AP's share of each round's budget, in (0, rate)",
+                             within=(0, 1))
+        neuron_fraction: float | None = option(None, "restrict AP to the rows of this fraction "
+                                               "of units per site with the highest dynamic "
+                                               "DNR (off: the official code)", within=(0, 1),
+                                               bounds="(]")
+
+        def check(self, owner: str) -> None:
+            super().check(owner)
+            check_option(self.p_ap < self.rate, owner,
+                         f"p_ap: expected a float in (0, rate={self.rate:g}), got {self.p_ap!r}")
+
+    def __init__(self, **options):
+        super().__init__(**options)
         self.monitor: ActivityMonitor | None = None
         self._monitor_state: dict | None = None
         self.last_ap = 0
 
-    def prepare(self, trainer) -> None:
-        super().prepare(trainer)
-        if self.neuron_fraction is not None:
-            self.monitor = ActivityMonitor(trainer.model, self.sites, every=10, mode="train")
+    def _prepare(self) -> None:
+        super()._prepare()
+        if self.opts.neuron_fraction is not None:
+            self.monitor = ActivityMonitor(self.model, self.sites, every=10, mode="train")
             if self._monitor_state is not None:
                 self.monitor.load_state_dict(self._monitor_state)
             self.monitor.__enter__()
-            self.monitor.set_step(trainer.step)
+            self.monitor.set_step(self.step)
 
-    def on_step_end(self, trainer, loss) -> None:
+    def _after_step(self) -> None:
         if self.monitor is not None:
             self.monitor.step()
 
-    def eligible(self, model) -> dict[str, torch.Tensor]:
+    def eligible(self) -> dict[str, torch.Tensor]:
         """Per producer of a ReLU site: which weights AP may remove (whole weight, or the rows
         of the units with the highest dynamic DNR)."""
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(_unwrap(self.model).named_parameters())
         out = {}
         stats = self.monitor.stats() if self.monitor is not None else None
         for site in self.sites:
@@ -102,21 +114,22 @@ class AP(IMP):
             rows = torch.ones(site.num_units, dtype=torch.bool, device=w.device)
             if stats is not None and stats[site.name].positions > 0:
                 zr = stats[site.name].zero_rate
-                k = max(1, round(self.neuron_fraction * site.num_units))
+                k = max(1, round(self.opts.neuron_fraction * site.num_units))
                 rows = torch.zeros_like(rows)
                 rows[torch.topk(zr, k).indices] = True
             out[name] = rows.view(-1, *[1] * (w.ndim - 1)).expand_as(w)
         return out
 
-    def decide(self, trainer, rnd: int) -> dict[str, torch.Tensor]:
+    def decide(self, rnd: int) -> dict[str, torch.Tensor]:
         masks = self.pruning_masks()
         n_alive = alive(masks)
-        n_total, n_ap = count_to_prune(n_alive, self.rate), count_to_prune(n_alive, self.p_ap)
-        pruner, weights = PRUNERS.get(self.pruner), self.weights(trainer)
-        gen = self.generator(trainer, rnd)
+        n_total = count_to_prune(n_alive, self.opts.rate)
+        n_ap = count_to_prune(n_alive, self.opts.p_ap)
+        pruner, weights = PRUNERS.get(self.opts.pruner), self.weights()
+        gen = self.generator(rnd)
         base = pruner(weights, masks, n_total - n_ap, generator=gen)
         start = {k: self.round_start[k].to(weights[k].device) for k in weights}
-        new, m = ap_decision(weights, start, base, self.eligible(trainer.model), n_ap)
+        new, m = ap_decision(weights, start, base, self.eligible(), n_ap)
         if m < n_ap:
             new = pruner(weights, new, n_ap - m, generator=gen)
         self.last_ap = m
@@ -124,15 +137,16 @@ class AP(IMP):
             self.monitor.reset()
         return new
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        super().on_epoch_end(trainer, epoch, metrics)
-        if "pruned" in metrics:
-            metrics["ap/pruned"] = self.last_ap
+    def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
+        super()._end_epoch(result, val_score, evaluate)
+        if "pruned" in result:
+            result["ap/pruned"] = self.last_ap
 
-    def finalize(self, trainer) -> None:
-        super().finalize(trainer)
+    def finalize(self):
+        model = super().finalize()
         if self.monitor is not None:
             self.monitor.close()
+        return model
 
     def state_dict(self) -> dict:
         mon = self.monitor.state_dict() if self.monitor is not None else None

@@ -1,26 +1,44 @@
-"""What every method shares: prepare -> observe -> step -> finalize, as a training callback.
+"""What every method shares: the Method API, driven from any training loop.
+
+    method = dormant.methods.build("synaptic-stripping", factor=0.05)
+    method.prepare(model, optimizer, probe=val_loader)    # sites, masks on the optimizer
+    for epoch in range(epochs):
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            method.after_backward()      # gradient-side work (DemP's regulariser)
+            optimizer.step()             # masks: gradients masked before, weights after
+            method.after_step()          # step-cadence decisions; True: the model changed
+        log(method.end_epoch())          # epoch-cadence decisions; the method's metrics
+    method.finalize()                    # a plain model: no hooks, masks folded into weights
 
 A method finds its sites in `prepare`, observes them with exact probe passes (eval mode, no
-grad, every sample of the probe split), takes a decision in `step` (a pure function of
-tensors, tested without training) and applies it, and in `finalize` leaves a plain model:
-no hooks on the model, no optimizer hooks, no buffers of ours. Weight masks live in a
-`Masks` object attached to the optimizer (gradients masked before, masks re-applied after
-every step) and saved with the callback's state, so a resumed run keeps them.
+grad, every sample of the probe data; the caller's random state is left as it was), takes a
+decision (a pure function of tensors, tested without training) and applies it, and in
+`finalize` leaves a plain model: no hooks on the model, no optimizer hooks, no buffers of ours.
+Weight masks live in a `Masks` object attached to the optimizer and saved with the method's
+state, so a resumed run keeps them. Methods never import a training loop and never evaluate
+test data; where the caller must act, the value a call returns says so (`EpochResult`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..batching import Forward, default_forward, iter_batches, model_input, take, to_device
 from ..diagnose import probe
 from ..masks import Masks
 from ..monitor import ActivityMonitor
+from ..options import OptionError, Options, option
 from ..sites import PRODUCERS, Site, _unwrap, find_sites
-from ..train.callbacks import Callback
 
-__all__ = ["Method", "prunable_weights", "weight_sparsity"]
+__all__ = ["EpochResult", "Method", "MethodOptions", "PeriodicOptions", "prunable_weights",
+           "weight_sparsity"]
+
+Evaluate = Callable[[nn.Module], Mapping[str, Any]]
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,100 +55,241 @@ def weight_sparsity(model: nn.Module) -> float:
     return zeros / max(total, 1)
 
 
-class Method(Callback):
-    """Base of the methods: sites, probes, masks, a schedule of steps, metrics.
+@dataclass
+class MethodOptions(Options):
+    """Options every method has."""
+    probe: str = option("val", "split the Trainer and the command line hand over as probe "
+                        "data (never test); in your own loop you pass the data to prepare()",
+                        choices=("train", "val"))
+    probe_samples: int | None = option(None, "use only the first N probe samples (fixed, not "
+                                       "random)", at_least=1)
+    activations: tuple[str, ...] | None = option(None, "site activation kinds to act on "
+                                                 "(None: every kind)")
+    sites: Sequence[Site] | None = option(None, "explicit sites (default: find_sites, those "
+                                          "with a producer)", python_only=True)
+    eps: float = option(0.0, "an output counts as active when > eps", at_least=0)
 
-    Args:
-        every: act at the end of every `every`-th epoch.
-        every_steps: act every `every_steps` optimizer steps instead (exclusive with `every`).
-        probe: the split whose every sample decides ("val" by default; never "test").
-        probe_samples: use only the first N samples of the probe split (fixed, not random).
-        activations: site activation kinds to act on (None: every kind).
-        sites: explicit sites (default: `find_sites`, keeping those with a producer).
-        eps: an output counts as active when > eps.
+
+@dataclass
+class PeriodicOptions(MethodOptions):
+    """Options of methods that act on a cadence of epochs or steps."""
+    every: int = option(1, "act at the end of every N-th epoch", at_least=1)
+    every_steps: int | None = option(None, "act every N optimizer steps instead (then "
+                                     "`every` is not used)", at_least=1)
+
+
+class EpochResult(dict):
+    """The method's metrics for the epoch (a dict), plus what the caller must act on:
+
+    model_changed: units were removed physically (parameters replaced, optimizer state
+        sliced in place): rebuild what holds the old parameters (a DDP wrapper, an EMA copy).
+    new_round: a pruning round ended: weights pruned, survivors rewound, optimizer state
+        cleared; restart the learning-rate schedule if it runs per round.
+    restored: the weights were replaced by the round's best epoch (`val_score`); a caller
+        that reports accuracy should measure the model again (or pass `evaluate`).
+    """
+
+    model_changed: bool = False
+    new_round: bool = False
+    restored: bool = False
+
+
+class Method:
+    """Base of the methods: options, sites, probes, masks, a cadence, metrics, state.
+
+    Subclasses set `name` and `Options` and override `update` (periodic methods) or the
+    `_after_backward` / `_after_step` / `_end_epoch` hooks.
     """
 
     name = "method"
+    Options: type[MethodOptions] = PeriodicOptions
+    needs: tuple[str, ...] = ()          # prepare() arguments this method cannot do without
 
-    def __init__(self, *, every: int = 1, every_steps: int | None = None, probe: str = "val",
-                 probe_samples: int | None = None, activations: Sequence[str] | None = None,
-                 sites: Sequence[Site] | None = None, eps: float = 0.0):
-        if every < 1:
-            raise ValueError(f"{self.name}: every must be >= 1 (epochs), got {every}")
-        if every_steps is not None and every_steps < 1:
-            raise ValueError(f"{self.name}: every_steps must be >= 1, got {every_steps}")
-        if probe not in ("train", "val"):
-            raise ValueError(f"{self.name}: probe must be 'train' or 'val' (decisions never "
-                             f"look at test data), got {probe!r}")
-        if probe_samples is not None and probe_samples < 1:
-            raise ValueError(f"{self.name}: probe_samples must be >= 1, got {probe_samples}")
-        if eps < 0:
-            raise ValueError(f"{self.name}: eps must be >= 0, got {eps}")
-        self.every, self.every_steps = int(every), every_steps
-        self.probe_split, self.probe_samples = probe, probe_samples
-        self.activations = tuple(activations) if activations is not None else None
-        self.sites: list[Site] | None = list(sites) if sites is not None else None
-        self.eps = float(eps)
+    def __init__(self, **options: Any):
+        self.opts = self.Options.parse(self.name, options)
+        self.sites: list[Site] | None = (list(self.opts.sites) if self.opts.sites is not None
+                                         else None)
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.forward: Forward = default_forward
+        self.example: Any = None
+        self.total_steps: int | None = None
+        self.epochs: int | None = None
+        self.seed = 0
+        self.step = 0            # optimizer steps taken (after_step calls)
+        self.epoch = 0           # epochs completed (end_epoch calls)
         self.masks: Masks | None = None
-        self._saved_masks: dict | None = None
         self.metrics: dict = {}
+        self._probe: Any = None
+        self._saved_masks: dict | None = None
+        self._changed = False
+
+    def __repr__(self) -> str:
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.opts.changed().items())
+        return f"{type(self).__name__}({changed})"
 
     # -- prepare / finalize --------------------------------------------------------------
-    def on_fit_start(self, trainer) -> None:
-        self.prepare(trainer)
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                probe: Any = None, *, total_steps: int | None = None, epochs: int | None = None,
+                seed: int = 0, forward: Forward | None = None, example: Any = None) -> "Method":
+        """Bind the method to `model` and `optimizer` before training (after
+        `load_state_dict` when resuming).
 
-    def prepare(self, trainer) -> None:
-        model = trainer.model
+        probe: the data every decision observes -- a tensor, an ``(inputs, targets)`` tuple,
+            a mapping of tensors, a list of batches or a DataLoader (not shuffled).
+        total_steps / epochs: the run's length, for methods whose schedule needs it.
+        seed: seeds the method's own random draws (IMP's random pruner).
+        forward: ``forward(model, batch)`` calls the model on a probe batch (default: a
+            tensor as ``model(x)``, a mapping as ``model(**batch)``, a tuple as
+            ``model(batch[0])``).
+        example: a batch for site discovery (default: the first two probe samples).
+        """
+        for need in self.needs:
+            if {"total_steps": total_steps, "epochs": epochs, "probe": probe}[need] is None:
+                raise ValueError(f"{self.name}: prepare() needs {need}=... (its schedule "
+                                 "depends on the run's length)" if need != "probe" else
+                                 f"{self.name}: prepare() needs probe=... (the data its "
+                                 "decisions observe: a tensor, a DataLoader, ...)")
+        self.check_budget(epochs=epochs, total_steps=total_steps)
+        self.model, self.optimizer = model, optimizer
+        self.forward, self._probe = forward or default_forward, probe
+        self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
+        self.example = self._example(example)
         if self.sites is None:
-            found = find_sites(model, trainer.data.train.inputs[:2])
+            found = find_sites(model, self.example)
+            acts = self.opts.activations
             self.sites = [s for s in found if s.producer is not None and (
-                self.activations is None or s.activation in self.activations)]
+                acts is None or s.activation in acts)]
         if self._saved_masks is not None:
-            self.ensure_masks(trainer).load_state_dict(self._saved_masks)
+            self.ensure_masks().load_state_dict(self._saved_masks)
             self.masks.apply()
             self._saved_masks = None
+        self._prepare()
+        return self
 
-    def ensure_masks(self, trainer) -> Masks:
+    def _prepare(self) -> None:
+        """Method-specific preparation (override)."""
+
+    def check_budget(self, *, epochs: int | None = None, total_steps: int | None = None) -> None:
+        """Refuse a run length the method's schedule cannot use (override)."""
+
+    def _example(self, example: Any) -> Any:
+        device = next(_unwrap(self.model).parameters()).device
+        if example is None:
+            if self._probe is None:
+                raise ValueError(f"{self.name}: prepare() needs probe=... or example=... (a "
+                                 "batch the model accepts, for site discovery)")
+            with torch.random.fork_rng(devices=[]):   # a DataLoader draws a seed per pass
+                first = next(iter_batches(self._probe, 2, limit=2), None)
+            if first is None:
+                raise ValueError(f"{self.name}: the probe data is empty")
+            example = take(model_input(first), 2)
+        return to_device(example, device)
+
+    def ensure_masks(self) -> Masks:
         """The method's masks, created and attached to the optimizer on first use."""
         if self.masks is None:
-            self.masks = Masks(_unwrap(trainer.model)).attach(trainer.optimizer)
+            self.masks = Masks(_unwrap(self.model))
+            if self.optimizer is not None:
+                self.masks.attach(self.optimizer)
         return self.masks
 
-    def on_fit_end(self, trainer) -> None:
-        self.finalize(trainer)
-
-    def finalize(self, trainer) -> None:
+    def finalize(self) -> nn.Module:
         """Leave a plain model: masks stay applied to the weights, every hook goes."""
         if self.masks is not None:
             self.masks.apply()
             self.masks.detach()
+        return self.model
 
     # -- observe -------------------------------------------------------------------------
-    def probe_inputs(self, trainer) -> torch.Tensor:
-        x = trainer.data.split(self.probe_split).inputs
-        return x if self.probe_samples is None else x[:self.probe_samples]
+    def _require_probe(self) -> None:
+        if self._probe is None:
+            raise ValueError(f"{self.name} observes units: prepare(..., probe=...) needs the "
+                             "data to observe (a tensor, a DataLoader, ...)")
 
-    def observe(self, trainer) -> ActivityMonitor:
-        """An exact probe pass over the probe split (eval mode, no grad)."""
-        return probe(trainer.model, self.probe_inputs(trainer), sites=self.sites, eps=self.eps)
+    def probe_batches(self, batch_size: int = 512):
+        """The probe data's batches (at most `probe_samples` samples)."""
+        self._require_probe()
+        return iter_batches(self._probe, batch_size, limit=self.opts.probe_samples)
 
-    # -- schedule ------------------------------------------------------------------------
-    def on_step_end(self, trainer, loss) -> None:
-        if self.every_steps is not None and trainer.step % self.every_steps == 0:
-            self.step(trainer)
+    def observe(self) -> ActivityMonitor:
+        """An exact probe pass over the probe data (eval mode, no grad); the caller's random
+        state is untouched (a DataLoader would draw from it)."""
+        self._require_probe()
+        with torch.random.fork_rng(devices=[]):
+            return probe(self.model, self._probe, sites=self.sites, eps=self.opts.eps,
+                         max_samples=self.opts.probe_samples, forward=self.forward)
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        if self.every_steps is None:
-            self.step(trainer, act=epoch % self.every == 0)
-        metrics.update(self.metrics)
+    # -- the loop's events ---------------------------------------------------------------
+    def _require_prepared(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: call prepare(model, optimizer, probe=...) first")
 
-    def step(self, trainer, act: bool = True) -> None:
+    def after_backward(self) -> None:
+        """After ``loss.backward()``, before ``optimizer.step()``."""
+        self._require_prepared()
+        self._after_backward()
+
+    def after_step(self) -> bool:
+        """After ``optimizer.step()``. Returns True when the model changed physically."""
+        self._require_prepared()
+        self.step += 1
+        self._changed = False
+        self._after_step()
+        return self._changed
+
+    def end_epoch(self, val_score: float | None = None,
+                  evaluate: Evaluate | None = None) -> EpochResult:
+        """At the end of an epoch: the method's epoch-cadence decisions and its metrics.
+
+        val_score: the epoch's validation score (higher is better), for methods that keep
+            the best epoch of a round (NNrelief).
+        evaluate: ``evaluate(model) -> dict`` of metrics, called when the method changed the
+            model after the caller measured it (best epoch restored, final removal); its
+            values are merged into the result.
+        """
+        self._require_prepared()
+        self.epoch += 1
+        self._changed = False
+        result = EpochResult()
+        self._end_epoch(result, val_score, evaluate)
+        result.model_changed = self._changed
+        return result
+
+    def _after_backward(self) -> None: ...
+
+    def _after_step(self) -> None:
+        every = self.opts.every_steps
+        if every is not None and self.step % every == 0:
+            self.update()
+
+    def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
+        if self.opts.every_steps is None:
+            self.update(act=self.epoch % self.opts.every == 0)
+        result.update(self.metrics)
+
+    def update(self, act: bool = True) -> None:
         """Observe, record metrics in `self.metrics`, and (when `act`) decide and apply."""
         raise NotImplementedError
 
+    def last_epoch(self) -> bool:
+        """True at the end of the run's last epoch (when its length is known)."""
+        if self.epochs is not None:
+            return self.epoch >= self.epochs
+        return self.total_steps is not None and self.step >= self.total_steps
+
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"masks": self.masks.state_dict() if self.masks is not None else None}
+        return {"masks": self.masks.state_dict() if self.masks is not None else None,
+                "step": self.step, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a saved state; call before `prepare` (which re-attaches the masks)."""
         self._saved_masks = state.get("masks")
+        self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+
+
+def check_option(ok: bool, owner: str, message: str) -> None:
+    """Raise OptionError(`owner: message`) unless `ok`."""
+    if not ok:
+        raise OptionError(f"{owner}: {message}")

@@ -33,12 +33,16 @@ order differs from dormant before this change, so a DemP run re-made now follows
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
+from ..options import option
 from ..schedules import one_cycle
 from ..sites import NORMS, _unwrap
-from .structural import Structural
+from .base import EpochResult
+from .structural import Structural, StructuralOptions
 
 __all__ = ["DemP", "regulariser_grad", "live_masks", "add_masked_noise"]
 
@@ -111,58 +115,68 @@ class DemP(Structural):
 
     name = "demp"
 
-    def __init__(self, reg_peak: float = 1e-3, noise_peak: float = 5e-5, span: float = 0.9,
-                 regulariser: str = "lasso", target: str = "scale", prune_every: int = 500,
-                 prune_after: int = 0, probe: str = "train", probe_samples: int | None = 2048,
-                 pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4, **kwargs):
-        super().__init__(prune_every=prune_every, probe=probe, probe_samples=probe_samples,
-                         **kwargs)
-        if reg_peak < 0 or noise_peak < 0:
-            raise ValueError(f"{self.name}: reg_peak and noise_peak must be >= 0")
-        if regulariser not in REGULARISERS:
-            raise ValueError(f"{self.name}: regulariser must be one of {REGULARISERS}, "
-                             f"got {regulariser!r}")
-        if target not in TARGETS:
-            raise ValueError(f"{self.name}: target must be one of {TARGETS}, got {target!r}")
-        if span <= 0:
-            raise ValueError(f"{self.name}: span must be > 0, got {span}")
-        self.reg_peak, self.noise_peak, self.span = reg_peak, noise_peak, span
-        self.regulariser, self.target = regulariser, target
-        self.prune_after = int(prune_after)
-        self.cycle = {"pct_start": pct_start, "div": div, "final_div": final_div}
+    @dataclass
+    class Options(StructuralOptions):
+        reg_peak: float = option(1e-3, "peak of the regulariser strength lambda(t)", at_least=0)
+        noise_peak: float = option(5e-5, "peak of the noise scale sigma(t)", at_least=0)
+        span: float = option(0.9, "lambda and sigma follow the one-cycle curve over this "
+                             "fraction of the run's steps (<= 1) or this many steps (> 1)",
+                             within=(0, float("inf")), bounds="()")
+        regulariser: str = option("lasso", "penalty on the targets", choices=REGULARISERS)
+        target: str = option("scale", "regularised parameters: norm scales, offsets, both "
+                             "(norm), or every parameter but biases and norms (all)",
+                             choices=TARGETS)
+        prune_every: int = option(500, "optimizer steps between death checks", at_least=1)
+        prune_after: int = option(0, "no death check before this step", at_least=0)
+        probe: str = option("train", "split the Trainer and the command line hand over for "
+                            "the death check; in your own loop you pass the data to prepare()",
+                            choices=("train", "val"))
+        probe_samples: int | None = option(2048, "samples of the death check (the first N)",
+                                           at_least=1)
+        pct_start: float = option(0.3, "one-cycle: fraction of the span spent rising",
+                                  within=(0, 1))
+        div: float = option(25.0, "one-cycle: peak / initial value", within=(0, float("inf")))
+        final_div: float = option(1e4, "one-cycle: peak / final value",
+                                  within=(0, float("inf")))
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.opts
+        self.cycle = {"pct_start": o.pct_start, "div": o.div, "final_div": o.final_div}
         self.span_steps = 0
         self._live: tuple = ()     # (parameters, their live masks) between backward and step
         self._reg: list[torch.Tensor] | None = None   # regularised parameters, until a removal
 
-    def prepare(self, trainer) -> None:
-        super().prepare(trainer)
-        self.span_steps = int(self.span * self.total_steps) if self.span <= 1 else int(self.span)
+    def _prepare(self) -> None:
+        super()._prepare()
+        span = self.opts.span
+        self.span_steps = int(span * self.total_steps) if span <= 1 else int(span)
 
     def schedule(self, step: int) -> tuple[float, float]:
         """(lambda, sigma) at optimizer step `step`."""
-        lam = one_cycle(step, self.span_steps, self.reg_peak, **self.cycle)
-        sig = one_cycle(step, self.span_steps, self.noise_peak, **self.cycle)
+        lam = one_cycle(step, self.span_steps, self.opts.reg_peak, **self.cycle)
+        sig = one_cycle(step, self.span_steps, self.opts.noise_peak, **self.cycle)
         return lam, sig
 
     def _reg_params(self, model: nn.Module) -> list[torch.Tensor]:
-        out = []
+        out, target = [], self.opts.target
         for mod in model.modules():
             is_norm = isinstance(mod, NORMS)
             for attr, p in mod.named_parameters(recurse=False):
-                if self.target == "all":
+                if target == "all":
                     ok = not is_norm and attr != "bias"
                 else:
-                    ok = is_norm and ((attr == "weight" and self.target in ("scale", "norm"))
-                                      or (attr == "bias" and self.target in ("offset", "norm")))
+                    ok = is_norm and ((attr == "weight" and target in ("scale", "norm"))
+                                      or (attr == "bias" and target in ("offset", "norm")))
                 if ok:
                     out.append(p)
         return out
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
-    def on_after_backward(self, trainer) -> None:
-        model = _unwrap(trainer.model)
-        lam, sig = self.schedule(trainer.step)
+    def _after_backward(self) -> None:
+        model = _unwrap(self.model)
+        lam, sig = self.schedule(self.step)
         if sig > 0:   # live mask from the data gradient, before the regulariser is added
             self._live = live_masks(model, self.sites)
         if lam > 0:
@@ -170,26 +184,26 @@ class DemP(Structural):
                 self._reg = self._reg_params(model)
             for p in self._reg:
                 if p.grad is not None:
-                    p.grad.add_(regulariser_grad(p.detach(), self.regulariser), alpha=lam)
+                    p.grad.add_(regulariser_grad(p.detach(), self.opts.regulariser), alpha=lam)
 
-    def on_model_changed(self, trainer) -> None:
+    def model_changed(self) -> None:
         self._reg = None      # the removal replaced the parameters
 
     @torch.no_grad()
-    def on_step_end(self, trainer, loss) -> None:
-        _, sig = self.schedule(trainer.step - 1)
+    def _after_step(self) -> None:
+        _, sig = self.schedule(self.step - 1)
         if sig > 0 and self._live:
             add_masked_noise(*self._live, sig)
         self._live = ()
-        if trainer.step >= self.prune_after and trainer.step % self.prune_every == 0:
-            self.prune(trainer)
+        if self.step >= self.opts.prune_after and self.step % self.opts.prune_every == 0:
+            self.prune()
 
-    def prune(self, trainer) -> int:
-        """Death check on the probe subset, then physical removal of the dead units."""
-        return self.remove(trainer, self.observe(trainer).dead_units("never_active"))
+    def prune(self) -> int:
+        """Death check on the probe data, then physical removal of the dead units."""
+        return self.remove(self.observe().dead_units("never_active"))
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        if epoch == trainer.epochs and self.prune(trainer):   # the final check
-            self.remeasure(trainer, metrics)
-        lam, sig = self.schedule(trainer.step)
-        metrics.update({**self.report(trainer), "demp/lambda": lam, "demp/sigma": sig})
+    def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
+        if self.last_epoch():   # the final check
+            self.final_removal(result, evaluate, self.prune())
+        lam, sig = self.schedule(self.step)
+        result.update({**self.report(), "demp/lambda": lam, "demp/sigma": sig})

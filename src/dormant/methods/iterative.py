@@ -15,13 +15,16 @@ curve) with ``compression``, ``arch`` (surviving units per site) and MAC ratios,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..batching import take
 from ..flops import macs, positions
+from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune
 from ..sites import PRODUCERS, _unwrap
-from ..train.loop import evaluate
-from .base import Method, weight_sparsity
+from .base import EpochResult, Method, MethodOptions, check_option, weight_sparsity
 
 __all__ = ["IterativePruning", "IMP"]
 
@@ -30,87 +33,82 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
 
 
+@dataclass
+class RoundOptions(MethodOptions):
+    """Options of round-based pruning (no `every`: the rounds set the schedule)."""
+    rounds: int = option(10, "pruning events K (the run trains (K + 1) x epochs_per_round "
+                         "epochs)", at_least=1)
+    epochs_per_round: int = option(5, "epochs E trained at each sparsity level", at_least=1)
+    rewind: str | int = option("init", "rewind survivors to 'init' (epoch 0), to an epoch "
+                               "k, or 'none' (fine-tune)")
+    layers: str = option("all", "prune all Linear/Conv weights, or only the 'hidden' ones "
+                         "(producers that feed an activation)", choices=("all", "hidden"))
+    keep_best: bool = option(False, "restore each round's epoch with the best validation "
+                             "score before pruning (end_epoch(val_score=...))")
+
+    def check(self, owner: str) -> None:
+        r = self.rewind
+        check_option(r in ("init", "none") or (isinstance(r, int) and r >= 0), owner,
+                     f"rewind: expected 'init', 'none' or an epoch >= 0, got {r!r}")
+        check_option(not isinstance(r, int) or r < self.epochs_per_round, owner,
+                     f"rewind: epoch {r} must come before the first pruning (epoch "
+                     f"{self.epochs_per_round} = epochs_per_round)")
+
+
 class IterativePruning(Method):
     """Base of round-based pruning methods; subclasses implement `decide`.
 
-    Args:
-        rounds: pruning events K (the run needs epochs = (K + 1) * epochs_per_round).
-        epochs_per_round: E.
-        rewind: "init" (epoch 0), an epoch number k, or "none" (fine-tune the pruned weights).
-        layers: "all" Linear/Conv weights, or "hidden" (every layer but the classifier, i.e.
-            only producers that feed an activation).
-        keep_best: at the end of a round, restore the epoch of that round with the best
-            validation accuracy before pruning (NNrelief); its test accuracy is reported.
+    A round ends every `epochs_per_round` epochs: (with keep_best) the round's best epoch is
+    restored, the surviving weights are pruned, the survivors rewound and the optimizer state
+    cleared; `end_epoch` then returns ``new_round=True`` (restart a per-round lr schedule).
     """
 
     name = "iterative-pruning"
-    hidden_options = ("every", "every_steps")     # rounds set the schedule
+    Options = RoundOptions
 
-    def __init__(self, rounds: int = 10, epochs_per_round: int = 5, rewind: str | int = "init",
-                 layers: str = "all", keep_best: bool = False, **kwargs):
-        bad = sorted(set(kwargs) & set(self.hidden_options))
-        if bad:
-            raise ValueError(f"{self.name}: {bad} do not apply; use rounds/epochs_per_round")
-        super().__init__(**kwargs)
-        if rounds < 1 or epochs_per_round < 1:
-            raise ValueError(f"{self.name}: rounds and epochs_per_round must be >= 1, "
-                             f"got {rounds}, {epochs_per_round}")
-        if layers not in ("all", "hidden"):
-            raise ValueError(f"{self.name}: layers must be 'all' or 'hidden', got {layers!r}")
-        self.rewind_epoch = self._rewind_epoch(rewind)
-        self.rounds, self.epochs_per_round = int(rounds), int(epochs_per_round)
-        self.layers, self.keep_best = layers, bool(keep_best)
+    def __init__(self, **options):
+        super().__init__(**options)
+        rewind = self.opts.rewind
+        self.rewind_epoch = None if rewind == "none" else 0 if rewind == "init" else rewind
         self.names: list[str] = []
         self.snapshot: dict[str, torch.Tensor] | None = None    # the rewind point
         self.round_start: dict[str, torch.Tensor] | None = None
         self.best: tuple[float, dict] | None = None
         self._pos: dict[str, int] = {}
 
-    def _rewind_epoch(self, rewind) -> int | None:
-        if rewind == "none":
-            return None
-        if rewind == "init":
-            return 0
-        if isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0:
-            return rewind
-        raise ValueError(f"{self.name}: rewind must be 'init', 'none' or an epoch >= 0, "
-                         f"got {rewind!r}")
-
     # -- configuration -------------------------------------------------------------------
     @property
     def total_epochs(self) -> int:
-        return (self.rounds + 1) * self.epochs_per_round
+        return (self.opts.rounds + 1) * self.opts.epochs_per_round
 
-    def check_config(self, cfg) -> None:
-        """Refuse a config whose epoch budget does not match the rounds."""
-        if cfg.epochs != self.total_epochs:
-            raise ValueError(f"{self.name}: {self.rounds} rounds of {self.epochs_per_round} "
-                             f"epochs need epochs = {self.total_epochs}, got {cfg.epochs}")
-        if self.rewind_epoch is not None and self.rewind_epoch >= self.epochs_per_round:
-            raise ValueError(f"{self.name}: rewind epoch {self.rewind_epoch} must come before "
-                             f"the first pruning (epoch {self.epochs_per_round})")
+    def check_budget(self, *, epochs: int | None = None, total_steps: int | None = None) -> None:
+        """Refuse an epoch budget that does not match the rounds."""
+        if epochs is not None and epochs != self.total_epochs:
+            raise ValueError(f"{self.name}: {self.opts.rounds} rounds of "
+                             f"{self.opts.epochs_per_round} epochs need epochs = "
+                             f"{self.total_epochs}, got {epochs}")
 
     def schedule_period(self) -> int:
-        return self.epochs_per_round
+        """Epochs per round: a learning-rate schedule restarts with each round."""
+        return self.opts.epochs_per_round
 
     # -- prepare -------------------------------------------------------------------------
-    def prepare(self, trainer) -> None:
-        super().prepare(trainer)
-        model = _unwrap(trainer.model)
+    def _prepare(self) -> None:
+        model = _unwrap(self.model)
         hidden = {f"{s.producer}.weight" for s in self.sites}
         self.names = [f"{n}.weight" for n, m in model.named_modules()
-                      if isinstance(m, PRODUCERS) and (self.layers == "all"
+                      if isinstance(m, PRODUCERS) and (self.opts.layers == "all"
                                                        or f"{n}.weight" in hidden)]
-        masks = self.ensure_masks(trainer)
+        masks = self.ensure_masks()
         params = dict(model.named_parameters())
         for n in self.names:
             if n not in masks.masks:
                 masks.update(n, torch.ones_like(params[n], dtype=torch.bool))
-        if trainer.epoch == 0:
+        if self.epoch == 0:
             if self.rewind_epoch == 0:
                 self.snapshot = _state(model)
             self.round_start = _state(model)
-        self._pos = positions(model, trainer.data.train.inputs[:1])
+        self._pos = positions(model, take(self.example, 1))
 
     def pruning_masks(self) -> dict[str, torch.Tensor]:
         return {n: self.masks.masks[n] for n in self.names}
@@ -120,31 +118,41 @@ class IterativePruning(Method):
         return 1.0 - alive(m) / max(sum(x.numel() for x in m.values()), 1)
 
     # -- the round -----------------------------------------------------------------------
-    def on_step_end(self, trainer, loss) -> None:
+    def _after_step(self) -> None:
         pass
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        model = _unwrap(trainer.model)
+    def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
+        model, epoch, per = _unwrap(self.model), self.epoch, self.opts.epochs_per_round
         if self.rewind_epoch == epoch and self.snapshot is None:
             self.snapshot = _state(model)
-        rnd = (epoch - 1) // self.epochs_per_round
-        metrics.update({"round": rnd, "sparsity": self.sparsity(),
-                        "weight_sparsity": weight_sparsity(model)})
-        if self.keep_best and (self.best is None or metrics["val_acc"] > self.best[0]):
-            self.best = (metrics["val_acc"], _state(model))
-        if epoch % self.epochs_per_round:
+        rnd = (epoch - 1) // per
+        result.update({"round": rnd, "sparsity": self.sparsity(),
+                       "weight_sparsity": weight_sparsity(model)})
+        if self.opts.keep_best:
+            if val_score is None:
+                raise ValueError(f"{self.name} keeps the best epoch of each round: call "
+                                 "end_epoch(val_score=...) with the epoch's validation score, "
+                                 "or build it with keep_best=False")
+            if self.best is None or val_score > self.best[0]:
+                self.best = (float(val_score), _state(model))
+        if epoch % per:
             return
-        if self.keep_best:
-            self._restore_best(trainer, metrics)
-        metrics["round_end"] = True
-        metrics.update(self.report(trainer))
-        if rnd < self.rounds:
-            metrics["pruned"] = self._prune(trainer, rnd)
+        if self.opts.keep_best:
+            model.load_state_dict(self.best[1])
+            self.best = None
+            result.restored = True
+            if evaluate is not None:
+                result.update(evaluate(self.model))
+        result["round_end"] = True
+        result.update(self.report())
+        if rnd < self.opts.rounds:
+            result["pruned"] = self._prune(rnd)
+            result.new_round = True
 
-    def report(self, trainer) -> dict:
+    def report(self) -> dict:
         """Compression (weights of the pruned layers / remaining), the surviving architecture
         (units with a non-zero incoming weight, per site) and MAC ratios to the dense model."""
-        model = _unwrap(trainer.model)
+        model = _unwrap(self.model)
         m = self.pruning_masks()
         arch = {s.name: int((model.get_submodule(s.producer).weight.detach().flatten(1) != 0)
                             .any(1).sum()) for s in self.sites}
@@ -154,28 +162,21 @@ class IterativePruning(Method):
                 "flops_nonzero_ratio": macs(model, self._pos, "nonzero") / dense,
                 "flops_structured_ratio": macs(model, self._pos, "structured") / dense}
 
-    def _restore_best(self, trainer, metrics: dict) -> None:
-        model = _unwrap(trainer.model)
-        model.load_state_dict(self.best[1])
-        self.best = None
-        metrics["last_test_acc"], metrics["last_val_acc"] = metrics["test_acc"], metrics["val_acc"]
-        metrics["val_loss"], metrics["val_acc"] = evaluate(model, trainer.data.val)
-        metrics["test_loss"], metrics["test_acc"] = evaluate(model, trainer.data.test)
-
-    def _prune(self, trainer, rnd: int) -> int:
+    def _prune(self, rnd: int) -> int:
         before = alive(self.pruning_masks())
-        new = self.decide(trainer, rnd)
+        new = self.decide(rnd)
         for n, keep in new.items():
             self.masks.update(n, keep)
-        model = _unwrap(trainer.model)
+        model = _unwrap(self.model)
         if self.rewind_epoch is not None:
             model.load_state_dict(self.snapshot)
         self.masks.apply()
-        trainer.optimizer.state.clear()
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
         self.round_start = _state(model)
         return before - alive(self.pruning_masks())
 
-    def decide(self, trainer, rnd: int) -> dict[str, torch.Tensor]:
+    def decide(self, rnd: int) -> dict[str, torch.Tensor]:
         """New keep-masks for the pruned layers (a subset of the current ones)."""
         raise NotImplementedError
 
@@ -201,22 +202,22 @@ class IMP(IterativePruning):
 
     name = "imp"
 
-    def __init__(self, rate: float = 0.2, pruner: str = "global-magnitude", **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < rate < 1:
-            raise ValueError(f"{self.name}: rate must be in (0, 1), got {rate}")
-        PRUNERS.get(pruner)                      # unknown names are refused here
-        self.rate, self.pruner = float(rate), pruner
+    @dataclass
+    class Options(RoundOptions):
+        rate: float = option(0.2, "fraction of the remaining weights removed per round",
+                             within=(0, 1))
+        pruner: str = option("global-magnitude", "base pruner (`dormant list pruners`)",
+                             choices=tuple(PRUNERS.names()))
 
-    def weights(self, trainer) -> dict[str, torch.Tensor]:
-        params = dict(_unwrap(trainer.model).named_parameters())
+    def weights(self) -> dict[str, torch.Tensor]:
+        params = dict(_unwrap(self.model).named_parameters())
         return {n: params[n].detach() for n in self.names}
 
-    def generator(self, trainer, rnd: int) -> torch.Generator:
-        return torch.Generator().manual_seed(1_000_003 * trainer.seed + rnd)
+    def generator(self, rnd: int) -> torch.Generator:
+        return torch.Generator().manual_seed(1_000_003 * self.seed + rnd)
 
-    def decide(self, trainer, rnd: int) -> dict[str, torch.Tensor]:
+    def decide(self, rnd: int) -> dict[str, torch.Tensor]:
         masks = self.pruning_masks()
-        n = count_to_prune(alive(masks), self.rate)
-        return PRUNERS.get(self.pruner)(self.weights(trainer), masks, n,
-                                        generator=self.generator(trainer, rnd))
+        n = count_to_prune(alive(masks), self.opts.rate)
+        return PRUNERS.get(self.opts.pruner)(self.weights(), masks, n,
+                                             generator=self.generator(rnd))

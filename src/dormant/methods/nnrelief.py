@@ -32,14 +32,18 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sites import CONVS, PRODUCERS, _unwrap
+from ..batching import Forward, default_forward, num_samples, to_device
+from ..options import option
+from ..sites import CONVS, _unwrap
 from ..units import incoming, outgoing, tensor, unit_mask_for
-from .iterative import IterativePruning
+from .iterative import IterativePruning, RoundOptions
 
 __all__ = ["NNrelief", "relief_keep", "linear_scores", "conv_scores", "layer_inputs"]
 
@@ -87,11 +91,11 @@ def conv_scores(conv: nn.Module, x_stat: torch.Tensor, form: str) -> torch.Tenso
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, x: torch.Tensor, names: list[str], per_sample: bool,
-                 batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Eval-mode statistics of each named Linear/Conv layer's input over `x`: mean_n |x_n|
-    per feature (Linear) or per (channel, position) (Conv); with `per_sample`, Conv layers
-    get |x_n| of every sample instead."""
+def layer_inputs(model: nn.Module, batches: Iterable[Any], names: list[str], per_sample: bool,
+                 forward: Forward = default_forward) -> dict[str, torch.Tensor]:
+    """Eval-mode statistics of each named Linear/Conv layer's input over the probe
+    `batches`: mean_n |x_n| per feature (Linear) or per (channel, position) (Conv); with
+    `per_sample`, Conv layers get |x_n| of every sample instead."""
     model = _unwrap(model)
     sums: dict[str, torch.Tensor] = {}
     keep: dict[str, list[torch.Tensor]] = {}
@@ -112,15 +116,17 @@ def layer_inputs(model: nn.Module, x: torch.Tensor, names: list[str], per_sample
         handles.append(m.register_forward_pre_hook(hook))
     flags = {m: m.training for m in model.modules()}
     model.eval()
+    n = 0
     try:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+        for batch in batches:
+            forward(model, batch)
+            n += num_samples(batch)
     finally:
         for h in handles:
             h.remove()
         for m, f in flags.items():
             m.training = f
-    out = {k: v / len(x) for k, v in sums.items()}
+    out = {k: v / n for k, v in sums.items()}
     out.update({k: torch.cat(v) for k, v in keep.items()})
     return out
 
@@ -136,21 +142,25 @@ class NNrelief(IterativePruning):
 
     name = "nnrelief"
 
-    def __init__(self, alpha_fc: float = 0.95, alpha_conv: float = 0.9, conv_score: str = "norm",
-                 keep_best: bool = True, probe: str = "train", probe_samples: int | None = 1000,
-                 **kwargs):
-        super().__init__(keep_best=keep_best, probe=probe, probe_samples=probe_samples, **kwargs)
-        for a, n in ((alpha_fc, "alpha_fc"), (alpha_conv, "alpha_conv")):
-            if not 0 < a <= 1:
-                raise ValueError(f"{self.name}: {n} must be in (0, 1], got {a}")
-        if conv_score not in CONV_SCORES:
-            raise ValueError(f"{self.name}: conv_score must be one of {CONV_SCORES}, "
-                             f"got {conv_score!r}")
-        self.alpha_fc, self.alpha_conv, self.conv_score = alpha_fc, alpha_conv, conv_score
+    @dataclass
+    class Options(RoundOptions):
+        keep_best: bool = option(True, "restore each retraining's epoch with the best "
+                                 "validation score before pruning (end_epoch(val_score=...))")
+        probe: str = option("train", "split the Trainer and the command line hand over as the "
+                            "pruning set; in your own loop you pass the data to prepare()",
+                            choices=("train", "val"))
+        probe_samples: int | None = option(1000, "samples of the pruning set (the first N)",
+                                           at_least=1)
+        alpha_fc: float = option(0.95, "kept share of each Linear unit's input importance",
+                                 within=(0, 1), bounds="(]")
+        alpha_conv: float = option(0.9, "kept share of each Conv filter's input importance",
+                                   within=(0, 1), bounds="(]")
+        conv_score: str = option("norm", "Conv kernel score: norm (code, VGG/ResNet), sum "
+                                 "(code, LeNets), per-sample (paper)", choices=CONV_SCORES)
 
-    def prepare(self, trainer) -> None:
-        super().prepare(trainer)
-        model = _unwrap(trainer.model)
+    def _prepare(self) -> None:
+        super()._prepare()
+        model = _unwrap(self.model)
         params = dict(model.named_parameters())
         for n in self.names:     # biases are candidates too: give them masks
             b = n[:-len("weight")] + "bias"
@@ -158,19 +168,21 @@ class NNrelief(IterativePruning):
                 self.masks.update(b, torch.ones_like(params[b], dtype=torch.bool))
 
     # -- the decision --------------------------------------------------------------------
-    def decide(self, trainer, rnd: int) -> dict[str, torch.Tensor]:
-        model = _unwrap(trainer.model)
-        x = self.probe_inputs(trainer)
+    def decide(self, rnd: int) -> dict[str, torch.Tensor]:
+        model = _unwrap(self.model)
         layers = [n[:-len(".weight")] for n in self.names]
-        stats = layer_inputs(model, x, layers, per_sample=self.conv_score == "per-sample")
-        dead = self.observe(trainer).dead_units("never_active")
+        per_sample = self.opts.conv_score == "per-sample"
+        with torch.random.fork_rng(devices=[]):     # a DataLoader draws a seed per pass
+            stats = layer_inputs(model, self.probe_batches(500), layers, per_sample,
+                                 self._forward_on_device)
+        dead = self.observe().dead_units("never_active")
         new: dict[str, torch.Tensor] = {}
         for layer in layers:
             m = model.get_submodule(layer)
             if isinstance(m, CONVS):
-                s, alpha = conv_scores(m, stats[layer], self.conv_score), self.alpha_conv
+                s, alpha = conv_scores(m, stats[layer], self.opts.conv_score), self.opts.alpha_conv
             else:
-                s, alpha = linear_scores(m.weight, m.bias, stats[layer]), self.alpha_fc
+                s, alpha = linear_scores(m.weight, m.bias, stats[layer]), self.opts.alpha_fc
             keep = relief_keep(s, alpha)
             new[f"{layer}.weight"] = self._expand(keep[:, :m.weight.shape[1]], m.weight)
             if m.bias is not None:
@@ -180,6 +192,9 @@ class NNrelief(IterativePruning):
                 self._drop_units(model, site, dead[site.name], new)
         self._backward_pass(model, new)
         return new
+
+    def _forward_on_device(self, model: nn.Module, batch: Any) -> Any:
+        return self.forward(model, to_device(batch, next(model.parameters()).device))
 
     @staticmethod
     def _expand(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,13 @@ import copy
 import torch
 import torch.nn as nn
 
+from dataclasses import dataclass
+
 from ..optim import zero_state
+from ..options import option
 from ..sites import _unwrap
 from ..units import Slice, incoming, outgoing, tensor, unit_mask_for
-from .base import Method
+from .base import Method, PeriodicOptions
 
 __all__ = ["ReDo", "recycle"]
 
@@ -81,19 +84,21 @@ class ReDo(Method):
 
     name = "redo"
 
-    def __init__(self, tau: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        if tau < 0:
-            raise ValueError(f"{self.name}: tau must be >= 0, got {tau}")
-        self.tau = float(tau)
+    @dataclass
+    class Options(PeriodicOptions):
+        tau: float = option(0.1, "a unit is dormant when its score E|a| / layer mean <= tau "
+                            "(0: never active)", at_least=0)
+
+    def __init__(self, **options):
+        super().__init__(**options)
         self.recycled_total = 0
 
-    def step(self, trainer, act: bool = True) -> None:
-        dormant = self.observe(trainer).dead_units("dormant", tau=self.tau)
+    def update(self, act: bool = True) -> None:
+        dormant = self.observe().dead_units("dormant", tau=self.opts.tau)
         recycled = 0
         if act:
             for site in self.sites:
-                recycled += recycle(trainer.model, site, dormant[site.name], trainer.optimizer)
+                recycled += recycle(self.model, site, dormant[site.name], self.optimizer)
         self.recycled_total += recycled
         self.metrics = {"redo/dormant_units": sum(int(d.sum()) for d in dormant.values()),
                         "redo/recycled": recycled, "redo/recycled_total": self.recycled_total}

@@ -13,13 +13,16 @@ uniform `sparsity`. Residual-stream sites (coupled channels) are left alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from ..options import option
 from ..sites import _unwrap
 from ..surgery import coupled_sites
-from .structural import Structural
+from .base import EpochResult, check_option
+from .structural import Structural, StructuralOptions
 
 __all__ = ["StructuredPruning", "lowest_norm_units"]
 
@@ -41,58 +44,67 @@ class StructuredPruning(Structural):
 
     name = "structured"
 
-    def __init__(self, sparsity: float = 0.5, widths: Mapping[str, int] | None = None,
-                 start: float = 0.1, end: float = 0.7, criterion: str = "l1",
-                 prune_every: int = 500, **kwargs):
-        super().__init__(prune_every=prune_every, **kwargs)
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"{self.name}: sparsity must be in [0, 1), got {sparsity}")
-        if not 0 <= start < end <= 1:
-            raise ValueError(f"{self.name}: need 0 <= start < end <= 1, got {start}, {end}")
-        if criterion not in ("l1", "bn_scale"):
-            raise ValueError(f"{self.name}: criterion must be l1 or bn_scale, got {criterion!r}")
-        self.sparsity, self.widths = sparsity, dict(widths or {})
-        self.start, self.end, self.criterion = start, end, criterion
+    @dataclass
+    class Options(StructuralOptions):
+        sparsity: float = option(0.5, "fraction of each site's units removed by `end`",
+                                 within=(0, 1), bounds="[)")
+        widths: Mapping[str, int] | None = option(None, "final width per site (overrides "
+                                                  "sparsity there), e.g. a DemP run's")
+        start: float = option(0.1, "removals begin at this fraction of the run",
+                              within=(0, 1), bounds="[)")
+        end: float = option(0.7, "target widths are reached at this fraction of the run",
+                            within=(0, 1), bounds="(]")
+        criterion: str = option("l1", "unit score: l1 (filter norm) or bn_scale",
+                                choices=("l1", "bn_scale"))
+
+        def check(self, owner: str) -> None:
+            check_option(self.start < self.end, owner,
+                         f"start: expected start < end, got start={self.start}, end={self.end}")
+
+    def __init__(self, **options):
+        super().__init__(**options)
         self.targets: dict[str, int] = {}
 
-    def prepare(self, trainer) -> None:
-        super().prepare(trainer)
-        coupled = coupled_sites(trainer.model, self.sites, self._example)
-        unknown = sorted(set(self.widths) - set(self.initial["width"]))
+    def _prepare(self) -> None:
+        super()._prepare()
+        coupled = coupled_sites(self.model, self.sites, self.example)
+        widths = dict(self.opts.widths or {})
+        unknown = sorted(set(widths) - set(self.initial["width"]))
         if unknown:
-            raise ValueError(f"{self.name}: no site(s) {unknown}; sites: {sorted(self.initial['width'])}")
+            raise ValueError(f"{self.name}: no site(s) {unknown}; sites: "
+                             f"{sorted(self.initial['width'])}")
         self.targets = {}
         for name, w0 in self.initial["width"].items():
             if len(coupled.get(name, ())) != 1:
                 continue   # residual stream: left alone
-            target = self.widths.get(name, round((1 - self.sparsity) * w0))
+            target = widths.get(name, round((1 - self.opts.sparsity) * w0))
             self.targets[name] = min(max(int(target), 1), w0)
 
     def width_at(self, name: str, step: int) -> int:
         w0, target = self.initial["width"][name], self.targets[name]
-        t0, t1 = self.start * self.total_steps, self.end * self.total_steps
+        t0, t1 = self.opts.start * self.total_steps, self.opts.end * self.total_steps
         frac = min(max((step - t0) / max(t1 - t0, 1), 0.0), 1.0)
         return target + math.ceil((w0 - target) * (1 - frac) ** 3)
 
-    def scores(self, trainer, site) -> torch.Tensor:
-        model = _unwrap(trainer.model)
-        if self.criterion == "bn_scale" and site.norm is not None:
+    def scores(self, site) -> torch.Tensor:
+        model = _unwrap(self.model)
+        if self.opts.criterion == "bn_scale" and site.norm is not None:
             return model.get_submodule(site.norm).weight.detach().abs()
         return model.get_submodule(site.producer).weight.detach().flatten(1).abs().sum(1)
 
-    def on_step_end(self, trainer, loss) -> None:
-        if trainer.step % self.prune_every == 0 or trainer.step == self.total_steps:
-            self.prune(trainer, trainer.step)
+    def _after_step(self) -> None:
+        if self.step % self.opts.prune_every == 0 or self.step == self.total_steps:
+            self.prune(self.step)
 
-    def prune(self, trainer, step: int) -> int:
+    def prune(self, step: int) -> int:
         units = {}
         for site in self.sites:
             if site.name in self.targets:
                 excess = site.num_units - self.width_at(site.name, step)
-                units[site.name] = lowest_norm_units(self.scores(trainer, site), excess)
-        return self.remove(trainer, units)
+                units[site.name] = lowest_norm_units(self.scores(site), excess)
+        return self.remove(units)
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        if epoch == trainer.epochs and self.prune(trainer, self.total_steps):
-            self.remeasure(trainer, metrics)
-        metrics.update(self.report(trainer))
+    def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
+        if self.last_epoch():
+            self.final_removal(result, evaluate, self.prune(self.total_steps))
+        result.update(self.report())

@@ -47,9 +47,12 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
+from ..options import option
 from ..sites import _unwrap
 from ..units import fan_in_rows
-from .base import Method, weight_sparsity
+from .base import Method, PeriodicOptions, weight_sparsity
 
 __all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
 
@@ -87,25 +90,25 @@ class SynapticStripping(Method):
 
     name = "synaptic-stripping"
 
-    def __init__(self, factor: float = 0.05, bias_fallback: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < factor < 1:
-            raise ValueError(f"{self.name}: factor must be in (0, 1), got {factor}")
-        if not isinstance(bias_fallback, bool):
-            raise ValueError(f"{self.name}: bias_fallback must be true or false, "
-                             f"got {bias_fallback!r}")
-        self.factor = float(factor)
-        self.bias_fallback = bias_fallback
+    @dataclass
+    class Options(PeriodicOptions):
+        factor: float = option(0.05, "quantile of a dead unit's non-zero incoming weights "
+                               "below which they are stripped", within=(0, 1))
+        bias_fallback: bool = option(False, "strip the negative bias of a dead unit with no "
+                                     "negative incoming weight left (a deviation, off by default)")
+
+    def __init__(self, **options):
+        super().__init__(**options)
         self.previous: dict[str, torch.Tensor] = {}
         self.stripped_total = 0
 
-    def step(self, trainer, act: bool = True) -> None:
-        dead = self.observe(trainer).dead_units("never_active")
-        model = trainer.model
+    def update(self, act: bool = True) -> None:
+        dead = self.observe().dead_units("never_active")
+        model = self.model
         revived = sum(int((self.previous[n] & ~d).sum()) for n, d in dead.items()
                       if n in self.previous)
         stripped = reach = biases = 0
-        masks = self.ensure_masks(trainer) if act else None
+        masks = self.ensure_masks() if act else None
         for site in self.sites:
             if not dead[site.name].any():
                 continue
@@ -113,7 +116,7 @@ class SynapticStripping(Method):
             out = beyond_reach(rows, dead[site.name])
             reach += int(out.sum())   # before this step
             if act:
-                keep = strip_decision(rows, dead[site.name], self.factor)
+                keep = strip_decision(rows, dead[site.name], self.opts.factor)
                 bias = self._fallback_bias(model, site)
                 if bias is not None:
                     out &= bias.detach() < 0
@@ -134,14 +137,14 @@ class SynapticStripping(Method):
             "ss/dead_units": sum(int(d.sum()) for d in dead.values()),
             "ss/revived": revived, "ss/stripped": stripped,
             "ss/stripped_total": self.stripped_total, "ss/beyond_reach": reach,
-            **({"ss/bias_stripped": biases} if self.bias_fallback else {}),
+            **({"ss/bias_stripped": biases} if self.opts.bias_fallback else {}),
             "ss/active_params": self.active_params(model, dead),
             "weight_sparsity": weight_sparsity(model),
         }
 
     def _fallback_bias(self, model, site) -> torch.Tensor | None:
         """The producer's bias where `bias_fallback` applies to this site, else None."""
-        if not self.bias_fallback or site.norm is not None:
+        if not self.opts.bias_fallback or site.norm is not None:
             return None
         bias = getattr(_unwrap(model).get_submodule(site.producer), "bias", None)
         return bias if isinstance(bias, torch.nn.Parameter) else None

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from ..diagnose import diagnose
+from ..methods.base import Method
 from ..monitor import ActivityMonitor
 from ..sites import Site, _unwrap, find_sites
 from ..surgery import architecture, resize
@@ -95,6 +96,51 @@ class MonitorCallback(Callback):
     def on_fit_end(self, trainer) -> None:
         if self.monitor is not None:
             self.monitor.close()
+
+
+class MethodCallback(Callback):
+    """The Trainer's adapter of the Method API: maps the loop's events to a method's calls.
+
+    The probe is the method's `probe` split of the Trainer's data, the run's length is the
+    Trainer's, best-epoch selection reads the epoch's validation accuracy, and a model the
+    method changed after the epoch was measured (best epoch restored, final removal) is
+    measured again on validation and test data here, by the Trainer, not by the method.
+    """
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    def on_fit_start(self, trainer) -> None:
+        m, data = self.method, trainer.data
+        per_epoch = -(-len(data.train) // trainer.batch_size)
+        m.prepare(trainer.model, trainer.optimizer, probe=data.split(m.opts.probe),
+                  total_steps=trainer.epochs * per_epoch, epochs=trainer.epochs,
+                  seed=trainer.seed, example=data.train.inputs[:2])
+
+    def on_after_backward(self, trainer) -> None:
+        self.method.after_backward()
+
+    def on_step_end(self, trainer, loss) -> None:
+        if self.method.after_step():
+            trainer.model_changed()
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        before = {k: metrics[k] for k in ("val_acc", "test_acc")}
+        result = self.method.end_epoch(val_score=metrics["val_acc"], evaluate=trainer.measure)
+        if result.restored:     # the epoch's own accuracy, before the best one came back
+            metrics["last_test_acc"], metrics["last_val_acc"] = before["test_acc"], before["val_acc"]
+        metrics.update(result)
+        if result.model_changed:
+            trainer.model_changed()
+
+    def on_fit_end(self, trainer) -> None:
+        self.method.finalize()
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state)
 
 
 class JsonlLogger(Callback):

@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Dataset, Split, batches
+from ..methods.base import Method
 from ..registry import Registry
+from .callbacks import MethodCallback
 from .progress import progress
 
 OPTIMIZERS = Registry("optimizer")
@@ -58,8 +60,9 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1024) -> tuple[fl
 class Trainer:
     """Train `model` on `data` for `epochs`; callbacks observe and act at fixed points.
 
-    Callback order is the list order. `state` holds what callbacks may read: epoch, step,
-    the last loss, and the metrics of the epoch being finished.
+    Callback order is the list order; a method (`dormant.methods.Method`) in the list is
+    driven through its Method API by a `MethodCallback`. Callbacks may read the epoch, the
+    step, the last loss, and the metrics of the epoch being finished.
     """
 
     def __init__(self, model: nn.Module, data: Dataset, optimizer: torch.optim.Optimizer, *,
@@ -69,7 +72,8 @@ class Trainer:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         self.model, self.data, self.optimizer = model, data, optimizer
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
-        self.scheduler, self.callbacks = scheduler, list(callbacks)
+        self.scheduler = scheduler
+        self.callbacks = [MethodCallback(cb) if isinstance(cb, Method) else cb for cb in callbacks]
         self.show_progress, self.eval_batch_size = show_progress, eval_batch_size
         self.epoch = 0          # epochs completed
         self.step = 0           # optimizer steps taken
@@ -120,19 +124,25 @@ class Trainer:
             self.scheduler.step()
         synchronize(total)   # a GPU runs ahead of the host: time the work, not its queueing
         train_time = time.perf_counter() - t0
-        val_loss, val_acc = evaluate(self.model, self.data.val, self.eval_batch_size)
-        test_loss, test_acc = evaluate(self.model, self.data.test, self.eval_batch_size)
+        measured = self.measure(self.model)
         self.epoch = epoch
         train_loss = total.item() / len(self.data.train)
         if not math.isfinite(train_loss):   # a diverged run is a result; more epochs are not
             self.stop = True
         self.metrics = {"epoch": epoch, "step": self.step, "train_loss": train_loss,
                         "diverged": self.stop and not math.isfinite(train_loss),
-                        "val_loss": val_loss, "val_acc": val_acc,
-                        "test_loss": test_loss, "test_acc": test_acc,
+                        **measured,
                         "lr": self.optimizer.param_groups[0]["lr"], "train_time": train_time}
         self._call("on_epoch_end", epoch, self.metrics)
         return self.metrics
+
+    def measure(self, model: nn.Module) -> dict:
+        """Validation and test loss and accuracy of `model` (a report; nothing is decided on
+        test data)."""
+        val_loss, val_acc = evaluate(model, self.data.val, self.eval_batch_size)
+        test_loss, test_acc = evaluate(model, self.data.test, self.eval_batch_size)
+        return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss,
+                "test_acc": test_acc}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._call("on_step_start")

@@ -1,0 +1,126 @@
+"""Probe data and the forward call: how any batch a user has becomes a model call.
+
+Probe data (what a method or `probe`/`diagnose` runs through the model) may be
+
+* a tensor of inputs (cut into batches of `batch_size`);
+* a ``tuple`` ``(inputs, targets)`` of tensors with the same first dimension (the inputs are
+  used; a *list* is never taken for a pair: ``[b1, b2]`` is two batches);
+* a mapping of tensors (Hugging Face style: ``{"input_ids": ..., "attention_mask": ...}``),
+  cut into batches along the first dimension;
+* an object with an ``inputs`` tensor (a `dormant.data.Split`);
+* any re-iterable of batches: a ``DataLoader``, a list. A batch is a tensor, a mapping of
+  model inputs, or a tuple/list ``(inputs, targets, ...)``.
+
+One function turns a batch into a forward call, `default_forward`, and it is explicit:
+a tensor is called as ``model(x)``, a mapping as ``model(**batch)``, a tuple or list as
+``model(batch[0])`` (the rest are targets). Anything else -- inputs spread over several
+positional arguments, a batch whose first element is not the model input -- needs
+``forward=lambda model, batch: ...``, passed wherever probe data is taken.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Forward", "default_forward", "iter_batches", "num_samples", "take", "to_device",
+           "model_input"]
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def model_input(batch: Any) -> Any:
+    """The part of a batch that the default forward call feeds the model."""
+    if isinstance(batch, (torch.Tensor, Mapping)):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    raise TypeError(f"cannot call a model on a batch of type {type(batch).__name__}: give a "
+                    "tensor, a mapping of model inputs, an (inputs, targets) tuple, or pass "
+                    "forward=lambda model, batch: ...")
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(**batch)`` for a mapping, ``model(batch[0])`` for
+    a tuple/list (inputs, targets, ...)."""
+    x = model_input(batch)
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def num_samples(batch: Any) -> int:
+    """Samples in a batch (the first dimension of its model input)."""
+    x = model_input(batch)
+    if isinstance(x, Mapping):
+        x = next(v for v in x.values() if isinstance(v, torch.Tensor))
+    return int(x.shape[0])
+
+
+def take(batch: Any, n: int) -> Any:
+    """The first `n` samples of a batch, same structure (tensors cut on dim 0)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, Mapping):
+        return {k: take(v, n) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(take(v, n) if isinstance(v, torch.Tensor) else v for v in batch)
+    return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch (nested in mappings, tuples, lists) to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _is_pair(data: Any) -> bool:
+    return (isinstance(data, tuple) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)
+            and data[0].ndim >= 1 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0])
+
+
+def _chunks(data, batch_size: int) -> Iterator[Any]:
+    """A whole set (tensor or mapping of tensors) cut into batches along dim 0."""
+    n = num_samples(data)
+    for i in range(0, n, batch_size):
+        yield (data[i:i + batch_size] if isinstance(data, torch.Tensor)
+               else {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v
+                     for k, v in data.items()})
+
+
+def iter_batches(data: Any, batch_size: int = 512, limit: int | None = None) -> Iterator[Any]:
+    """Batches of probe `data` (see the module docstring), at most `limit` samples in all
+    (the last batch is cut). Targets in an ``(inputs, targets)`` pair are dropped; batches of
+    an iterable are yielded as they are (the forward call picks the inputs)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(data, (torch.Tensor, Mapping)):
+        source = _chunks(data, batch_size)
+    elif _is_pair(data):
+        source = _chunks(data[0], batch_size)
+    elif isinstance(getattr(data, "inputs", None), torch.Tensor):
+        source = _chunks(data.inputs, batch_size)
+    elif hasattr(data, "__iter__"):
+        if iter(data) is data:
+            raise TypeError("probe data must be re-iterable (a DataLoader, a list, a tensor): "
+                            "a generator or iterator is used up after one pass")
+        source = iter(data)
+    else:
+        raise TypeError(f"probe data of type {type(data).__name__} is not supported: give a "
+                        "tensor, an (inputs, targets) tuple, a mapping of tensors, or an "
+                        "iterable of batches (a DataLoader)")
+    seen = 0
+    for batch in source:
+        if limit is not None:
+            if seen >= limit:
+                return
+            n = num_samples(batch)
+            if seen + n > limit:
+                batch = take(batch, limit - seen)
+            seen += min(n, limit - seen)
+        yield batch
