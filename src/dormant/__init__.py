@@ -12,3 +12,15 @@ __all__ = [
     "SiteStats", "Tap", "UnknownNameError", "diagnose", "find_sites", "make_site", "probe",
     "register_activation", "register_criterion", "__version__",
 ]
+
+
+_LAZY = ("methods", "batching", "options", "train", "experiments", "report")
+
+
+def __getattr__(name: str):
+    """``dormant.methods`` and the other upper layers load on first use, so that importing
+    ``dormant`` (or ``dormant.report``) does not import the methods or the training loop."""
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dormant' has no attribute {name!r}")

@@ -19,13 +19,14 @@ positional arguments, a batch whose first element is not the model input -- need
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Forward", "default_forward", "iter_batches", "num_samples", "take", "to_device",
-           "model_input"]
+__all__ = ["Forward", "capture_inputs", "default_forward", "iter_batches", "model_input",
+           "num_samples", "take", "to_device"]
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -76,6 +77,33 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__()
+        self.args_, self.kwargs = args, kwargs
+
+
+def capture_inputs(model: nn.Module, batch: Any, forward: Forward = default_forward) -> Any:
+    """The inputs `forward(model, batch)` gives the model, as site discovery and surgery take
+    them: a tensor (one positional input) or a mapping of keyword inputs (positional ones
+    bound to their parameter names). The model itself does not run."""
+    def grab(module, args, kwargs):
+        raise _Captured(args, kwargs)
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        forward(model, batch)
+    except _Captured as c:
+        args, kwargs = c.args_, c.kwargs
+    else:
+        raise ValueError("forward(model, batch) did not call the model")
+    finally:
+        handle.remove()
+    if not kwargs and len(args) == 1:
+        return args[0]
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
 
 
 def _is_pair(data: Any) -> bool:

@@ -14,6 +14,7 @@ module that feeds a functional activation (the activation is then recomputed on 
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -297,7 +298,7 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> Callable:
 
 
 def _trace_sites(model: nn.Module, example: torch.Tensor) -> list[Site]:
-    graph = _Tracer().trace(model)
+    graph = _Tracer().trace(model, concrete_args=_concrete_args(model, example))
     gm = fx.GraphModule(model, graph)
     _propagate_shapes(gm, example)
     modules = dict(model.named_modules())
@@ -348,6 +349,22 @@ class _ShapeProp(fx.Interpreter):
 @dataclass
 class _Meta:
     shape: torch.Size
+
+
+def _concrete_args(model: nn.Module, example) -> dict | None:
+    """Inputs of `model.forward` that the example leaves out, fixed at their defaults while
+    tracing (so ``if mask is not None`` follows the call the example makes)."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return None
+    if isinstance(example, Mapping):
+        given = set(example)
+    else:
+        given = {p.name for p in params[:len(example) if isinstance(example, tuple) else 1]}
+    return {p.name: p.default for p in params
+            if p.name not in given and p.default is not p.empty} or None
 
 
 def _placeholder_args(graph: fx.Graph, example) -> tuple:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..stats import mean_std
 from .config import ConfigError, ExperimentConfig
 from .run import run_experiment
 
@@ -63,13 +63,6 @@ class CompareSpec:
                 cfg = self.base.override(**{**dict(over), "seed": seed}).validate()
                 out.append((name, cfg))
         return out
-
-
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
 
 
 def summarize(results: list[tuple[str, dict]], columns: Sequence = COLUMNS) -> list[dict]:

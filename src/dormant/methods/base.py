@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..batching import Forward, default_forward, iter_batches, model_input, take, to_device
+from ..batching import Forward, capture_inputs, default_forward, iter_batches, to_device
 from ..diagnose import probe
 from ..masks import Masks
 from ..monitor import ActivityMonitor
@@ -142,7 +142,8 @@ class Method:
         forward: ``forward(model, batch)`` calls the model on a probe batch (default: a
             tensor as ``model(x)``, a mapping as ``model(**batch)``, a tuple as
             ``model(batch[0])``).
-        example: a batch for site discovery (default: the first two probe samples).
+        example: the model's inputs for site discovery, a tensor or a mapping of keyword
+            inputs (default: what `forward` passes the model for the first two probe samples).
         """
         for need in self.needs:
             if {"total_steps": total_steps, "epochs": epochs, "probe": probe}[need] is None:
@@ -183,7 +184,7 @@ class Method:
                 first = next(iter_batches(self._probe, 2, limit=2), None)
             if first is None:
                 raise ValueError(f"{self.name}: the probe data is empty")
-            example = take(model_input(first), 2)
+            example = capture_inputs(_unwrap(self.model), to_device(first, device), self.forward)
         return to_device(example, device)
 
     def ensure_masks(self) -> Masks:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..experiments.compare import mean_std
+from ..stats import mean_std
 
 __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
            "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series"]
