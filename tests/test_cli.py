@@ -21,6 +21,10 @@ def test_list(capsys):
     (["compare"], "exactly one of"),
     (["doctor", "/nonexistent"], "not a run directory"),
     (["list", "gizmos"], "cannot list"),
+    (["help", "gizmo"], "unknown method 'gizmo'; valid methods: ap, demp"),
+    (["run", "--method", "synaptic-stripping", "--method-args", "factor=abc"],
+     "synaptic-stripping: factor: expected a float in (0, 1), got 'abc'"),
+    (["run", "--method", "redo", "--method-args", "tua=0.1"], "redo has no option(s) ['tua']"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(argv) == 2
@@ -84,3 +88,35 @@ def test_parse_mapping_keeps_lists():
 def test_parse_mapping_reads_yaml_style_booleans():
     assert _parse_mapping("bias_fallback=true,standardize=FALSE,name=truth") == {
         "bias_fallback": True, "standardize": False, "name": "truth"}
+
+
+def test_help_lists_every_option_with_type_default_and_help(capsys):
+    from dormant.methods import method_options
+    assert main(["help", "demp"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[3:] if line.strip()}
+    assert set(method_options("demp")) <= set(lines)
+    assert "float >= 0" in lines["reg_peak"] and "0.001" in lines["reg_peak"]
+    assert "one of lasso, l2, cdg_lasso, cdg_l2" in lines["regulariser"]
+    assert main(["list", "methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "factor" in out and "float in (0, 1)" in out and "rounds" in out
+
+
+def test_run_directory_names_are_unchanged_by_the_method_api():
+    """Labels (config hashes) recorded before the typed options: finished runs stay found."""
+    from dormant.experiments import ExperimentConfig
+    rounds = {"rounds": 2, "epochs_per_round": 1}
+    cases = {"synthetic-mlp-ap-s0-ff87242f19": ("ap", {**rounds, "neuron_fraction": 0.5}),
+             "synthetic-mlp-demp-s0-902fd220e1": ("demp", {"reg_peak": 0.5, "target": "all",
+                                                           "prune_every": 20,
+                                                           "noise_peak": 1e-3}),
+             "synthetic-mlp-nnrelief-s0-a651e32273": ("nnrelief", {**rounds,
+                                                                   "probe_samples": 200}),
+             "synthetic-mlp-synaptic-stripping-s0-0a246cd949": ("synaptic-stripping",
+                                                                {"factor": 0.2})}
+    for label, (method, args) in cases.items():
+        cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},
+                               epochs=3, batch_size=64, lr=0.2, method=method,
+                               method_args=args).validate()
+        assert cfg.label() == label

@@ -117,6 +117,30 @@ def cmd_list(args) -> int:
         print(f"{what}:")
         for name, doc in regs[what].describe().items():
             print(f"  {name:<20} {doc}")
+            if args.verbose and what == "methods" and name != "none":
+                print(_options_table(name, indent="      "))
+    return 0
+
+
+def _options_table(method: str, indent: str = "  ") -> str:
+    """Every option of `method`: name, type and range, default, help."""
+    from .methods import describe_options
+    rows = [("option", "type", "default", "help")] + describe_options(method)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]
+                     for r in rows)
+
+
+def cmd_help(args) -> int:
+    from .methods import METHODS
+    cls = METHODS.get(args.method)
+    if cls is None:
+        print("none: plain training (the baseline); no options")
+        return 0
+    print(f"{args.method}: {METHODS.describe()[args.method]}")
+    print(f"in Python: dormant.methods.build({args.method!r}, option=value, ...); on the "
+          f"command line: --method {args.method} --method-args option=value,...\n")
+    print(_options_table(args.method))
     return 0
 
 
@@ -182,7 +206,7 @@ def cmd_download(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dormant", description="Find, revive and remove dead (dormant) neurons.",
-        epilog="Examples: dormant list | dormant compare --preset dying-relu | "
+        epilog="Examples: dormant list | dormant help synaptic-stripping | dormant compare --preset dying-relu | "
                "dormant run --dataset fashion-mnist --model lenet300 --epochs 5 | "
                "dormant doctor runs/<run-dir> | dormant report results/")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,7 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
              "inits, optimizers")
     q = sub.add_parser("list", help=kinds)
     q.add_argument("what", nargs="*", help=f"{kinds} (default: all)")
+    q.add_argument("-v", "--verbose", action="store_true",
+                   help="with methods: every option's type, default and help")
     q.set_defaults(func=cmd_list)
+
+    q = sub.add_parser("help", help="a method's options: type, range, default, help")
+    q.add_argument("method", help="a method name (see `dormant list methods`)")
+    q.set_defaults(func=cmd_help)
 
     for name, func, hlp in (("run", cmd_run, "train one experiment (resumes if interrupted)"),
                             ("compare", cmd_compare, "variants x seeds -> mean ± std table")):
