@@ -112,6 +112,7 @@ class MethodCallback(Callback):
 
     def on_fit_start(self, trainer) -> None:
         m, data = self.method, trainer.data
+        m.step, m.epoch = trainer.step, trainer.epoch    # the Trainer's counters (resume)
         per_epoch = -(-len(data.train) // trainer.batch_size)
         m.prepare(trainer.model, trainer.optimizer, probe=data.split(m.opts.probe),
                   total_steps=trainer.epochs * per_epoch, epochs=trainer.epochs,
