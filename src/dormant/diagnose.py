@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .batching import Forward, default_forward, iter_batches, model_input, take, to_device
+from .dataflow import no_fastpath
 from .monitor import ActivityMonitor
 from .sites import Site, _unwrap, find_sites
 
@@ -39,7 +40,7 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     mon = ActivityMonitor(model, sites, eps=eps, every=1, mode="any")
     model.eval()
     try:
-        with mon, torch.no_grad():
+        with mon, torch.no_grad(), no_fastpath():   # the fused encoder path skips the hooks
             forward(model, first)
             for i, batch in enumerate(batches, start=1):
                 if max_batches is not None and i >= max_batches:

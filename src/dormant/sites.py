@@ -36,7 +36,7 @@ __all__ = [
     "is_nonneg",
 ]
 
-PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)   # + transformers' Conv1D, see is_producer
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 NORMS = CHANNEL_NORMS + (nn.LayerNorm,)
@@ -73,6 +73,31 @@ _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_
                 "tanh": "tanh", "tanh_": "tanh"}
 _METHOD_FN = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
               "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and w is not None and w.ndim == 2
+
+
+def is_producer(m: nn.Module) -> bool:
+    """A layer whose output features/channels are units: Linear, ConvNd, Conv1D."""
+    return isinstance(m, PRODUCERS) or is_conv1d(m)
+
+
+def out_units(m: nn.Module) -> int:
+    """Output features (Linear, Conv1D) or channels (ConvNd) of a producer."""
+    if is_conv1d(m):
+        return m.weight.shape[1]
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def in_units(m: nn.Module) -> int:
+    """Input features (Linear, Conv1D) or channels (ConvNd) of a producer."""
+    if is_conv1d(m):
+        return m.weight.shape[0]
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 
 
 def register_activation(module_type: type | None = None, kind: str | None = None,
@@ -141,7 +166,10 @@ class Site:
     (Linear outputs, also ``(B, T, D)`` tokens); statistics reduce over every other dim.
     `producer` is the Linear/ConvNd whose rows/filters are the units' incoming weights (None
     when there is none). `residual` is True when the activation's input is a sum, i.e. the
-    units live on a residual stream fed by more than the producer.
+    units live on a residual stream fed by more than the producer. `proof` says how the
+    pairing was found (a traced graph, recorded data flow, or given by the user);
+    `consumers_complete` is False when something other than the listed consumers reads the
+    units (a permute, an index, a matmul): methods that rewrite outgoing weights refuse it.
     """
     name: str
     activation: str
@@ -154,6 +182,8 @@ class Site:
     consumers: tuple[str, ...] = ()
     flatten_consumers: tuple[str, ...] = ()
     residual: bool = False
+    proof: str = "fx"                 # how the wiring was found: fx | dataflow | explicit
+    consumers_complete: bool = True   # every reader of the units is a consumer listed here
 
     def describe(self) -> str:
         chain = " -> ".join(x for x in (self.producer, self.norm) if x) or "?"
@@ -165,7 +195,7 @@ class Site:
 # fx tracing
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in _ACT_MODULES or isinstance(m, PRODUCERS + NORMS):
+        if type(m) in _ACT_MODULES or is_producer(m) or isinstance(m, NORMS):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -200,7 +230,7 @@ def _walk_back(node: fx.Node, modules) -> tuple[str | None, str | None, bool]:
     while isinstance(cur, fx.Node):
         if cur.op == "call_module":
             m = modules[cur.target]
-            if isinstance(m, PRODUCERS):
+            if is_producer(m):
                 return cur.target, norm, False
             if isinstance(m, NORMS) and norm is None:
                 norm, cur = cur.target, cur.args[0]
@@ -219,10 +249,12 @@ def _walk_back(node: fx.Node, modules) -> tuple[str | None, str | None, bool]:
     return None, norm, False
 
 
-def _walk_forward(node: fx.Node, modules) -> tuple[list[str], list[str]]:
-    """From an activation's output, the Linear/ConvNd modules that read its units."""
+def _walk_forward(node: fx.Node, modules) -> tuple[list[str], list[str], bool]:
+    """From an activation's output, the Linear/ConvNd modules that read its units, and
+    whether every reader was understood (see `Site.consumers_complete`)."""
     consumers: list[str] = []
     flat: list[str] = []
+    complete = True
     frontier = [(u, False) for u in node.users]
     seen: set[fx.Node] = set()
     while frontier:
@@ -233,31 +265,38 @@ def _walk_forward(node: fx.Node, modules) -> tuple[list[str], list[str]]:
         nxt = None
         if u.op == "call_module":
             m = modules[u.target]
-            if isinstance(m, PRODUCERS):
+            if is_producer(m):
                 (flat if flattened else consumers).append(u.target)
             elif isinstance(m, nn.Flatten):
                 nxt = True
             elif isinstance(m, PASS_MODULES + POOL_MODULES + CHANNEL_NORMS):
                 nxt = flattened
+            else:
+                complete = False
         elif u.op == "call_function":
             if u.target in FLATTEN_FUNCTIONS:
                 nxt = True
             elif u.target in PASS_FUNCTIONS or u.target in ADD_FUNCTIONS:
                 nxt = flattened
+            elif u.target is not getattr:
+                complete = False
         elif u.op == "call_method":
             if u.target in FLATTEN_METHODS:
                 nxt = True
             elif u.target in PASS_METHODS or u.target in ("add", "add_"):
                 nxt = flattened
+            elif u.target not in ("size", "dim"):
+                complete = False
         if nxt is not None:
             frontier.extend((v, nxt) for v in u.users)
-    return sorted(set(consumers)), sorted(set(flat))
+    return sorted(set(consumers)), sorted(set(flat)), complete
 
 
 def _unit_dim(producer: nn.Module | None, norm: nn.Module | None, ndim: int) -> int:
     if isinstance(producer, CONVS) or isinstance(norm, CHANNEL_NORMS):
         return 1
-    if isinstance(producer, nn.Linear) or isinstance(norm, nn.LayerNorm):
+    if isinstance(producer, nn.Linear) or isinstance(norm, nn.LayerNorm) or (
+            producer is not None and is_conv1d(producer)):
         return -1
     return 1 if ndim >= 4 else -1
 
@@ -316,13 +355,13 @@ def _trace_sites(model: nn.Module, example: torch.Tensor) -> list[Site]:
         producer, norm, residual = _walk_back(node.args[0], modules)
         shape = tuple(meta.shape)
         udim = _unit_dim(modules.get(producer), modules.get(norm), len(shape))
-        consumers, flat = _walk_forward(node, modules)
+        consumers, flat, complete = _walk_forward(node, modules)
         act_module = node.target if node.op == "call_module" else None
         sites.append(Site(
             name=_site_name(node, act_module, tap, producer, norm), activation=kind,
             num_units=int(shape[udim]), unit_dim=udim, tap=tap, producer=producer,
             norm=norm, act_module=act_module, consumers=tuple(consumers),
-            flatten_consumers=tuple(flat), residual=residual))
+            flatten_consumers=tuple(flat), residual=residual, consumers_complete=complete))
     if skipped:
         warnings.warn(f"dormant: cannot observe activation(s) {skipped} without editing the "
                       "model (no module reads or feeds them); use an activation module there "
@@ -390,47 +429,140 @@ def _propagate_shapes(gm: fx.GraphModule, example) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# runtime fallback for models fx cannot trace: pair each activation module call with the
-# producer (and norm) called just before it.
-def _runtime_sites(model: nn.Module, example) -> list[Site]:
-    order: list[tuple[str, nn.Module, torch.Size]] = []
-    handles = []
-    for name, m in model.named_modules():
-        if type(m) in _ACT_MODULES or isinstance(m, PRODUCERS + NORMS):
-            handles.append(m.register_forward_hook(
-                lambda mod, i, o, name=name: order.append((name, mod, o.shape))))
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example, Mapping):
-                model(**example)
-            else:
-                model(*(example if isinstance(example, tuple) else (example,)))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in flags.items():
-            m.training = flag
-    n_calls: dict[str, int] = {}
-    for name, _, _ in order:
-        n_calls[name] = n_calls.get(name, 0) + 1
-    seen: dict[str, int] = {}
-    sites, producer, norm = [], None, None
-    for name, m, shape in order:
-        idx = seen.get(name, 0)
-        seen[name] = idx + 1
-        if isinstance(m, PRODUCERS):
-            producer, norm = name, None
-        elif isinstance(m, NORMS):
-            norm = name
+# data-flow discovery for models fx cannot trace (dormant.dataflow records the real calls)
+_FLOW_PASS = {"dropout", "contiguous", "clone", "detach", "to", "type", "float", "half",
+              "bfloat16", "alpha_dropout", "feature_alpha_dropout"}
+_FLOW_ADD = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+_FLOW_FLATTEN = {"flatten", "view", "reshape"}
+_FLOW_IGNORE = {"size", "dim", "numel", "__len__", "__get__", "is_floating_point", "get_device"}
+
+
+def _recorded(m: nn.Module) -> bool:
+    return (type(m) in _ACT_MODULES or is_producer(m)
+            or isinstance(m, NORMS + PASS_MODULES + POOL_MODULES + (nn.Flatten,)))
+
+
+def _flow_act_kind(ev, modules) -> str | None:
+    if ev.module is not None:
+        return _ACT_MODULES.get(type(modules[ev.module]))
+    kind = _ACT_FUNCTIONS.get(ev.func)
+    if kind is None and ev.name in _ACT_METHODS and "Tensor" in getattr(ev.func, "__qualname__", ""):
+        kind = _ACT_METHODS[ev.name]
+    return kind
+
+
+def _flow_back(flow, key, modules) -> tuple[str | None, str | None, bool]:
+    """From an activation's input value, (producer, norm, residual) along real data flow."""
+    norm = None
+    while True:
+        ev = flow.producer.get(key)
+        if ev is None or not ev.inputs:
+            return None, norm, False
+        if ev.module is not None:
+            m = modules[ev.module]
+            if is_producer(m):
+                return ev.module, norm, False
+            if isinstance(m, NORMS) and norm is None:
+                norm, key = ev.module, ev.inputs[0]
+                continue
+            if isinstance(m, PASS_MODULES):
+                key = ev.inputs[0]
+                continue
+            return None, norm, False
+        if ev.name in _FLOW_PASS:
+            key = ev.inputs[0]
+            continue
+        if ev.name in _FLOW_ADD:
+            for k in ev.inputs:   # the first branch with a producer is the main branch
+                p, n, _ = _flow_back(flow, k, modules)
+                if p is not None:
+                    return p, norm or n, True
+            return None, norm, True
+        return None, norm, False
+
+
+def _flow_forward(flow, key, modules) -> tuple[list[str], list[str], bool]:
+    """From an activation's output value, the layers that read its units, and whether every
+    reader was understood (a permute, an index or a matmul makes it False)."""
+    consumers, flat, complete = set(), set(), True
+    frontier, seen = [(key, False)], set()
+    while frontier:
+        k, flattened = frontier.pop()
+        for ev in flow.readers.get(k, []):
+            if (ev.index, k) in seen:
+                continue
+            seen.add((ev.index, k))
+            nxt = None
+            if ev.module is not None:
+                m = modules[ev.module]
+                if is_producer(m) and ev.inputs[:1] == [k]:
+                    (flat if flattened else consumers).add(ev.module)
+                elif isinstance(m, nn.Flatten):
+                    nxt = True
+                elif isinstance(m, PASS_MODULES + POOL_MODULES + CHANNEL_NORMS):
+                    nxt = flattened
+                else:
+                    complete = False
+            elif ev.name in _FLOW_FLATTEN:
+                nxt = True
+            elif ev.name in _FLOW_PASS or ev.name in _FLOW_ADD or "pool" in ev.name:
+                nxt = flattened
+            elif ev.name not in _FLOW_IGNORE:
+                complete = False
+            if nxt is not None:
+                frontier.extend((o, nxt) for o in ev.outputs)
+    return sorted(consumers), sorted(flat), complete
+
+
+def _flow_tap(flow, ev, kind) -> Tap | None:
+    """Observe a module activation at its output; a functional one at the input of the layer
+    that reads it, else by recomputing it on the output of the layer that feeds it."""
+    if ev.module is not None:
+        return Tap("output", ev.module, ev.call_index, flow.calls[ev.module])
+    out = ev.outputs[0]
+    for r in flow.readers.get(out, []):
+        if r.module is not None and r.inputs[:1] == [out]:
+            return Tap("input", r.module, r.call_index, flow.calls[r.module])
+    src = flow.producer.get(ev.inputs[0]) if ev.inputs else None
+    if src is not None and src.module is not None and len(flow.readers[ev.inputs[0]]) == 1:
+        fn = _METHOD_FN.get(ev.name, ev.func) if ev.func not in _ACT_FUNCTIONS else ev.func
+        extra = tuple(a for a in ev.args[1:] if not isinstance(a, torch.Tensor))
+        kwargs = {k: v for k, v in ev.kwargs.items() if k != "inplace"}
+        return Tap("recompute", src.module, src.call_index, flow.calls[src.module],
+                   fn=_bind(fn, extra, kwargs))
+    return None
+
+
+def _dataflow_sites(model: nn.Module, example) -> list[Site]:
+    from .dataflow import trace_dataflow
+    flow = trace_dataflow(model, example, _recorded)
+    modules = dict(model.named_modules())
+    sites, skipped = [], []
+    for ev in flow.events:
+        kind = _flow_act_kind(ev, modules)
+        if kind is None or not ev.inputs or not ev.outputs:
+            continue
+        tap = _flow_tap(flow, ev, kind)
+        if tap is None:
+            skipped.append(ev.module or ev.name)
+            continue
+        producer, norm, residual = _flow_back(flow, ev.inputs[0], modules)
+        consumers, flat, complete = _flow_forward(flow, ev.outputs[0], modules)
+        udim = _unit_dim(modules.get(producer), modules.get(norm), len(ev.shape))
+        if ev.module is not None:
+            name = ev.module if ev.call_index == 0 else f"{ev.module}#{ev.call_index}"
         else:
-            udim = _unit_dim(model.get_submodule(producer) if producer else None,
-                             model.get_submodule(norm) if norm else None, len(shape))
-            tap = Tap("output", name, idx, n_calls[name])
-            sites.append(Site(name if idx == 0 else f"{name}#{idx}", _ACT_MODULES[type(m)],
-                              int(shape[udim]), udim, tap, producer, norm, name))
-            producer, norm = None, None
+            anchor = norm or producer or tap.module
+            name = f"{anchor}.{ev.name.rstrip('_')}"
+            if tap.call_index:
+                name += f"#{tap.call_index}"
+        sites.append(Site(name, kind, int(ev.shape[udim]), udim, tap, producer, norm,
+                          ev.module, tuple(consumers), tuple(flat), residual,
+                          proof="dataflow", consumers_complete=complete))
+    if skipped:
+        warnings.warn(f"dormant: cannot observe activation(s) {skipped} without editing the "
+                      "model (no layer reads or feeds them); use an activation module there "
+                      "or pass sites explicitly", stacklevel=3)
     return sites
 
 
@@ -451,25 +583,32 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
             in eval mode under no_grad, so running statistics do not move.
         include / exclude: site names to keep / drop.
         activations: keep only these activation kinds (e.g. ``["relu"]``).
-        trace: ``"fx"``, ``"runtime"`` (module calls only), or ``"auto"`` (fx, then runtime).
+        trace: ``"fx"`` (symbolic trace), ``"dataflow"`` (one recorded forward: real data
+            flow, for models fx cannot trace; ``"runtime"`` is its old name), or ``"auto"``
+            (fx, then dataflow).
     Raises:
         NoSitesError: no site found (the message says what was looked for).
     """
     model = _unwrap(model)
-    if trace not in ("auto", "fx", "runtime"):
-        raise ValueError(f"trace must be 'auto', 'fx' or 'runtime', got {trace!r}")
-    if trace == "runtime":
-        sites = _runtime_sites(model, example_input)
+    if trace not in ("auto", "fx", "dataflow", "runtime"):
+        raise ValueError(f"trace must be 'auto', 'fx' or 'dataflow', got {trace!r}")
+    if activations is not None:
+        unknown = sorted(set(activations) - set(activation_kinds()))
+        if unknown:
+            raise ValueError(f"unknown activation kind(s) {unknown}; kinds: "
+                             f"{', '.join(activation_kinds())} (register_activation adds one)")
+    if trace in ("dataflow", "runtime"):
+        sites = _dataflow_sites(model, example_input)
     else:
         try:
             sites = _trace_sites(model, example_input)
         except Exception as err:  # fx cannot trace data-dependent control flow etc.
             if trace == "fx":
                 raise
-            warnings.warn(f"dormant: torch.fx could not trace {type(model).__name__} ({err}); "
-                          "falling back to module-call order (functional activations are "
-                          "not seen)", stacklevel=2)
-            sites = _runtime_sites(model, example_input)
+            warnings.warn(f"dormant: torch.fx could not trace {type(model).__name__} "
+                          f"({str(err).splitlines()[0][:200]}); sites come from the recorded "
+                          "data flow of one forward pass instead", stacklevel=2)
+            sites = _dataflow_sites(model, example_input)
     sites = _filter(sites, include, exclude, activations)
     if not sites:
         raise NoSitesError(
@@ -510,9 +649,9 @@ def make_site(model: nn.Module, activation: str, producer: str | None = None, *,
     if num_units is None:
         if prod is None:
             raise ValueError("make_site needs num_units when no producer is given")
-        num_units = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+        num_units = out_units(prod)
     if unit_dim is None:
         unit_dim = 1 if isinstance(prod, CONVS) else -1
     return Site(name or activation, kind, int(num_units), unit_dim,
-                Tap("output", activation), producer, norm, activation)
+                Tap("output", activation), producer, norm, activation, proof="explicit")
 
