@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .batching import default_forward, take
-from .sites import PRODUCERS, _unwrap
+from .sites import _unwrap, is_conv1d, is_producer, out_units
 
 __all__ = ["positions", "macs"]
 
@@ -31,10 +31,9 @@ def positions(model: nn.Module, example) -> dict[str, int]:
     out: dict[str, int] = {}
     handles = []
     for name, m in model.named_modules():
-        if isinstance(m, PRODUCERS):
+        if is_producer(m):
             def hook(mod, inp, y, name=name):
-                units = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-                out[name] = y.numel() // (y.shape[0] * units)
+                out[name] = y.numel() // (y.shape[0] * out_units(mod))
             handles.append(m.register_forward_hook(hook))
     flags = {m: m.training for m in model.modules()}
     model.eval()
@@ -54,9 +53,9 @@ def macs(model: nn.Module, pos: dict[str, int], kind: str = "dense") -> int:
         raise ValueError(f"kind must be dense, nonzero or structured, got {kind!r}")
     total = 0
     for name, m in _unwrap(model).named_modules():
-        if not isinstance(m, PRODUCERS) or name not in pos:
+        if not is_producer(m) or name not in pos:
             continue
-        w = m.weight.detach()
+        w = m.weight.detach().t() if is_conv1d(m) else m.weight.detach()   # (out, in, ...)
         if kind == "dense":
             n = w.numel()
         elif kind == "nonzero":

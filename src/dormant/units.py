@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .sites import CHANNEL_NORMS, CONVS, NORMS, Site, _unwrap
+from .sites import CHANNEL_NORMS, CONVS, Site, _unwrap, in_units, is_conv1d
 
-__all__ = ["Slice", "incoming", "outgoing", "unit_mask_for", "fan_in_rows"]
+__all__ = ["Slice", "incoming", "outgoing", "unit_mask_for", "fan_in_rows", "as_rows",
+           "from_rows"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def incoming(model: nn.Module, site: Site, *, stats: bool = True) -> list[Slice]
     if site.producer is None:
         return []
     prod = _module(model, site.producer)
-    out = [Slice(f"{site.producer}.weight", 0)]
+    out = [Slice(f"{site.producer}.weight", 1 if is_conv1d(prod) else 0)]
     if getattr(prod, "bias", None) is not None:
         out.append(Slice(f"{site.producer}.bias", 0, kind="bias"))
     if site.norm is not None:
@@ -83,17 +84,23 @@ def _per_unit(norm: nn.Module, attr: str, site: Site) -> bool:
 
 
 def outgoing(model: nn.Module, site: Site) -> list[Slice]:
-    """Columns / input channels of every consumer (grouped convolutions are refused)."""
+    """Columns / input channels of every consumer. A grouped convolution's filters each read
+    the channels of their own group only: weight[:, j] is input channel g * (C / groups) + j,
+    so its slice is the unit's position inside its group (`group_of`)."""
     out = []
     for name in site.consumers:
         m = _module(model, name)
         if isinstance(m, CONVS) and m.groups != 1:
-            raise NotImplementedError(f"{name}: grouped convolution consumers are not supported")
-        width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            raise NotImplementedError(
+                f"{name} is a grouped convolution (groups={m.groups}): its input channel j "
+                f"of group g is unit g * {m.in_channels // m.groups} + j of {site.name}; "
+                "rewriting outgoing weights of grouped consumers is not supported: leave "
+                f"site {site.name} out (sites=...)")
+        width = in_units(m)
         if width != site.num_units:
             raise ValueError(f"{name} reads {width} inputs, site {site.name} has "
                              f"{site.num_units} units: pass sites explicitly")
-        out.append(Slice(f"{name}.weight", 1))
+        out.append(Slice(f"{name}.weight", 0 if is_conv1d(m) else 1))
     for name in site.flatten_consumers:
         m = _module(model, name)
         if not isinstance(m, nn.Linear) or m.in_features % site.num_units:
@@ -122,8 +129,18 @@ def unit_mask_for(model: nn.Module, sl: Slice, units: torch.Tensor, num_units: i
 
 
 def fan_in_rows(model: nn.Module, site: Site) -> torch.Tensor:
-    """The producer's weight as (units, fan_in): Linear rows or flattened Conv filters (a view)."""
+    """The producer's weight as (units, fan_in): Linear rows, flattened Conv filters or
+    Conv1D columns (a view)."""
     if site.producer is None:
         raise ValueError(f"site {site.name} has no producer")
-    w = tensor(model, f"{site.producer}.weight")
-    return w.flatten(1)
+    return as_rows(_module(model, site.producer), tensor(model, f"{site.producer}.weight"))
+
+
+def as_rows(producer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like `producer`'s weight (the weight, a mask) as (units, fan_in)."""
+    return t.t() if is_conv1d(producer) else t.flatten(1)
+
+
+def from_rows(producer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(units, fan_in) back to the shape of `producer`'s weight (inverse of `as_rows`)."""
+    return rows.t() if is_conv1d(producer) else rows.reshape(producer.weight.shape)

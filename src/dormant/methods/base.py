@@ -33,7 +33,7 @@ from ..diagnose import probe
 from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
-from ..sites import PRODUCERS, Site, _unwrap, find_sites
+from ..sites import Site, _unwrap, find_sites, is_producer
 
 __all__ = ["EpochResult", "Method", "MethodOptions", "PeriodicOptions", "prunable_weights",
            "weight_sparsity"]
@@ -42,9 +42,9 @@ Evaluate = Callable[[nn.Module], Mapping[str, Any]]
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of every Linear/ConvNd, by parameter name (the classifier included)."""
+    """Weights of every Linear/ConvNd/Conv1D, by parameter name (the classifier included)."""
     return {f"{n}.weight" if n else "weight": m.weight
-            for n, m in _unwrap(model).named_modules() if isinstance(m, PRODUCERS)}
+            for n, m in _unwrap(model).named_modules() if is_producer(m)}
 
 
 def weight_sparsity(model: nn.Module) -> float:

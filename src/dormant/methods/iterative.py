@@ -23,7 +23,8 @@ from ..batching import take
 from ..flops import macs, positions
 from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune
-from ..sites import PRODUCERS, _unwrap
+from ..sites import _unwrap, is_producer
+from ..units import fan_in_rows
 from .base import EpochResult, Method, MethodOptions, check_option, weight_sparsity
 
 __all__ = ["IterativePruning", "IMP"]
@@ -97,7 +98,7 @@ class IterativePruning(Method):
         model = _unwrap(self.model)
         hidden = {f"{s.producer}.weight" for s in self.sites}
         self.names = [f"{n}.weight" for n, m in model.named_modules()
-                      if isinstance(m, PRODUCERS) and (self.opts.layers == "all"
+                      if is_producer(m) and (self.opts.layers == "all"
                                                        or f"{n}.weight" in hidden)]
         masks = self.ensure_masks()
         params = dict(model.named_parameters())
@@ -154,8 +155,8 @@ class IterativePruning(Method):
         (units with a non-zero incoming weight, per site) and MAC ratios to the dense model."""
         model = _unwrap(self.model)
         m = self.pruning_masks()
-        arch = {s.name: int((model.get_submodule(s.producer).weight.detach().flatten(1) != 0)
-                            .any(1).sum()) for s in self.sites}
+        arch = {s.name: int((fan_in_rows(model, s).detach() != 0).any(1).sum())
+                for s in self.sites}
         dense = macs(model, self._pos, "dense")
         return {"compression": sum(x.numel() for x in m.values()) / max(alive(m), 1),
                 "arch": arch,

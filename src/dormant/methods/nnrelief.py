@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from ..batching import Forward, default_forward, num_samples, to_device
 from ..options import option
-from ..sites import CONVS, _unwrap
-from ..units import incoming, outgoing, tensor, unit_mask_for
+from ..sites import CONVS, _unwrap, is_conv1d
+from ..units import as_rows, from_rows, incoming, outgoing, tensor, unit_mask_for
 from .iterative import IterativePruning, RoundOptions
 
 __all__ = ["NNrelief", "relief_keep", "linear_scores", "conv_scores", "layer_inputs"]
@@ -182,9 +182,12 @@ class NNrelief(IterativePruning):
             if isinstance(m, CONVS):
                 s, alpha = conv_scores(m, stats[layer], self.opts.conv_score), self.opts.alpha_conv
             else:
-                s, alpha = linear_scores(m.weight, m.bias, stats[layer]), self.opts.alpha_fc
+                w = as_rows(m, m.weight)             # (out, in); Conv1D stores (in, out)
+                s, alpha = linear_scores(w, m.bias, stats[layer]), self.opts.alpha_fc
             keep = relief_keep(s, alpha)
-            new[f"{layer}.weight"] = self._expand(keep[:, :m.weight.shape[1]], m.weight)
+            w_keep = keep[:, :s.shape[1] - (m.bias is not None)]
+            new[f"{layer}.weight"] = (from_rows(m, w_keep) if is_conv1d(m)
+                                      else self._expand(w_keep, m.weight))
             if m.bias is not None:
                 new[f"{layer}.bias"] = keep[:, -1]
         for site in self.sites:

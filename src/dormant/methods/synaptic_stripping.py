@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from ..options import option
 from ..sites import _unwrap
-from ..units import fan_in_rows
+from ..units import as_rows, fan_in_rows, from_rows
 from .base import Method, PeriodicOptions, weight_sparsity
 
 __all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
@@ -126,7 +126,7 @@ class SynapticStripping(Method):
                         biases += int(out.sum())
                 name = f"{site.producer}.weight"
                 before = masks.masks.get(name)
-                masks.update(name, keep.view_as(masks._param(name)))
+                masks.update(name, from_rows(_unwrap(model).get_submodule(site.producer), keep))
                 after = masks.masks[name]
                 stripped += int(((before if before is not None else True) & ~after).sum())
         if act:
@@ -157,7 +157,7 @@ class SynapticStripping(Method):
             name = f"{site.producer}.weight"
             rows = fan_in_rows(model, site)
             if self.masks is not None and name in self.masks.masks:
-                keep = self.masks.masks[name].flatten(1)
+                keep = as_rows(_unwrap(model).get_submodule(site.producer), self.masks.masks[name])
             else:
                 keep = torch.ones_like(rows, dtype=torch.bool)
             total += int(keep[~dead[site.name]].sum())
