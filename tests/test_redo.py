@@ -77,8 +77,22 @@ def test_tau_zero_recycles_exactly_the_never_active_units():
     assert CRITERIA.get("dormant") is not None
 
 
-def test_grouped_consumer_is_refused():
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4))
+@pytest.mark.parametrize("groups, out", [(4, 4), (4, 8), (2, 6)])
+def test_grouped_and_depthwise_consumers_lose_exactly_the_units_input_channels(groups, out):
+    """Filter o of a grouped conv reads input channels of group o // (out / groups) only:
+    recycling unit u zeroes weight[o, u % (4 / groups)] for the filters of u's group, and
+    the consumer then ignores unit u (checked by perturbing it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, out, 3, groups=groups))
     site = find_sites(model, torch.randn(2, 2, 5, 5))[0]
-    with pytest.raises(NotImplementedError, match="grouped"):
-        outgoing(model, site)
+    units = torch.tensor([False, True, False, True])
+    recycle(model, site, units)
+    w, in_pg, out_pg = model[2].weight, 4 // groups, out // groups
+    for o in range(out):
+        for j in range(in_pg):
+            u = (o // out_pg) * in_pg + j
+            assert bool((w[o, j] == 0).all()) == bool(units[u]), (o, j)
+    h = torch.relu(model[0](torch.randn(3, 2, 5, 5)))
+    bumped = h.clone()
+    bumped[:, units] += 5.0
+    assert torch.allclose(model[2](h), model[2](bumped))

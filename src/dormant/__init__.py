@@ -3,13 +3,14 @@ from .diagnose import Diagnosis, diagnose, probe
 from .masks import Masks
 from .monitor import CRITERIA, ActivityMonitor, SiteStats, register_criterion
 from .registry import Registry, UnknownNameError
-from .sites import NoSitesError, Site, Tap, find_sites, make_site, register_activation
+from .sites import NoSitesError, Site, Tap, find_sites, format_sites, make_site, register_activation
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivityMonitor", "CRITERIA", "Diagnosis", "Masks", "NoSitesError", "Registry", "Site",
-    "SiteStats", "Tap", "UnknownNameError", "diagnose", "find_sites", "make_site", "probe",
+    "SiteStats", "Tap", "UnknownNameError", "diagnose", "find_sites", "format_sites",
+    "make_site", "probe",
     "register_activation", "register_criterion", "__version__",
 ]
 

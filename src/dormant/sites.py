@@ -30,6 +30,7 @@ __all__ = [
     "Tap",
     "NoSitesError",
     "find_sites",
+    "format_sites",
     "make_site",
     "register_activation",
     "activation_kinds",
@@ -210,6 +211,10 @@ def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 def _is_add(node: fx.Node) -> bool:
     return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
             or (node.op == "call_method" and node.target in ("add", "add_")))
@@ -249,16 +254,18 @@ def _walk_back(node: fx.Node, modules) -> tuple[str | None, str | None, bool]:
     return None, norm, False
 
 
-def _walk_forward(node: fx.Node, modules) -> tuple[list[str], list[str], bool]:
+def _walk_forward(node: fx.Node, modules, udim: int, ndim: int
+                  ) -> tuple[list[str], list[str], bool]:
     """From an activation's output, the Linear/ConvNd modules that read its units, and
-    whether every reader was understood (see `Site.consumers_complete`)."""
+    whether every reader was understood (see `Site.consumers_complete`). Past a residual
+    addition, the activation that reads the sum starts the next site."""
     consumers: list[str] = []
     flat: list[str] = []
     complete = True
-    frontier = [(u, False) for u in node.users]
+    frontier = [(u, False, False) for u in node.users]
     seen: set[fx.Node] = set()
     while frontier:
-        u, flattened = frontier.pop()
+        u, flattened, summed = frontier.pop()
         if u in seen:
             continue
         seen.add(u)
@@ -271,25 +278,48 @@ def _walk_forward(node: fx.Node, modules) -> tuple[list[str], list[str], bool]:
                 nxt = True
             elif isinstance(m, PASS_MODULES + POOL_MODULES + CHANNEL_NORMS):
                 nxt = flattened
-            else:
+            elif not summed:     # past a residual sum, the stream goes on elsewhere
                 complete = False
+        elif _is_add(u):
+            summed, nxt = True, flattened
+        elif u.op in ("call_function", "call_method") and _name(u) in _REDUCE and \
+                _keeps_units(u.args, u.kwargs, udim, ndim):
+            nxt = flattened
+        elif summed:
+            pass
         elif u.op == "call_function":
             if u.target in FLATTEN_FUNCTIONS:
                 nxt = True
-            elif u.target in PASS_FUNCTIONS or u.target in ADD_FUNCTIONS:
+            elif u.target in PASS_FUNCTIONS:
                 nxt = flattened
             elif u.target is not getattr:
                 complete = False
         elif u.op == "call_method":
             if u.target in FLATTEN_METHODS:
                 nxt = True
-            elif u.target in PASS_METHODS or u.target in ("add", "add_"):
+            elif u.target in PASS_METHODS:
                 nxt = flattened
             elif u.target not in ("size", "dim"):
                 complete = False
         if nxt is not None:
-            frontier.extend((v, nxt) for v in u.users)
+            frontier.extend((v, nxt, summed) for v in u.users)
     return sorted(set(consumers)), sorted(set(flat)), complete
+
+
+def _keeps_units(args: tuple, kwargs: dict, udim: int, ndim: int) -> bool:
+    """A ``mean``/``sum``/``amax`` over dims that include neither the batch nor the unit
+    axis (global pooling): each unit stays a feature of its own."""
+    dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dims is None:
+        return False
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    axes = {d % ndim for d in dims}
+    return 0 not in axes and udim % ndim not in axes
+
+
+_REDUCE = {"mean", "sum", "amax", "max"}
 
 
 def _unit_dim(producer: nn.Module | None, norm: nn.Module | None, ndim: int) -> int:
@@ -355,7 +385,7 @@ def _trace_sites(model: nn.Module, example: torch.Tensor) -> list[Site]:
         producer, norm, residual = _walk_back(node.args[0], modules)
         shape = tuple(meta.shape)
         udim = _unit_dim(modules.get(producer), modules.get(norm), len(shape))
-        consumers, flat, complete = _walk_forward(node, modules)
+        consumers, flat, complete = _walk_forward(node, modules, udim, len(shape))
         act_module = node.target if node.op == "call_module" else None
         sites.append(Site(
             name=_site_name(node, act_module, tap, producer, norm), activation=kind,
@@ -481,13 +511,14 @@ def _flow_back(flow, key, modules) -> tuple[str | None, str | None, bool]:
         return None, norm, False
 
 
-def _flow_forward(flow, key, modules) -> tuple[list[str], list[str], bool]:
+def _flow_forward(flow, key, modules, udim: int, ndim: int) -> tuple[list[str], list[str], bool]:
     """From an activation's output value, the layers that read its units, and whether every
-    reader was understood (a permute, an index or a matmul makes it False)."""
+    reader was understood (a permute, an index or a matmul makes it False). Past a residual
+    addition, the activation that reads the sum starts the next site: the units go on there."""
     consumers, flat, complete = set(), set(), True
-    frontier, seen = [(key, False)], set()
+    frontier, seen = [(key, False, False)], set()
     while frontier:
-        k, flattened = frontier.pop()
+        k, flattened, summed = frontier.pop()
         for ev in flow.readers.get(k, []):
             if (ev.index, k) in seen:
                 continue
@@ -501,16 +532,19 @@ def _flow_forward(flow, key, modules) -> tuple[list[str], list[str], bool]:
                     nxt = True
                 elif isinstance(m, PASS_MODULES + POOL_MODULES + CHANNEL_NORMS):
                     nxt = flattened
-                else:
+                elif not summed:     # past a residual sum, the stream goes on elsewhere
                     complete = False
             elif ev.name in _FLOW_FLATTEN:
                 nxt = True
-            elif ev.name in _FLOW_PASS or ev.name in _FLOW_ADD or "pool" in ev.name:
+            elif ev.name in _FLOW_ADD:
+                summed, nxt = True, flattened
+            elif ev.name in _FLOW_PASS or "pool" in ev.name or (
+                    ev.name in _REDUCE and _keeps_units(ev.args, ev.kwargs, udim, ndim)):
                 nxt = flattened
-            elif ev.name not in _FLOW_IGNORE:
+            elif not summed and ev.name not in _FLOW_IGNORE:
                 complete = False
             if nxt is not None:
-                frontier.extend((o, nxt) for o in ev.outputs)
+                frontier.extend((o, nxt, summed) for o in ev.outputs)
     return sorted(consumers), sorted(flat), complete
 
 
@@ -547,8 +581,9 @@ def _dataflow_sites(model: nn.Module, example) -> list[Site]:
             skipped.append(ev.module or ev.name)
             continue
         producer, norm, residual = _flow_back(flow, ev.inputs[0], modules)
-        consumers, flat, complete = _flow_forward(flow, ev.outputs[0], modules)
         udim = _unit_dim(modules.get(producer), modules.get(norm), len(ev.shape))
+        consumers, flat, complete = _flow_forward(flow, ev.outputs[0], modules, udim,
+                                                  len(ev.shape))
         if ev.module is not None:
             name = ev.module if ev.call_index == 0 else f"{ev.module}#{ev.call_index}"
         else:
@@ -617,6 +652,25 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
             "activation with dormant.register_activation, or pass sites explicitly "
             "(dormant.make_site).")
     return sites
+
+
+def format_sites(sites: Sequence[Site]) -> str:
+    """The sites as a table to check the wiring at a glance: producer -> norm -> activation
+    -> consumers, units, and how the pairing was proven (fx graph, recorded data flow, or
+    explicit); ``+res`` marks a residual stream, ``?`` consumers not all known."""
+    head = ("site", "producer -> norm -> act", "consumers", "units", "proof")
+    rows = [head]
+    for s in sites:
+        chain = " -> ".join([s.producer or "(none)"] + ([s.norm] if s.norm else [])
+                            + [s.activation + (" +res" if s.residual else "")])
+        cons = ", ".join(list(s.consumers) + [f"{c} (flat)" for c in s.flatten_consumers])
+        cons = (cons or "(none)") + ("" if s.consumers_complete else " ?")
+        rows.append((s.name, chain, cons, str(s.num_units), s.proof))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i == 3 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
 
 
 def _filter(sites, include, exclude, activations) -> list[Site]:

@@ -38,6 +38,7 @@ class Slice:
     group: int = 1
     layout: str = "block"
     kind: str = "weight"     # weight | bias | norm | stat
+    conv_groups: int = 1     # a grouped convolution consumer: filters read their group only
 
     def index(self, units: torch.Tensor, num_units: int) -> torch.Tensor:
         """Boolean mask along `dim` selecting the entries of the units in `units` (bool[U])."""
@@ -84,23 +85,18 @@ def _per_unit(norm: nn.Module, attr: str, site: Site) -> bool:
 
 
 def outgoing(model: nn.Module, site: Site) -> list[Slice]:
-    """Columns / input channels of every consumer. A grouped convolution's filters each read
-    the channels of their own group only: weight[:, j] is input channel g * (C / groups) + j,
-    so its slice is the unit's position inside its group (`group_of`)."""
+    """Columns / input channels of every consumer. A grouped convolution's filters read the
+    channels of their own group only: in weight[o, j], o in group g = o // (out / groups),
+    j is input channel g * (C / groups) + j (see `unit_mask_for`)."""
     out = []
     for name in site.consumers:
         m = _module(model, name)
-        if isinstance(m, CONVS) and m.groups != 1:
-            raise NotImplementedError(
-                f"{name} is a grouped convolution (groups={m.groups}): its input channel j "
-                f"of group g is unit g * {m.in_channels // m.groups} + j of {site.name}; "
-                "rewriting outgoing weights of grouped consumers is not supported: leave "
-                f"site {site.name} out (sites=...)")
         width = in_units(m)
         if width != site.num_units:
             raise ValueError(f"{name} reads {width} inputs, site {site.name} has "
                              f"{site.num_units} units: pass sites explicitly")
-        out.append(Slice(f"{name}.weight", 0 if is_conv1d(m) else 1))
+        groups = m.groups if isinstance(m, CONVS) else 1
+        out.append(Slice(f"{name}.weight", 0 if is_conv1d(m) else 1, conv_groups=groups))
     for name in site.flatten_consumers:
         m = _module(model, name)
         if not isinstance(m, nn.Linear) or m.in_features % site.num_units:
@@ -122,6 +118,10 @@ def tensor(model: nn.Module, name: str) -> torch.Tensor:
 def unit_mask_for(model: nn.Module, sl: Slice, units: torch.Tensor, num_units: int) -> torch.Tensor:
     """A bool tensor shaped like `sl`'s tensor, True at the entries of `units`."""
     t = tensor(model, sl.name)
+    if sl.conv_groups > 1:     # weight (out, C / groups, *k): filter o reads its group's units
+        per_group = units.to(t.device).bool().view(sl.conv_groups, -1)       # (groups, C/g)
+        rows = per_group.repeat_interleave(t.shape[0] // sl.conv_groups, dim=0)  # (out, C/g)
+        return rows.view(*rows.shape, *[1] * (t.ndim - 2)).expand_as(t)
     idx = sl.index(units.to(t.device), num_units)
     shape = [1] * t.ndim
     shape[sl.dim] = -1

@@ -22,6 +22,7 @@ test data; where the caller must act, the value a call returns says so (`EpochRe
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -104,6 +105,7 @@ class Method:
     name = "method"
     Options: type[MethodOptions] = PeriodicOptions
     needs: tuple[str, ...] = ()          # prepare() arguments this method cannot do without
+    rewrites_outgoing = False            # True: every reader of a site's units must be known
 
     def __init__(self, **options: Any):
         self.opts = self.Options.parse(self.name, options)
@@ -157,16 +159,39 @@ class Method:
         self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
         self.example = self._example(example)
         if self.sites is None:
-            found = find_sites(model, self.example)
-            acts = self.opts.activations
-            self.sites = [s for s in found if s.producer is not None and (
-                acts is None or s.activation in acts)]
+            self.sites = self._discover()
+        self._check_sites()
         if self._saved_masks is not None:
             self.ensure_masks().load_state_dict(self._saved_masks)
             self.masks.apply()
             self._saved_masks = None
         self._prepare()
         return self
+
+    def _discover(self) -> list[Site]:
+        """The model's sites of the wanted activation kinds that have a producer; sites
+        without one (nothing proves which layer feeds them) are left alone, with a warning."""
+        acts = self.opts.activations
+        found = [s for s in find_sites(self.model, self.example)
+                 if acts is None or s.activation in acts]
+        alone = [s.name for s in found if s.producer is None]
+        if alone:
+            warnings.warn(f"{self.name}: site(s) {alone} are left alone: no Linear/Conv layer "
+                          "feeds them along the data flow, so their incoming weights are "
+                          "unknown", stacklevel=3)
+        return [s for s in found if s.producer is not None]
+
+    def _check_sites(self) -> None:
+        """Refuse sites the method cannot act on correctly, before training."""
+        if not self.rewrites_outgoing:
+            return
+        unknown = [s.name for s in self.sites if not s.consumers_complete]
+        if unknown:
+            raise ValueError(
+                f"{self.name} rewrites the outgoing weights of the units it acts on, but "
+                f"something other than a Linear/Conv layer also reads the units of site(s) "
+                f"{unknown} (a permute, an index, a matmul), so their outgoing weights are "
+                "not known: pass sites=[...] without them (find_sites lists them)")
 
     def _prepare(self) -> None:
         """Method-specific preparation (override)."""

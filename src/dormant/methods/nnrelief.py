@@ -25,7 +25,10 @@ Deviations from the official code:
 * the best retraining epoch is chosen on a validation split carved from the training data,
   never on the test set (the code picks it on test);
 * the ResNet-specific rule that cuts residual channels or shortcuts is not implemented; the
-  backward pass skips units on a residual stream (it cannot see all their readers);
+  backward pass skips units on a residual stream, and units of a site whose readers are not
+  all known (`Site.consumers_complete`), since it cannot see all their readers;
+* a layer the probe pass never calls as a module (``nn.MultiheadAttention``'s ``out_proj``,
+  applied functionally inside the attention) has no recorded input and is left unpruned;
 * a dead unit's norm layer gets scale and offset masked to zero (its output is then 0 whatever
   its running statistics), instead of also zeroing the running statistics.
 """
@@ -161,6 +164,11 @@ class NNrelief(IterativePruning):
     def _prepare(self) -> None:
         super()._prepare()
         model = _unwrap(self.model)
+        grouped = [n for n in self.names if getattr(model.get_submodule(n[:-len(".weight")]),
+                                                     "groups", 1) != 1]
+        if grouped:
+            raise ValueError(f"{self.name}: {grouped} are grouped convolutions; NNrelief's "
+                             "kernel scores for them are not implemented")
         params = dict(model.named_parameters())
         for n in self.names:     # biases are candidates too: give them masks
             b = n[:-len("weight")] + "bias"
@@ -178,6 +186,8 @@ class NNrelief(IterativePruning):
         dead = self.observe().dead_units("never_active")
         new: dict[str, torch.Tensor] = {}
         for layer in layers:
+            if layer not in stats:   # never called as a layer (nn.MultiheadAttention's
+                continue             # out_proj is applied functionally): left unpruned
             m = model.get_submodule(layer)
             if isinstance(m, CONVS):
                 s, alpha = conv_scores(m, stats[layer], self.opts.conv_score), self.opts.alpha_conv
@@ -218,12 +228,18 @@ class NNrelief(IterativePruning):
     def _backward_pass(self, model, new: dict) -> None:
         """From the last site back: units whose outgoing weights are all pruned go."""
         for site in reversed(self.sites):
-            slices = outgoing(model, site) if not site.residual else []
+            # a unit read by something unknown (or a residual stream) may still be used
+            slices = outgoing(model, site) if not site.residual and site.consumers_complete else []
             if not slices or any(sl.name not in new for sl in slices):
                 continue
             has_out = torch.zeros(site.num_units, dtype=torch.bool,
                                   device=new[slices[0].name].device)
             for sl in slices:
+                if sl.conv_groups > 1:    # a filter reads only its group: per input channel
+                    w = new[sl.name].flatten(2).any(2)                       # (out, C/g)
+                    g = sl.conv_groups
+                    has_out |= w.view(g, -1, w.shape[1]).any(1).flatten()
+                    continue
                 keep = new[sl.name].movedim(sl.dim, 0).flatten(1).any(1)   # per column
                 if sl.group > 1:
                     keep = (keep.view(-1, sl.group) if sl.layout == "block"

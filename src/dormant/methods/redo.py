@@ -83,6 +83,7 @@ class ReDo(Method):
     """
 
     name = "redo"
+    rewrites_outgoing = True
 
     @dataclass
     class Options(PeriodicOptions):
