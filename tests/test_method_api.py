@@ -262,7 +262,7 @@ def test_probe_data_forms_give_the_same_decision():
         model.fc1.bias[:5] = -100.0
     x, y = torch.randn(300, 12), torch.randint(0, 3, (300,))
     kw = dict(sites=dormant.find_sites(model, x[:2]))
-    forms = [(x, None), ((x, y), None), ([x[:100], x[100:]], None),
+    forms = [(x, None), ((x, y), None), ([x[:100], x[100:]], None), ([x[:150], x[150:]], None),
              (DataLoader(TensorDataset(x, y), batch_size=64), None),
              ([{"features": x[:150]}, {"features": x[150:]}], None),
              ({"features": x}, None),

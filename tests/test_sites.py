@@ -21,6 +21,26 @@ def test_sites_match_brute_force_shapes(name):
         assert y.shape[s.unit_dim] == s.num_units
 
 
+def _wiring(s):
+    return (s.name, s.activation, s.num_units, s.unit_dim, s.producer, s.norm, s.act_module,
+            s.consumers, s.flatten_consumers, s.residual, s.consumers_complete,
+            (s.tap.kind, s.tap.module, s.tap.call_index, s.tap.calls))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_recorded_data_flow_finds_what_the_fx_graph_finds(name):
+    """The discovery used when fx cannot trace gives the very sites fx gives, wiring, taps
+    and all, on every architecture of the zoo."""
+    ctor, shape = ZOO[name]
+    torch.manual_seed(0)
+    model = ctor()
+    x = torch.randn(2, *shape)
+    fx_sites = find_sites(model, x, trace="fx")
+    flow_sites = find_sites(model, x, trace="dataflow")
+    assert [_wiring(s) for s in flow_sites] == [_wiring(s) for s in fx_sites]
+    assert {s.proof for s in fx_sites} == {"fx"} and {s.proof for s in flow_sites} == {"dataflow"}
+
+
 def test_sequential_mlp_sites():
     sites = find_sites(ZOO["sequential-mlp"][0](), torch.randn(2, 3, 4))
     assert [(s.name, s.producer, s.consumers, s.num_units) for s in sites] == [
@@ -88,7 +108,7 @@ def test_custom_activation_registered_is_found():
     assert site.activation == "square_relu" and site.num_units == 4
 
 
-def test_untraceable_model_falls_back_to_runtime():
+def test_untraceable_model_falls_back_to_recorded_data_flow():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -102,6 +122,7 @@ def test_untraceable_model_falls_back_to_runtime():
     with pytest.warns(UserWarning, match="could not trace"):
         (site,) = find_sites(Branchy(), torch.randn(2, 3))
     assert (site.name, site.producer, site.num_units) == ("act", "fc", 5)
+    assert site.consumers == ("head",) and site.proof == "dataflow"
 
 
 def test_make_site_explicit():

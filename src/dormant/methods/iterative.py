@@ -97,11 +97,11 @@ class IterativePruning(Method):
     def _prepare(self) -> None:
         model = _unwrap(self.model)
         hidden = {f"{s.producer}.weight" for s in self.sites}
-        self.names = [f"{n}.weight" for n, m in model.named_modules()
-                      if is_producer(m) and (self.opts.layers == "all"
-                                                       or f"{n}.weight" in hidden)]
+        params = dict(model.named_parameters())   # a tied weight (GPT-2's lm_head) is listed
+        self.names = [f"{n}.weight" for n, m in model.named_modules()   # once, under its owner
+                      if is_producer(m) and f"{n}.weight" in params
+                      and (self.opts.layers == "all" or f"{n}.weight" in hidden)]
         masks = self.ensure_masks()
-        params = dict(model.named_parameters())
         for n in self.names:
             if n not in masks.masks:
                 masks.update(n, torch.ones_like(params[n], dtype=torch.bool))

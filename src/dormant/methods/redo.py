@@ -36,10 +36,16 @@ __all__ = ["ReDo", "recycle"]
 
 
 def _fresh(model: nn.Module, module_name: str) -> nn.Module:
+    """A copy of the layer, re-initialised: its own ``reset_parameters``, or the model's
+    ``_init_weights`` (how Hugging Face models initialise a layer such as GPT-2's Conv1D)."""
     m = copy.deepcopy(model.get_submodule(module_name))
-    if not hasattr(m, "reset_parameters"):
-        raise TypeError(f"{module_name} ({type(m).__name__}) has no reset_parameters()")
-    m.reset_parameters()
+    if hasattr(m, "reset_parameters"):
+        m.reset_parameters()
+    elif hasattr(model, "_init_weights"):
+        model._init_weights(m)
+    else:
+        raise TypeError(f"{module_name} ({type(m).__name__}) has no reset_parameters() and the "
+                        "model no _init_weights(module): ReDo cannot re-draw its weights")
     if hasattr(m, "reset_running_stats"):
         m.reset_running_stats()
     return m
