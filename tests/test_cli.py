@@ -41,6 +41,9 @@ def test_run_then_doctor(tmp_path, capsys):
     assert main(["doctor", str(rd), "--split", "val"]) == 0
     report = capsys.readouterr().out
     assert "act1" in report and "total" in report and "dead %" in report
+    assert main(["doctor", str(rd), "--split", "val", "--sites"]) == 0
+    report = capsys.readouterr().out
+    assert "fc1 -> relu" in report and "proof" in report
 
 
 def test_compare_from_yaml(tmp_path, capsys):

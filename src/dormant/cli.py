@@ -181,6 +181,9 @@ def cmd_doctor(args) -> int:
     report = diagnose(model, data.split(args.split), criterion=args.criterion, eps=args.eps,
                       **params)
     print(f"{args.run_dir}: {cfg.model} on {cfg.dataset} ({args.split} split)")
+    if args.sites:
+        from .sites import find_sites, format_sites
+        print(format_sites(find_sites(model, data.train.inputs[:2])) + "\n")
     print(report)
     return 0
 
@@ -244,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--criterion", default="never_active")
     q.add_argument("--eps", type=float, default=0.0)
     q.add_argument("--tau", type=float, default=0.0, help="threshold for --criterion dormant")
+    q.add_argument("--sites", action="store_true",
+                   help="also print the sites' wiring (producer -> norm -> act -> consumers)")
     q.set_defaults(func=cmd_doctor)
 
     q = sub.add_parser("report", help="plot per-epoch curves (mean ± std) of a comparison")
