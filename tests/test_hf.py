@@ -266,3 +266,30 @@ def test_unknown_activation_kinds_are_listed():
     with pytest.raises(ValueError, match=r"unknown activation kind\(s\) \['rleu'\]; kinds: .*relu"):
         dormant.find_sites(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), torch.randn(1, 2),
                            activations=["rleu"])
+
+
+NORM_BEFORE = {"bert": "bert.encoder.layer.0.attention.output.LayerNorm",
+               "gpt2": "transformer.h.0.ln_2"}
+
+
+@pytest.mark.parametrize("make", [bert, gpt2], ids=["bert", "gpt2"])
+def test_synaptic_stripping_revives_a_unit_held_down_by_one_weight(make):
+    """Input feature 0 of the MLP block is made always positive (its LayerNorm offset), and
+    units 2 and 7 read it through one large negative weight: dead. Stripping the most
+    negative 20% of their weights removes that one, and they fire again."""
+    model, batch, blocks = make()
+    producer = blocks[0][0]
+    prod = model.get_submodule(producer)
+    rows = dormant.units.as_rows(prod, prod.weight)          # a view on the weight
+    with torch.no_grad():
+        model.get_submodule(NORM_BEFORE[make.__name__]).bias[0] = 10.0
+        rows[[2, 7], 0] = -5.0
+        prod.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    method = build("synaptic-stripping", factor=0.2).prepare(model, opt, probe=[batch],
+                                                              forward=_forward)
+    site = _by_producer(method.sites)[producer]
+    assert method.observe().dead_units()[site.name][[2, 7]].all()
+    method.end_epoch()
+    assert (rows[[2, 7], 0] == 0).all()
+    assert not method.observe().dead_units()[site.name][[2, 7]].any()
