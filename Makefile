@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install dormant, run the built-in dead-neuron comparison
-#   make test   create .venv, install dormant, run the test suite
+#   make test   create .venv, install dormant, lint (ruff), run the test suite
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dormant compare --preset dying-relu --out runs/demo
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests examples benchmarks reproduce
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -53,9 +53,9 @@ def bench(name: str, every: int, steps: int, rounds: int, batch: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants)
     for _ in range(2):                                     # warm-up
-        for label, (m, o, mon) in variants.items():
+        for _label, (m, o, mon) in variants.items():
             _steps(m, o, xs, ys, mon)
-    for r in range(rounds):
+    for _ in range(rounds):
         order = order[1:] + order[:1]                      # rotate who goes first
         for label in order:
             m, o, mon = variants[label]

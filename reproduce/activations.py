@@ -25,6 +25,7 @@ exists, so a later run with other options adds a table and keeps the earlier one
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -100,7 +101,7 @@ def depth_profile(depth: int, width: int, out: Path) -> str:
     for kind, s, vp in configs:
         torch.manual_seed(0)
         act = "shifted_relu" if kind == "relu" else kind
-        model = build_model("mlp", (784,), 10, activation=lambda: make_activation(act),
+        model = build_model("mlp", (784,), 10, activation=functools.partial(make_activation, act),
                             depth=depth, width=width)
         p = eoc.eoc_init(model, act, s, v_prime=vp, example=x)
         label = f"{kind} s={s}" + (f" V'={vp}" if vp else "")

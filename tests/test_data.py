@@ -1,5 +1,4 @@
 import gzip
-import time
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dormant import find_sites
 from dormant.data import load_dataset
 from dormant.methods import NNrelief
 from dormant.methods.nnrelief import conv_scores, layer_inputs, linear_scores, relief_keep

@@ -106,7 +106,7 @@ def test_rounds_hit_the_target_rewind_exactly_and_masks_only_shrink(method_cls, 
     init, rows, _ = _train(method, 4)
     total = sum(p.numel() for n, p in init.items() if n.endswith("weight"))
     prev = None
-    for r, (epoch, w, masks, metrics) in enumerate(rows):
+    for r, (_epoch, w, masks, metrics) in enumerate(rows):
         kept = alive({n: masks[n] for n in method.names}) if masks else total
         assert kept == prune_count(0.3, r, total)           # exact, weight for weight
         if r > 0:

@@ -1,11 +1,12 @@
 """Side-by-side comparisons: variants x seeds, same data and budget, mean +- std."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -102,9 +103,8 @@ def to_csv(rows: list[dict], columns: Sequence = COLUMNS) -> str:
     return buf.getvalue()
 
 
-def reproduce_parser(doc: str | None) -> "argparse.ArgumentParser":
+def reproduce_parser(doc: str | None) -> argparse.ArgumentParser:
     """The options every script in reproduce/ shares: --quick, --jobs, --root, --out."""
-    import argparse
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, tiny budget: a smoke run")
