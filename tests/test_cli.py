@@ -36,7 +36,8 @@ def test_run_then_doctor(tmp_path, capsys):
             "--root", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[:out.index("}") + 1])["epoch"] == 1
+    assert out.startswith("epoch 1/1  loss ")          # a line per epoch, also without a tty
+    assert json.loads(out[out.index("{"):out.index("}") + 1])["epoch"] == 1
     (rd,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert main(["doctor", str(rd), "--split", "val"]) == 0
     report = capsys.readouterr().out

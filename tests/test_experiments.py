@@ -6,6 +6,7 @@ import torch
 from dormant.experiments import (CompareSpec, ConfigError, ExperimentConfig, load_run,
                                  run_compare, run_experiment)
 from dormant.methods import METHODS, Method
+from dormant.train.callbacks import load_checkpoint
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
 TINY = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16}, epochs=3,
@@ -47,7 +48,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             run_experiment(cfg, tmp_path / "b", **QUIET)
         rd = tmp_path / "b" / cfg.label()
-        assert torch.load(rd / "checkpoint.pt", weights_only=True)["epoch"] == 1
+        assert load_checkpoint(rd / "checkpoint.pt")["epoch"] == 1
         assert not (rd / "result.json").exists()
         METHODS._items["_interrupt"] = _Idle      # the "fixed" run continues
         resumed = run_experiment(cfg, tmp_path / "b", **QUIET)

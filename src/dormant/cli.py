@@ -147,7 +147,8 @@ def cmd_help(args) -> int:
 def cmd_run(args) -> int:
     from .experiments import run_experiment
     cfg = _base_config(args).validate()
-    res = run_experiment(cfg, args.root, show_progress=not args.no_progress)
+    res = run_experiment(cfg, args.root, show_progress=not args.no_progress,
+                         epoch_log=lambda line: print(line, flush=True))
     f = res["final"]
     print(json.dumps({k: f[k] for k in ("epoch", "test_acc", "val_acc", "dead_fraction",
                                         "dead_units", "dynamic_dnr") if k in f}, indent=2))
@@ -176,8 +177,13 @@ def cmd_compare(args) -> int:
 def cmd_doctor(args) -> int:
     from .diagnose import diagnose
     from .experiments import load_run
+    from .monitor import CRITERIA
+    CRITERIA.get(args.criterion)        # unknown criteria are refused with the list
+    if args.tau is not None and args.criterion != "dormant":
+        raise ConfigError(f"--tau applies to --criterion dormant only (got --criterion "
+                          f"{args.criterion})")
     cfg, model, data = load_run(args.run_dir)
-    params = {"tau": args.tau} if args.criterion == "dormant" else {}
+    params = {"tau": args.tau or 0.0} if args.criterion == "dormant" else {}
     report = diagnose(model, data.split(args.split), criterion=args.criterion, eps=args.eps,
                       **params)
     print(f"{args.run_dir}: {cfg.model} on {cfg.dataset} ({args.split} split)")
@@ -246,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="test", choices=["train", "val", "test"])
     q.add_argument("--criterion", default="never_active")
     q.add_argument("--eps", type=float, default=0.0)
-    q.add_argument("--tau", type=float, default=0.0, help="threshold for --criterion dormant")
+    q.add_argument("--tau", type=float, default=None,
+                   help="threshold for --criterion dormant (default 0)")
     q.add_argument("--sites", action="store_true",
                    help="also print the sites' wiring (producer -> norm -> act -> consumers)")
     q.set_defaults(func=cmd_doctor)

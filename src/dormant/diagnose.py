@@ -78,6 +78,7 @@ class Diagnosis:
     eps: float
     samples: int
     dead: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    params: dict = field(default_factory=dict)     # the criterion's parameters (tau)
 
     @property
     def units(self) -> int:
@@ -90,6 +91,19 @@ class Diagnosis:
     @property
     def dead_fraction(self) -> float:
         return self.dead_units / max(self.units, 1)
+
+    def definition(self) -> str:
+        """The criterion in words, with its parameters."""
+        n = f"{self.samples} probe samples, eval mode"
+        if self.criterion == "never_active":
+            return (f"output <= {self.eps:g} on every one of {n} (exactly 0 for activations "
+                    "that can be negative)")
+        if self.criterion == "always_zero":
+            return f"output exactly 0 on every one of {n}"
+        if self.criterion == "dormant":
+            tau = self.params.get("tau", 0.0)
+            return f"E|a| / layer mean of E|a| <= {tau:g} over {n} (ReDo's score)"
+        return f"{self.criterion}({self.params or ''}) over {n}"
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "eps": self.eps, "samples": self.samples,
@@ -107,8 +121,7 @@ class Diagnosis:
         fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                     for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-" * len(fmt(head))
-        title = (f"dead = {self.criterion} (output <= {self.eps:g} on all {self.samples} "
-                 "probe samples, eval mode)")
+        title = f"dead = {self.criterion}: {self.definition()}"
         return "\n".join([title, fmt(head), rule] + [fmt(r) for r in body[:-1]] + [rule, fmt(body[-1])])
 
 
@@ -130,4 +143,4 @@ def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: fl
     rows = [SiteRow(n, s.activation, s.num_units, int(dead[n].sum()), sparsity[n])
             for n, s in mon.sites.items()]
     samples = next(iter(stats.values())).samples
-    return Diagnosis(rows, criterion, eps, samples, dead)
+    return Diagnosis(rows, criterion, eps, samples, dead, dict(criterion_params))

@@ -99,7 +99,8 @@ register_criterion = CRITERIA.register
 @CRITERIA.register("never_active")
 def never_active(s: SiteStats) -> torch.Tensor:
     """Dead: output <= eps for every sample and position seen (Synaptic Stripping, DemP,
-    NNrelief; for ReLU with eps=0 this is 'exactly zero everywhere')."""
+    NNrelief; for ReLU with eps=0 this is 'exactly zero everywhere'). For activations that
+    can be negative the monitor applies `always_zero` instead (see `dead_units`)."""
     return s.active == 0
 
 
@@ -361,13 +362,21 @@ class ActivityMonitor:
 
     def dead_units(self, criterion: str | Callable = "never_active", **params) -> dict[str, torch.Tensor]:
         """``{site: BoolTensor[num_units]}``, True where the unit is dead under `criterion`
-        (a name from `CRITERIA` or a function SiteStats -> BoolTensor)."""
+        (a name from `CRITERIA` or a function SiteStats -> BoolTensor).
+
+        ``never_active`` at a site whose activation can output negative values (tanh, GELU,
+        leaky ReLU, soft threshold) is evaluated as ``always_zero``: a negative output is
+        activity too, so only a unit that outputs exactly 0 everywhere is dead there."""
         fn = CRITERIA.get(criterion) if isinstance(criterion, str) else criterion
         stats = self.stats()
         empty = [n for n, s in stats.items() if s.positions == 0]
         if empty:
             raise RuntimeError(f"no activations were observed at sites {empty}: run data "
                                "through the model inside the monitor first")
+        signed = {n for n, site in self.sites.items() if not is_nonneg(site.activation)}
+        if criterion == "never_active" and signed:
+            return {n: always_zero(s) if n in signed else fn(s, **params)
+                    for n, s in stats.items()}
         return {n: fn(s, **params) for n, s in stats.items()}
 
     def dead_fraction(self, criterion: str | Callable = "never_active", *, per_site: bool = False,

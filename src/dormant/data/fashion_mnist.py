@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +21,10 @@ import torch
 
 from .base import DATASETS, CorruptDataError, DataNotFoundError, Dataset, Split, carve_val
 
-URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# the dataset's own repository serves the archives over https (the S3 website endpoint named
+# in its README speaks plain http only); every file is checked against its SHA-256 anyway
+URL = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+MAX_IDX_BYTES = 200_000_000    # cap for IDX files of unknown size (a gzip bomb stops here)
 FILES = {  # name -> (sha256 of decompressed bytes, expected decompressed size)
     "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
     "train-labels-idx1-ubyte": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
@@ -56,12 +60,21 @@ def _find(stem: str, dirs: list[Path]) -> Path | None:
     return None
 
 
-def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped), refusing truncated, malformed or altered files."""
+def read_idx(path: Path, sha256: str | None = None, size: int | None = None) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped), refusing truncated, malformed or altered files.
+    Decompression stops past `size` bytes (the expected size; MAX_IDX_BYTES if unknown)."""
+    limit = size if size is not None else MAX_IDX_BYTES
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read(limit + 1)
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise CorruptDataError(f"{path}: cannot decompress ({err}); delete it and fetch it again") from err
+    if len(raw) > limit:
+        raise CorruptDataError(f"{path}: decompresses to more than the expected {limit} bytes; "
+                               "it is not this dataset's file. Delete it and fetch it again")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise CorruptDataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
@@ -81,19 +94,26 @@ def download(dest: str | os.PathLike | None = None, *, quiet: bool = False) -> P
     directory), verifying each checksum before it is moved into place. Needs network."""
     dest = Path(dest) if dest else user_data_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    for stem, (sha, _) in FILES.items():
+    for stem, (sha, size) in FILES.items():
         target = dest / (stem + ".gz")
         if target.is_file():
-            read_idx(target, sha)
+            read_idx(target, sha, size)
             continue
         if not quiet:
             print(f"downloading {URL}{stem}.gz -> {target}")
-        with urllib.request.urlopen(URL + stem + ".gz", timeout=60) as resp:
-            data = resp.read()
+        try:
+            with urllib.request.urlopen(URL + stem + ".gz", timeout=60) as resp:
+                data = resp.read(size + 1)     # a .gz is never larger than its contents here
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise DataNotFoundError(
+                f"could not download {URL}{stem}.gz ({reason}). Check the network, or get "
+                "the files another way: Debian's `apt-get install dataset-fashion-mnist`, or "
+                f"copy the four .gz files into {dest}") from None
         with tempfile.NamedTemporaryFile(dir=dest, suffix=".gz", delete=False) as tmp:
             tmp.write(data)
         try:
-            read_idx(Path(tmp.name), sha)
+            read_idx(Path(tmp.name), sha, size)
         except CorruptDataError:
             os.unlink(tmp.name)
             raise
@@ -121,6 +141,9 @@ def fashion_mnist(val_size: int | None = None, *, root: str | None = None,
     negative); `standardize=False` keeps them in [0, 1], non-negative."""
     if not isinstance(standardize, bool):
         raise ValueError(f"standardize must be true or false, got {standardize!r}")
+    if root is not None and not Path(root).is_dir():
+        raise DataNotFoundError(f"root: {root} is not a folder; give the folder that holds "
+                                "the four Fashion-MNIST IDX files")
     dirs = search_dirs(root)
     arrays = {}
     for stem, (sha, _) in FILES.items():
@@ -130,7 +153,7 @@ def fashion_mnist(val_size: int | None = None, *, root: str | None = None,
             path = _find(stem, dirs)
         if path is None:
             raise DataNotFoundError(_missing_message(stem, dirs))
-        arrays[stem] = read_idx(path, sha)
+        arrays[stem] = read_idx(path, sha, FILES[stem][1])
     def images(a: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(a.copy()).float() / 255.0
         return ((x - MEAN) / STD if standardize else x).unsqueeze(1)

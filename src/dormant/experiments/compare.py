@@ -50,14 +50,28 @@ class CompareSpec:
             raise ConfigError(f"unknown compare key(s) {unknown}; valid: {', '.join(valid)}")
         if not d.get("variants"):
             raise ConfigError("a comparison needs at least one variant under 'variants'")
-        return cls(ExperimentConfig.from_dict(d.get("base", {})), dict(d["variants"]),
-                   list(d.get("seeds", (0, 1, 2))), d.get("title", ""), d.get("description", ""),
-                   list(d.get("columns", ())))
+        variants = d["variants"]
+        if not isinstance(variants, Mapping) or not all(
+                isinstance(v, Mapping) for v in variants.values()):
+            raise ConfigError("variants: expected a mapping of variant name -> config "
+                              "overrides, e.g. {relu: {activation: relu}, ...}; got "
+                              f"{type(variants).__name__}")
+        if not isinstance(d.get("base", {}), Mapping):
+            raise ConfigError("base: expected a mapping of config keys")
+        seeds = d.get("seeds", (0, 1, 2))
+        if not isinstance(seeds, (list, tuple)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ConfigError(f"seeds: expected a list of integers, got {seeds!r}")
+        return cls(ExperimentConfig.from_dict(d.get("base", {})), dict(variants), list(seeds),
+                   d.get("title", ""), d.get("description", ""), list(d.get("columns", ())))
 
     def configs(self) -> list[tuple[str, ExperimentConfig]]:
         """Every (variant, config) pair, validated before anything runs."""
         if not self.seeds:
             raise ConfigError("a comparison needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: each seed once, got {list(self.seeds)} (a repeated seed "
+                              "would count one run twice in the mean ± std)")
         out = []
         for name, over in self.variants.items():
             for seed in self.seeds:
@@ -114,6 +128,18 @@ def reproduce_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def _die_with(parent: int) -> None:
+    """In a worker: exit as soon as the process that started it is gone (killed compare)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="dormant-parent-watch").start()
+
+
 def _run_quiet(cfg: ExperimentConfig, root: str, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
@@ -139,7 +165,8 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_die_with,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_run_quiet, cfg, str(root), threads) for _, cfg in configs]
         out = []
         for i, ((name, cfg), fut) in enumerate(zip(configs, futures), start=1):
@@ -174,7 +201,11 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
             {"spec": {"base": spec.base.to_dict(), "variants": {k: dict(v) for k, v in spec.variants.items()},
                       "seeds": list(spec.seeds), "title": spec.title,
                       "columns": list(spec.columns)},
-             "rows": rows, "runs": [{"variant": n, "run_dir": r.get("run_dir")} for n, r in results]},
+             "rows": rows,
+             # relative to this folder, so the comparison reads from any working directory
+             "runs": [{"variant": n, "run_dir": os.path.relpath(os.path.abspath(r["run_dir"]),
+                                                                os.path.abspath(out))}
+                      for n, r in results]},
             indent=2))
         log(f"\nsaved {out / 'compare.md'}, compare.csv, compare.json")
     return rows

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
@@ -60,13 +61,19 @@ class ExperimentConfig:
             if value not in reg:
                 raise ConfigError(f"unknown {reg.kind} {value!r}; valid {reg.plural}: "
                                   f"{', '.join(reg.names())}")
+        finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay,
+                                                 self.eps))
         checks = [
+            (finite, "lr, momentum, weight_decay and eps must be finite numbers, got "
+                     f"{self.lr}, {self.momentum}, {self.weight_decay}, {self.eps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.val_size >= -1, f"val_size must be >= 0 (or -1 for the default), got {self.val_size}"),
+            (self.val_size >= 1 or self.val_size == -1,
+             f"val_size must be >= 1 (the monitor and the methods probe the validation split), "
+             f"or -1 for the dataset's default; got {self.val_size}"),
             (self.monitor_every >= 1, f"monitor_every must be >= 1, got {self.monitor_every}"),
             (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
             (self.device == "cpu" or self.device.startswith(("cuda", "mps")),
@@ -86,6 +93,8 @@ class ExperimentConfig:
         _check_names("schedule", self.schedule, SCHEDULES.get(self.schedule),
                      self.schedule_args, skip=1)
         _check_names("init", self.init, INITS.get(self.init), self.init_args, skip=3)
+        _check_names("dataset", self.dataset, DATASETS.get(self.dataset), self.dataset_args,
+                     skip=1)
         try:
             SCHEDULES.get(self.schedule)(self.epochs, **self.schedule_args)
             make_activation(self.activation, **self.activation_args)
@@ -150,20 +159,36 @@ class ExperimentConfig:
 
 
 def _check_names(kind: str, name: str, fn, options: Mapping[str, Any], skip: int) -> None:
-    """Refuse option names `fn` does not take (its first `skip` parameters are positional)."""
+    """Refuse option names `fn` does not take (its first `skip` parameters are positional)
+    and values of the wrong type (where `fn` annotates its parameters)."""
     import inspect
+    import typing
+
+    from ..options import _article, _convert, describe_type
     params = list(inspect.signature(fn).parameters.values())[skip:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        valid = [p.name for p in params]
+        bad = sorted(set(options) - set(valid))
+        if bad:
+            raise ConfigError(f"{kind} {name!r} has no option(s) {bad}; valid: {valid or 'none'}")
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:    # unresolvable annotations: names were checked, types are not
         return
-    valid = [p.name for p in params]
-    bad = sorted(set(options) - set(valid))
-    if bad:
-        raise ConfigError(f"{kind} {name!r} has no option(s) {bad}; valid: {valid or 'none'}")
+    for key, value in options.items():
+        if key in hints:
+            try:
+                _convert(value, hints[key])
+            except TypeError:
+                raise ConfigError(f"{kind} {name!r}: {key}: expected "
+                                  f"{_article(describe_type(hints[key]))}, got {value!r}") from None
 
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
     typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
+        if typ in ("float", "int") and isinstance(value, bool):
+            raise ValueError
         if typ == "float":
             return float(value)
         if typ == "int":
@@ -183,15 +208,30 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
 
 def load_config_file(path: str) -> dict:
     """A YAML or JSON file as a dict."""
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     if path.endswith(".json"):
-        return json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON at line {err.lineno}, column "
+                              f"{err.colno}: {err.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        return data
     try:
         import yaml
     except ImportError:
         raise ConfigError("reading YAML needs PyYAML: pip install 'dormant[yaml]'") from None
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

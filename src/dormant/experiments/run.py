@@ -27,18 +27,14 @@ from ..models import build_model, initialize
 from ..schedules import make_scheduler
 from ..surgery import architecture, resize
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
-from ..train.callbacks import read_jsonl
+from ..jsonl import read_jsonl, write_jsonl
+from ..train.callbacks import load_checkpoint
 from .config import ExperimentConfig
+from .rundir import CorruptRunError, run_lock, write_json
 
 
 def run_dir(cfg: ExperimentConfig, root: str | os.PathLike = "runs") -> Path:
     return Path(root) / cfg.label()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _code_version() -> str:
@@ -70,19 +66,54 @@ def build(cfg: ExperimentConfig, data=None):
 
 
 def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
-                   show_progress: bool = True, log=print) -> dict:
-    """Train `cfg` (or return its saved result if it already finished)."""
+                   show_progress: bool = True, log=print, epoch_log=None) -> dict:
+    """Train `cfg` (or return its saved result if it already finished). One process at a
+    time trains a run directory: a second one waits for the first, then finds it finished.
+    `epoch_log(line)` receives one line per finished epoch."""
     cfg.validate()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     rd = run_dir(cfg, root)
     if (rd / "result.json").exists():
-        log(f"[skip] {rd} already finished")
-        return {**json.loads((rd / "result.json").read_text()), "skipped": True}
+        return _finished(rd, log)
     method = methods.build(cfg.method, **cfg.method_args)  # refuse bad options early
+    rd.mkdir(parents=True, exist_ok=True)
+    with run_lock(rd, log=log):
+        if (rd / "result.json").exists():      # finished while we waited for the lock
+            return _finished(rd, log)
+        return _train(cfg, rd, method, show_progress, log, epoch_log)
+
+
+def _finished(rd: Path, log) -> dict:
+    try:
+        result = json.loads((rd / "result.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CorruptRunError(f"{rd / 'result.json'} is damaged ({err}); delete it and run the "
+                              "same command again: the run resumes from its last "
+                              "checkpoint") from None
+    log(f"[skip] {rd} already finished")
+    return {**result, "skipped": True}
+
+
+def _check_config_file(rd: Path, cfg: ExperimentConfig, log) -> None:
+    """A run directory is named by its config's hash: its config.json must hold that config.
+    A damaged one is rewritten; another config is refused."""
+    path = rd / "config.json"
+    try:
+        saved = ExperimentConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        log(f"[repair] {path} was damaged; rewritten from this run's config")
+        write_json(path, cfg.to_dict())
+        return
+    if saved.label() != cfg.label():
+        raise CorruptRunError(f"{path} holds another config ({saved.label()}) than the one this "
+                              f"directory is named after ({cfg.label()}): it was edited or "
+                              "copied. Move the directory away to train this config afresh")
+
+
+def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, epoch_log) -> dict:
     data, model = build(cfg)
     arch_built = architecture(model)
-    rd.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     period = getattr(method, "schedule_period", lambda: None)()  # pruning rounds restart it
@@ -93,27 +124,30 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
                  ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
-                      show_progress=show_progress)
+                      show_progress=show_progress, epoch_log=epoch_log)
     if ckpt.restore(trainer):
+        _check_config_file(rd, cfg, log)
         log(f"[resume] {rd} from epoch {trainer.epoch}")
-        rows = read_jsonl(rd / "metrics.jsonl", upto_epoch=trainer.epoch)
-        (rd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(rd / "metrics.jsonl",
+                    read_jsonl(rd / "metrics.jsonl", upto_epoch=trainer.epoch))
     else:
-        _write_json(rd / "config.json", cfg.to_dict())
-        (rd / "metrics.jsonl").write_text("")
+        write_json(rd / "config.json", cfg.to_dict())
+        write_jsonl(rd / "metrics.jsonl", [])
     t0 = time.perf_counter()
     trainer.fit()
     history = read_jsonl(rd / "metrics.jsonl")
-    torch.save(model.state_dict(), rd / "model.pt")
+    tmp = rd / "model.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, rd / "model.pt")
     arch = architecture(model)
     if arch != arch_built:                       # compacted during training (DemP)
-        _write_json(rd / "architecture.json", arch)
+        write_json(rd / "architecture.json", arch)
     result = {"config": cfg.to_dict(), "final": history[-1], "run_dir": str(rd),
               "train_time": sum(r["train_time"] for r in history),
               "wall_time": time.perf_counter() - t0,
               "params": sum(p.numel() for p in model.parameters()),
               "version": _code_version(), "torch": torch.__version__}
-    _write_json(rd / "result.json", result)
+    write_json(rd / "result.json", result)
     return result
 
 
@@ -135,7 +169,7 @@ def load_run(path: str | os.PathLike, datasets: dict | None = None):
         if (rd / "architecture.json").exists():
             arch = json.loads((rd / "architecture.json").read_text())
     elif (rd / "checkpoint.pt").exists():
-        ckpt = torch.load(rd / "checkpoint.pt", map_location=cfg.device, weights_only=True)
+        ckpt = load_checkpoint(rd / "checkpoint.pt")
         state, arch = ckpt["model"], ckpt.get("arch")
     else:
         raise FileNotFoundError(f"{rd} has no weights yet (no model.pt or checkpoint.pt)")

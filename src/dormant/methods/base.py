@@ -174,6 +174,11 @@ class Method:
         acts = self.opts.activations
         found = [s for s in find_sites(self.model, self.example)
                  if acts is None or s.activation in acts]
+        if not found:
+            kinds = sorted({s.activation for s in find_sites(self.model, self.example)})
+            raise ValueError(f"{self.name}: the model has no site with activations {list(acts)} "
+                             f"(it has {kinds}); nothing would be done: pass activations=... "
+                             "or sites=...")
         alone = [s.name for s in found if s.producer is None]
         if alone:
             warnings.warn(f"{self.name}: site(s) {alone} are left alone: no Linear/Conv layer "

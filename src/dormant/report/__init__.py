@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..jsonl import read_jsonl
 from ..stats import mean_std
 
 __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
@@ -65,7 +66,7 @@ def _history(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: was the run deleted?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _compare_json(out: Path) -> dict:
@@ -75,23 +76,29 @@ def _compare_json(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _resolve(run_dir: str, root: str | os.PathLike | None) -> Path:
-    rd = Path(run_dir)
-    return rd if rd.exists() or root is None else Path(root) / rd.name
+def _resolve(run_dir: str, out: Path, root: str | os.PathLike | None) -> Path:
+    """A run directory of compare.json: relative to its folder (written so since the paths
+    became portable), else as written (older files), else by name under `root`."""
+    for rd in (out / run_dir, Path(run_dir)):
+        if rd.exists():
+            return rd
+    return Path(root) / Path(run_dir).name if root is not None else out / run_dir
 
 
 def run_dirs(out: str | os.PathLike, root: str | os.PathLike | None = None
              ) -> list[tuple[str, Path]]:
     """(variant, run directory) of every run ``compare.json`` in `out` lists, in its order
     (looked up as written, then under `root` by name), e.g. to reload the trained models."""
-    return [(r["variant"], _resolve(r["run_dir"], root)) for r in _compare_json(Path(out))["runs"]]
+    out = Path(out)
+    return [(r["variant"], _resolve(r["run_dir"], out, root)) for r in _compare_json(out)["runs"]]
 
 
 def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Comparison:
     """Read ``compare.json`` in `out` and the metrics of every run it lists (run directories
     are looked up as written, then under `root` by name)."""
-    data = _compare_json(Path(out))
-    runs = [(r["variant"], _history(_resolve(r["run_dir"], root))) for r in data["runs"]]
+    out = Path(out)
+    data = _compare_json(out)
+    runs = [(r["variant"], _history(_resolve(r["run_dir"], out, root))) for r in data["runs"]]
     return Comparison(data["spec"], data["rows"], runs)
 
 

@@ -1,6 +1,8 @@
 """Callbacks: the monitor, checkpoints, metrics logging. Methods are callbacks too."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -155,24 +157,56 @@ class JsonlLogger(Callback):
             f.write(json.dumps(metrics) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike, upto_epoch: int | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if upto_epoch is None or r["epoch"] <= upto_epoch]
+CHECKPOINT_FORMAT = "dormant-checkpoint/1"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read, fails its checksum, or is not dormant's."""
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Save `state` with a SHA-256 of its bytes, atomically (write, then rename)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    wrapped = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(wrapped, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's state, its checksum verified (no code in it runs: weights_only)."""
+    fix = (f"delete {path} to train the run again from its start (an older copy can take its "
+           "place), or remove the whole run directory")
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:      # truncated, not a torch file, unsafe pickle, ...
+        raise CorruptCheckpointError(f"{path} cannot be read ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:200]}); {fix}") from None
+    if isinstance(outer, dict) and outer.get("format") == CHECKPOINT_FORMAT:
+        payload = outer["payload"].numpy().tobytes()
+        if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+            raise CorruptCheckpointError(f"{path} fails its checksum (the file was altered or "
+                                         f"damaged on disk); {fix}")
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if not isinstance(outer, dict) or not {"model", "epoch", "step"} <= set(outer):
+        raise CorruptCheckpointError(f"{path} is not a dormant checkpoint; {fix}")
+    return outer     # written before checksums were recorded
 
 
 class CheckpointCallback(Callback):
-    """Saves model, optimizer, scheduler, counters and callback states after every epoch
-    (atomically: write then rename), so an interrupted run resumes where it stopped."""
+    """Saves model, optimizer, scheduler, counters, the stop flag and callback states after
+    every epoch (atomically, with a checksum), so an interrupted run resumes where it
+    stopped; a damaged or foreign checkpoint is refused with what to do."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         state = {
-            "epoch": trainer.epoch, "step": trainer.step,
+            "epoch": trainer.epoch, "step": trainer.step, "stop": trainer.stop,
             "arch": architecture(trainer.model),
             "model": trainer.model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
@@ -180,25 +214,29 @@ class CheckpointCallback(Callback):
             "callbacks": [cb.state_dict() for cb in trainer.callbacks],
             "rng": torch.get_rng_state(),
         }
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        save_checkpoint(state, self.path)
 
     def restore(self, trainer) -> bool:
         """Load the checkpoint into `trainer` if there is one; True when resumed."""
         if not self.path.exists():
             return False
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(self.path)
         if state.get("arch") and state["arch"] != architecture(trainer.model):
             _resize_with_optimizer(trainer.model, state["arch"], trainer.optimizer)
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        try:
+            trainer.model.load_state_dict(state["model"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CorruptCheckpointError(
+                f"{self.path} belongs to another model or optimizer ({str(err)[:200]}); delete "
+                "it to train the run again from its start") from None
         if trainer.scheduler is not None and state["scheduler"] is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
         for cb, s in zip(trainer.callbacks, state["callbacks"]):
             cb.load_state_dict(s)
         torch.set_rng_state(state["rng"])
         trainer.epoch, trainer.step = int(state["epoch"]), int(state["step"])
+        trainer.stop = bool(state.get("stop", False))   # a diverged run stays stopped
         return True
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,18 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1024) -> tuple[fl
     return loss.item() / n, correct.item() / n
 
 
+def epoch_line(m: dict, epochs: int) -> str:
+    """``epoch 3/10  loss 0.412  val 87.30%  test 86.90%  dead 12.3%  2.1 s``"""
+    parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m['train_loss']:.4f}",
+             f"val {100 * m['val_acc']:.2f}%", f"test {100 * m['test_acc']:.2f}%"]
+    if "dead_fraction" in m:
+        parts.append(f"dead {100 * m['dead_fraction']:.1f}%")
+    parts.append(f"{m['train_time']:.1f} s")
+    if m.get("diverged"):
+        parts.append("diverged: stopping")
+    return "  ".join(parts)
+
+
 class Trainer:
     """Train `model` on `data` for `epochs`; callbacks observe and act at fixed points.
 
@@ -67,7 +79,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: Dataset, optimizer: torch.optim.Optimizer, *,
                  epochs: int, batch_size: int, seed: int = 0, scheduler=None,
-                 callbacks: Sequence = (), show_progress: bool = True, eval_batch_size: int = 1024):
+                 callbacks: Sequence = (), show_progress: bool = True, eval_batch_size: int = 1024,
+                 epoch_log: Callable[[str], None] | None = None):
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         self.model, self.data, self.optimizer = model, data, optimizer
@@ -75,6 +88,7 @@ class Trainer:
         self.scheduler = scheduler
         self.callbacks = [MethodCallback(cb) if isinstance(cb, Method) else cb for cb in callbacks]
         self.show_progress, self.eval_batch_size = show_progress, eval_batch_size
+        self.epoch_log = epoch_log      # one line per finished epoch (terminal or not)
         self.epoch = 0          # epochs completed
         self.step = 0           # optimizer steps taken
         self.metrics: dict = {}
@@ -134,6 +148,8 @@ class Trainer:
                         **measured,
                         "lr": self.optimizer.param_groups[0]["lr"], "train_time": train_time}
         self._call("on_epoch_end", epoch, self.metrics)
+        if self.epoch_log is not None:
+            self.epoch_log(epoch_line(self.metrics, self.epochs))
         return self.metrics
 
     def measure(self, model: nn.Module) -> dict:
