@@ -95,6 +95,8 @@ class ExperimentConfig:
         _check_names("init", self.init, INITS.get(self.init), self.init_args, skip=3)
         _check_names("dataset", self.dataset, DATASETS.get(self.dataset), self.dataset_args,
                      skip=1)
+        _check_names("activation", self.activation, ACTIVATIONS.get(self.activation),
+                     self.activation_args, skip=0)
         try:
             SCHEDULES.get(self.schedule)(self.epochs, **self.schedule_args)
             make_activation(self.activation, **self.activation_args)
@@ -165,6 +167,8 @@ def _check_names(kind: str, name: str, fn, options: Mapping[str, Any], skip: int
     import typing
 
     from ..options import _article, _convert, describe_type
+    if isinstance(fn, type):             # a class: its __init__ after self
+        fn, skip = fn.__init__, skip + 1
     params = list(inspect.signature(fn).parameters.values())[skip:]
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         valid = [p.name for p in params]

@@ -1,0 +1,289 @@
+"""Data that must never be lost, and bad input that must never reach the user as a traceback:
+one test per item of the hardening issue."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dormant.cli import main
+from dormant.data.base import CorruptDataError, DataNotFoundError
+from dormant.experiments import ExperimentConfig, run_experiment
+from dormant.experiments.rundir import CorruptRunError, run_lock
+from dormant.jsonl import read_jsonl
+from dormant.train.callbacks import CorruptCheckpointError, load_checkpoint
+
+QUIET = dict(show_progress=False, log=lambda *a: None)
+TINY = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16}, epochs=3,
+                        batch_size=64)
+
+
+def _epochs(rd: Path) -> list[int]:
+    return [r["epoch"] for r in read_jsonl(rd / "metrics.jsonl")]
+
+
+# -- one writer per run directory --------------------------------------------------------------
+def test_two_dormant_runs_of_one_config_write_each_epoch_once(tmp_path):
+    argv = [sys.executable, "-m", "dormant.cli", "run", "--dataset", "synthetic",
+            "--model-args", "width=256,depth=4", "--epochs", "6", "--root", str(tmp_path),
+            "--no-progress"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    (rd,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert _epochs(rd) == [1, 2, 3, 4, 5, 6]
+    assert not (rd / ".lock").exists()
+    results = [json.loads(o[o.index("{"):o.index("}") + 1]) for o, _ in outs]
+    assert results[0] == results[1]
+
+
+def test_a_held_lock_is_waited_for_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    rd = tmp_path / TINY.label()
+    rd.mkdir()
+    said, released = [], []
+
+    def hold():
+        with run_lock(rd, log=said.append):
+            time.sleep(1.0)
+            released.append(time.perf_counter())
+    t = threading.Thread(target=hold)
+    t.start()
+    time.sleep(0.2)
+    run_experiment(TINY, tmp_path, show_progress=False, log=said.append)
+    started_after = time.perf_counter()
+    t.join()
+    assert released and released[0] <= started_after
+    assert any("[wait]" in s and "being trained by process" in s for s in said)
+    # a lock left by a process that is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cfg = TINY.override(seed=1)
+    rd = tmp_path / cfg.label()
+    rd.mkdir()
+    (rd / ".lock").write_text(f"{dead.pid} {os.uname().nodename}\n")
+    assert run_experiment(cfg, tmp_path, **QUIET)["final"]["epoch"] == 3
+
+
+# -- files written so that a kill loses nothing ---------------------------------------------
+def _interrupted(tmp_path, cfg=TINY):
+    """A run killed after epoch 2's checkpoint (its metrics line for epoch 3 half written)."""
+    res = run_experiment(cfg, tmp_path, **QUIET)
+    rd = Path(res["run_dir"])
+    (rd / "result.json").unlink()
+    return rd, res
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    rd, straight = _interrupted(tmp_path)
+    rows = read_jsonl(rd / "metrics.jsonl")
+    with (rd / "metrics.jsonl").open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "train_lo')
+    assert _epochs(rd) == [1, 2, 3]
+    again = run_experiment(TINY, tmp_path, **QUIET)
+    assert _epochs(rd) == [1, 2, 3] and again["final"] == straight["final"]
+
+
+def test_a_damaged_metrics_line_before_the_end_is_refused(tmp_path):
+    rd, _ = _interrupted(tmp_path)
+    lines = (rd / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (rd / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON; .* delete the run"):
+        read_jsonl(rd / "metrics.jsonl")
+
+
+def test_a_diverged_run_stays_stopped_on_resume(tmp_path):
+    cfg = TINY.override(lr=1e9, epochs=5)
+    rd, first = _interrupted(tmp_path, cfg)
+    assert first["final"]["diverged"] and _epochs(rd) == [1]
+    assert load_checkpoint(rd / "checkpoint.pt")["stop"] is True
+    run_experiment(cfg, tmp_path, **QUIET)
+    assert _epochs(rd) == [1]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "text"])
+def test_a_damaged_or_foreign_checkpoint_is_refused_with_what_to_do(tmp_path, damage, capsys):
+    rd, _ = _interrupted(tmp_path)
+    path = rd / "checkpoint.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        path.write_bytes(bytes(raw[:len(raw) // 3]))
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_text("not a checkpoint")
+    with pytest.raises(CorruptCheckpointError, match=rf"{path}.*delete"):
+        run_experiment(TINY, tmp_path, **QUIET)
+    argv = ["run", "--dataset", "synthetic", "--model-args", "width=16", "--epochs", "3",
+            "--batch-size", "64", "--root", str(tmp_path), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "Traceback" not in err
+    path.unlink()                       # what the message says to do: the run trains again
+    assert run_experiment(TINY, tmp_path, **QUIET)["final"]["epoch"] == 3
+
+
+def test_a_damaged_config_json_is_rewritten_and_another_config_refused(tmp_path):
+    rd, _ = _interrupted(tmp_path)
+    (rd / "config.json").write_text("{ damaged")
+    said = []
+    run_experiment(TINY, tmp_path, show_progress=False, log=said.append)
+    assert any("[repair]" in s for s in said)
+    assert ExperimentConfig.from_dict(json.loads((rd / "config.json").read_text())) == TINY
+    (rd / "result.json").unlink()
+    (rd / "config.json").write_text(json.dumps(TINY.override(lr=0.3).to_dict()))
+    with pytest.raises(CorruptRunError, match="holds another config"):
+        run_experiment(TINY, tmp_path, **QUIET)
+
+
+def test_a_damaged_result_json_is_refused_with_what_to_do(tmp_path):
+    res = run_experiment(TINY, tmp_path, **QUIET)
+    Path(res["run_dir"], "result.json").write_text("{")
+    with pytest.raises(CorruptRunError, match="result.json is damaged .* delete it"):
+        run_experiment(TINY, tmp_path, **QUIET)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
+def test_killing_compare_ends_its_workers(tmp_path):
+    code = textwrap.dedent(f"""
+        from dormant.experiments import CompareSpec, ExperimentConfig, run_compare
+        base = ExperimentConfig(dataset="synthetic", model_args={{"width": 512, "depth": 6}},
+                                epochs=200)
+        spec = CompareSpec(base, {{"a": {{}}, "b": {{"lr": 0.01}}}}, seeds=[0])
+        run_compare(spec, {str(tmp_path)!r}, jobs=2, show_progress=False)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+            workers = [c for c in _children(parent.pid)
+                       if b"spawn" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) >= 2, "the workers did not start"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 15
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and "Z" not in Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert alive == []
+
+
+def test_gzip_input_is_decompressed_only_up_to_its_expected_size(tmp_path):
+    from dormant.data.fashion_mnist import read_idx
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + (10 ** 6).to_bytes(4, "big")
+                                   + bytes(10 ** 6)))
+    with pytest.raises(CorruptDataError, match="more than the expected 1000 bytes"):
+        read_idx(path, size=1000)
+
+
+def test_download_without_network_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    from dormant.data import fashion_mnist
+    assert fashion_mnist.URL.startswith("https://")
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataNotFoundError, match="could not download .* Check the network"):
+        fashion_mnist.download(tmp_path, quiet=True)
+    assert main(["download", "fashion-mnist", "--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+# -- bad input: refused before training, naming the option ---------------------------------
+def _yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--dataset-args", "train_size=1000"],
+     "dataset 'mnist1d' has no option(s) ['train_size']; valid: ['num_train'"),
+    (["run", "--dataset-args", "num_train=abc"], "dataset 'mnist1d': num_train: expected an int"),
+    (["run", "--dataset", "fashion-mnist", "--dataset-args", "root=/does/not/exist"],
+     "root: /does/not/exist is not a folder"),
+    (["run", "--model-args", "depth=abc"], "model 'mlp': depth: expected an int, got 'abc'"),
+    (["run", "--method", "synaptic-stripping", "--method-args", "factor=abc"],
+     "synaptic-stripping: factor: expected a float in (0, 1), got 'abc'"),
+    (["run", "--lr", "inf"], "lr, momentum, weight_decay and eps must be finite"),
+    (["run", "--weight-decay", "inf"], "must be finite"),
+    (["run", "--val-size", "0"], "val_size must be >= 1"),
+    (["run", "--activation", "shifted_relu", "--activation-args", "tau=nan"],
+     "activation 'shifted_relu': tau: expected a float, got 'nan'"),
+    (["run", "--method", "ap", "--method-args", "rounds=1,epochs_per_round=1", "--epochs", "2",
+      "--activation", "tanh", "--dataset", "synthetic"],
+     "ap: the model has no site with activations ['relu'] (it has ['tanh'])"),
+    (["doctor", "runs/x", "--tau", "0.1"], "--tau applies to --criterion dormant only"),
+    (["doctor", "runs/x", "--criterion", "dead"], "unknown criterion 'dead'; valid criteria"),
+])
+def test_bad_input_is_refused_without_a_traceback(argv, message, capsys, tmp_path):
+    if argv[0] == "run":
+        argv = argv + ["--root", str(tmp_path)] + ([] if "--epochs" in argv else ["--epochs", "1"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(read_jsonl(p) for p in tmp_path.glob("*/metrics.jsonl")), "nothing trains"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: {epochs: 2\nvariants: [a, b]\n", "not valid YAML at line"),
+    ("variants: [relu, tanh]\n", "variants: expected a mapping of variant name"),
+    ("variants: {a: {}}\nseeds: [0, 0]\n", "seeds: each seed once, got [0, 0]"),
+    ("base: {epochs: true}\nvariants: {a: {}}\n", "epochs: expected int, got True"),
+    ("base: {activation: shifted_relu, activation_args: {tau: .nan}}\nvariants: {a: {}}\n",
+     "tau: expected a float, got nan"),
+])
+def test_bad_comparison_files_are_refused(text, message, tmp_path, capsys):
+    assert main(["compare", "--config", _yaml(tmp_path, text), "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_report_reads_a_comparison_from_another_directory(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    spec = _yaml(tmp_path, """
+        base: {dataset: synthetic, epochs: 2, model_args: {width: 8}}
+        variants: {a: {}}
+        seeds: [0]
+    """)
+    assert main(["compare", "--config", spec, "--out", "out", "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", str(tmp_path / "out"), "--metrics", "test_acc"]) == 0
+    assert (tmp_path / "out" / "curves.png").exists()
