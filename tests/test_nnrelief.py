@@ -127,3 +127,39 @@ def test_invalid_options():
         NNrelief(alpha_fc=0)
     with pytest.raises(ValueError, match="conv_score"):
         NNrelief(conv_score="mean")
+
+
+def test_fc_layers_are_scored_on_features_after_this_iterations_conv_pruning():
+    """The official lenet/vgg pruning recompute the conv features after pruning the convs and
+    score the fully connected layers on them: so does decide()."""
+    import copy
+
+    from dormant.methods import build
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 6),
+                          nn.ReLU(), nn.Linear(6, 6))
+    with torch.no_grad():
+        model[3].bias.fill_(0.5)            # every hidden unit alive on the probe
+    x = torch.rand(64, 1, 6, 6)
+    method = build("nnrelief", rounds=1, epochs_per_round=1, keep_best=False, rewind="none",
+                   alpha_conv=0.5, alpha_fc=0.9, conv_score="sum", probe_samples=64)
+    method.prepare(model, None, probe=x)
+    method._backward_pass = lambda model, new: None    # compare the scores themselves
+    new = method.decide(0)
+
+    def fc_keep(conv_masks: bool) -> torch.Tensor:
+        ref = copy.deepcopy(model)
+        if conv_masks:
+            with torch.no_grad():
+                ref[0].weight.mul_(new["0.weight"])
+                ref[0].bias.mul_(new["0.bias"])
+        feats = torch.flatten(torch.relu(ref[0](x)), 1)
+        s = linear_scores(model[3].weight, model[3].bias, feats.abs().mean(0))
+        return relief_keep(s, 0.9)[:, :-1]
+
+    rows = new["3.weight"].any(1)          # rows not dropped whole (dead units)
+    assert rows.sum() >= 3
+    assert torch.equal(new["3.weight"][rows], fc_keep(True)[rows])
+    assert not torch.equal(new["3.weight"][rows], fc_keep(False)[rows])
+    assert torch.equal(model[3].weight, model[3].weight.detach())   # weights put back
+    assert (model[0].weight != 0).all(), "the temporary conv masks were undone"

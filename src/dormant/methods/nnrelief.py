@@ -2,8 +2,12 @@
 based on neural activity", Machine Learning 113, 2024; arXiv 2109.10795).
 
 Rule implemented (official code `adekhovich/NNrelief`): at every iteration, in eval mode, run
-a fixed pruning set (N training samples) through the network once, with the masks of the
-previous iteration, and record each Linear/Conv layer's input.
+a fixed pruning set (N training samples) through the network with the masks of the previous
+iteration and record each Conv layer's input; then, with this iteration's conv pruning
+applied, run it again and record each Linear layer's input (the official `lenet_pruning` /
+`vgg_pruning` recompute the features after pruning the convolutions and score the fully
+connected layers on them; a model without convolutions needs one pass). Dead units are found
+on the same passes: conv sites on the first, the others on the second.
 * Linear, connection i -> j: s_ij = mean_n |w_ij x_ni|, bias score |b_j|.
 * Conv, kernel K_ji (input channel i -> filter j): by default the code's VGG/ResNet form
   ||K^_ji * mean_n |x_n,i| ||_F (K^ = |K|, * = the layer's convolution), bias score
@@ -34,6 +38,7 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -91,6 +96,23 @@ def conv_scores(conv: nn.Module, x_stat: torch.Tensor, form: str) -> torch.Tenso
         scale = npos if form == "sum" else math.sqrt(npos)
         s = torch.cat([s, conv.bias.detach().abs()[:, None] * scale], 1)
     return s
+
+
+@contextlib.contextmanager
+def _masked(model: nn.Module, masks: dict[str, torch.Tensor]):
+    """Apply keep-masks to the model's tensors for the block, then put the values back."""
+    saved = {}
+    with torch.no_grad():
+        for name, keep in masks.items():
+            t = tensor(model, name)
+            saved[name] = t.detach().clone()
+            t.mul_(keep.to(t.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                tensor(model, name).copy_(value)
 
 
 @torch.no_grad()
@@ -177,14 +199,35 @@ class NNrelief(IterativePruning):
 
     # -- the decision --------------------------------------------------------------------
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
+        """Conv layers first, on one pass with the previous masks; then, as the official
+        code does, the fully connected layers on features recomputed with this iteration's
+        conv pruning applied (a model without convolutions needs one pass)."""
         model = _unwrap(self.model)
         layers = [n[:-len(".weight")] for n in self.names]
+        convs = [n for n in layers if isinstance(model.get_submodule(n), CONVS)]
+        fcs = [n for n in layers if n not in convs]
+        new: dict[str, torch.Tensor] = {}
+        stats, dead = self._pass(model, layers)
+        self._score(model, convs, stats, new)
+        self._drop_dead(model, dead, new, convs)
+        if convs and fcs:
+            with _masked(model, new):
+                stats, dead = self._pass(model, fcs)
+        self._score(model, fcs, stats, new)
+        self._drop_dead(model, dead, new, fcs)
+        self._backward_pass(model, new)
+        return new
+
+    def _pass(self, model, layers: list[str]) -> tuple[dict, dict]:
+        """One probe pass: the inputs of `layers` and the dead units of every site."""
         per_sample = self.opts.conv_score == "per-sample"
         with torch.random.fork_rng(devices=[]):     # a DataLoader draws a seed per pass
             stats = layer_inputs(model, self.probe_batches(500), layers, per_sample,
                                  self._forward_on_device)
-        dead = self.observe().dead_units("never_active")
-        new: dict[str, torch.Tensor] = {}
+        return stats, self.observe().dead_units("never_active")
+
+    def _score(self, model, layers: list[str], stats: dict, new: dict) -> None:
+        """Keep-masks of `layers` (weights and biases) from their input statistics."""
         for layer in layers:
             if layer not in stats:   # never called as a layer (nn.MultiheadAttention's
                 continue             # out_proj is applied functionally): left unpruned
@@ -200,11 +243,12 @@ class NNrelief(IterativePruning):
                                       else self._expand(w_keep, m.weight))
             if m.bias is not None:
                 new[f"{layer}.bias"] = keep[:, -1]
+
+    def _drop_dead(self, model, dead: dict, new: dict, layers: list[str]) -> None:
+        """Dead units of the sites whose producer is one of `layers` go whole."""
         for site in self.sites:
-            if f"{site.producer}.weight" in new:
+            if site.producer in layers and f"{site.producer}.weight" in new:
                 self._drop_units(model, site, dead[site.name], new)
-        self._backward_pass(model, new)
-        return new
 
     def _forward_on_device(self, model: nn.Module, batch: Any) -> Any:
         return self.forward(model, to_device(batch, next(model.parameters()).device))
