@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn as nn
 
 from dormant.data import load_dataset
 from dormant.methods import AP, IMP
@@ -162,3 +163,37 @@ def test_bad_settings_are_refused_before_training():
         ExperimentConfig(method="imp", method_args={"every": 2}).validate()
     with pytest.raises(ValueError, match=r"pruner: expected a str \(one of global-magnitude, "):
         IMP(pruner="smallest")
+
+
+def test_ap_official_round_golden():
+    """The released resnet_20.py rule by hand: A = 9 non-zero weights (the exact zero counts
+    as pruned), n_AP = floor(9 x 0.2) = 1, base threshold = 20th percentile of |A| = 0.1 +
+    0.6 x (0.2 - 0.1) = 0.16 (0.05 and 0.1 go); AP: surviving negatives moved 0.3, 0.01, 0.02,
+    t = the 1st (0-indexed) smallest = 0.02, so the two with d <= 0.02 go."""
+    from dormant.methods.ap import official_round
+    w_end = {"a": torch.tensor([-0.1, 0.5, -0.9, 0.0, 0.3]),
+             "b.weight": torch.tensor([-0.2, 0.8, 0.05, -0.6, 0.4])}
+    moved = {"a": torch.tensor([0.5, 0.5, 0.3, 0.0, 0.5]),
+             "b.weight": torch.tensor([0.01, 0.5, 0.5, 0.02, 0.5])}
+    w_start = {k: w_end[k] + moved[k] for k in w_end}
+    masks = {k: torch.ones(5, dtype=torch.bool) for k in w_end}
+    new, by_ap = official_round(w_end, w_start, masks, rate=0.4, p_ap=0.2)
+    assert new["a"].tolist() == [False, True, True, False, True]
+    assert new["b.weight"].tolist() == [False, True, False, False, True]
+    assert by_ap == 2
+
+
+def test_ap_official_scope_prunes_every_weight_tensor_norm_scales_included():
+    torch.manual_seed(0)
+    data = load_dataset("synthetic")
+    model = nn.Sequential(nn.Linear(data.input_shape[0], 16), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(16, data.num_classes))
+    method = AP(rounds=1, epochs_per_round=1, scope="official", rate=0.3, p_ap=0.05)
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, batch_size=64,
+            callbacks=[method], show_progress=False).fit()
+    assert set(method.names) == {"0.weight", "1.weight", "3.weight"}
+    assert method.masks.masks["1.weight"].shape == (16,)       # BatchNorm scales are pruned too
+    total = sum(method.masks.masks[n].numel() for n in method.names)
+    assert 0.25 < 1 - alive(method.pruning_masks()) / total < 0.35
+    with pytest.raises(ValueError, match="scope: 'official' is the released code's rule"):
+        AP(scope="official", pruner="random")

@@ -96,3 +96,30 @@ def test_grouped_and_depthwise_consumers_lose_exactly_the_units_input_channels(g
     bumped = h.clone()
     bumped[:, units] += 5.0
     assert torch.allclose(model[2](h), model[2](bumped))
+
+
+@pytest.mark.parametrize("bias", ["redraw", "zero"])
+def test_bias_of_a_recycled_unit_and_its_adam_moments(bias):
+    """bias="zero" is the official rule: bias 0, its Adam moments left alone; "redraw" draws
+    it from the layer's initialiser and zeroes its moments, like the incoming weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    site = find_sites(model, torch.randn(2, 4))[0]
+    units = torch.tensor([True, False, True, False, False, False])
+    b_before = model[0].bias.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[model[0].bias].items()}
+    recycle(model, site, units, opt, bias=bias)
+    b = model[0].bias.detach()
+    state = opt.state[model[0].bias]
+    assert torch.equal(b[~units], b_before[~units])
+    if bias == "zero":
+        assert (b[units] == 0).all()
+        assert all(torch.equal(state[k], moments[k]) for k in ("exp_avg", "exp_avg_sq"))
+    else:
+        assert (b[units] != b_before[units]).all() and (b[units] != 0).all()
+        assert (state["exp_avg"][units] == 0).all() and (state["exp_avg_sq"][units] == 0).all()
+    assert (opt.state[model[0].weight]["exp_avg"][units] == 0).all()     # both rules
+    assert (model[2].weight[:, units] == 0).all()

@@ -20,13 +20,19 @@ Deviations from the official code:
   order in which every sparsity level is trained twice;
 * `neuron_fraction` (off by default; the released code has no neuron selection, the paper's
   Algorithm 1 may have one) restricts AP to the rows of the units with the highest dynamic
-  dead-neuron rate measured on the round's training batches.
+  dead-neuron rate measured on the round's training batches;
+* scope and counts: by default the pruned tensors are the Linear/Conv kernels and the counts
+  exact (above), AP only on kernels feeding a ReLU. The released code prunes every parameter
+  whose name contains "weight" (BatchNorm scales included), counts exact zeros as pruned,
+  removes |w| < percentile(|A|, 18) (ties kept) and applies AP to every surviving negative
+  weight: ``scope="official"`` does exactly that (`official_round`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..monitor import ActivityMonitor
@@ -36,7 +42,7 @@ from ..sites import _unwrap
 from .base import EpochResult, check_option
 from .iterative import IMP
 
-__all__ = ["AP", "ap_decision"]
+__all__ = ["AP", "ap_decision", "official_round"]
 
 
 def ap_decision(w_end: Mapping[str, torch.Tensor], w_start: Mapping[str, torch.Tensor],
@@ -51,6 +57,35 @@ def ap_decision(w_end: Mapping[str, torch.Tensor], w_start: Mapping[str, torch.T
     for k in cand:
         new[k] &= ~(cand[k] & ~kept[k])
     return new, m
+
+
+def official_round(w_end: Mapping[str, torch.Tensor], w_start: Mapping[str, torch.Tensor],
+                   masks: Mapping[str, torch.Tensor], rate: float, p_ap: float
+                   ) -> tuple[dict[str, torch.Tensor], int]:
+    """One round of the official `resnet_20.py`: with A the alive, non-zero weights of every
+    tensor given (exact zeros count as pruned), n_AP = floor(|A| p_ap); the base step prunes
+    |w| < percentile(|A|, 100 (rate - p_ap)) (linear interpolation, ties kept); AP then prunes
+    the surviving negative weights with |w_end - w_start| <= t, t the n_AP-th smallest of
+    them (0-indexed: n_AP + 1 weights, plus ties). Returns (new keep-masks, pruned by AP)."""
+    keys = list(masks)
+    live = {k: masks[k] & (w_end[k] != 0) for k in keys}
+    a = torch.cat([w_end[k][live[k]].abs().double().flatten() for k in keys]).cpu().numpy()
+    if a.size == 0:
+        return live, 0
+    n_ap = int(a.size * p_ap)
+    thr = float(np.percentile(a, 100 * (rate - p_ap)))
+    new = {k: live[k] & ~(w_end[k].abs().double() < thr) for k in keys}
+    cand = {k: new[k] & (w_end[k] < 0) for k in keys}
+    d = torch.cat([(w_end[k] - w_start[k]).abs()[cand[k]].flatten() for k in keys])
+    if n_ap == 0 or d.numel() == 0:
+        return new, 0
+    t = d.sort().values[min(n_ap, d.numel() - 1)]
+    pruned = 0
+    for k in keys:
+        cut = cand[k] & ((w_end[k] - w_start[k]).abs() <= t)
+        new[k] = new[k] & ~cut
+        pruned += int(cut.sum())
+    return new, pruned
 
 
 class AP(IMP):
@@ -75,11 +110,21 @@ class AP(IMP):
                                                "of units per site with the highest dynamic "
                                                "DNR (off: the official code)", within=(0, 1),
                                                bounds="(]")
+        scope: str = option("kernels", "kernels: Linear/Conv kernels, AP on those feeding a "
+                            "ReLU, exact counts floor(rate n) - floor(p_ap n) and floor(p_ap n); "
+                            "official: every parameter named *weight* (norm scales too), the "
+                            "code's percentile threshold and AP's <= t rule (ResNet-20 recipe)",
+                            choices=("kernels", "official"))
 
         def check(self, owner: str) -> None:
             super().check(owner)
             check_option(self.p_ap < self.rate, owner,
                          f"p_ap: expected a float in (0, rate={self.rate:g}), got {self.p_ap!r}")
+            if self.scope == "official":
+                check_option(self.pruner == "global-magnitude" and self.layers == "all"
+                             and self.neuron_fraction is None, owner,
+                             "scope: 'official' is the released code's rule: it needs "
+                             "pruner='global-magnitude', layers='all' and no neuron_fraction")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -120,7 +165,18 @@ class AP(IMP):
             out[name] = rows.view(-1, *[1] * (w.ndim - 1)).expand_as(w)
         return out
 
+    def pruned_names(self, model) -> list[str]:
+        if self.opts.scope == "official":     # every tensor whose name contains "weight"
+            return [n for n, _ in model.named_parameters() if "weight" in n]
+        return super().pruned_names(model)
+
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
+        if self.opts.scope == "official":
+            weights = self.weights()
+            start = {k: self.round_start[k].to(weights[k].device) for k in weights}
+            new, self.last_ap = official_round(weights, start, self.pruning_masks(),
+                                               self.opts.rate, self.opts.p_ap)
+            return new
         masks = self.pruning_masks()
         n_alive = alive(masks)
         n_total = count_to_prune(n_alive, self.opts.rate)

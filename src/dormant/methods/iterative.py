@@ -96,11 +96,8 @@ class IterativePruning(Method):
     # -- prepare -------------------------------------------------------------------------
     def _prepare(self) -> None:
         model = _unwrap(self.model)
-        hidden = {f"{s.producer}.weight" for s in self.sites}
-        params = dict(model.named_parameters())   # a tied weight (GPT-2's lm_head) is listed
-        self.names = [f"{n}.weight" for n, m in model.named_modules()   # once, under its owner
-                      if is_producer(m) and f"{n}.weight" in params
-                      and (self.opts.layers == "all" or f"{n}.weight" in hidden)]
+        params = dict(model.named_parameters())
+        self.names = self.pruned_names(model)
         masks = self.ensure_masks()
         for n in self.names:
             if n not in masks.masks:
@@ -110,6 +107,16 @@ class IterativePruning(Method):
                 self.snapshot = _state(model)
             self.round_start = _state(model)
         self._pos = positions(model, take(self.example, 1))
+
+    def pruned_names(self, model) -> list[str]:
+        """The weights this method prunes: every Linear/Conv/Conv1D kernel, or with
+        layers="hidden" those of the site producers. A tied weight (GPT-2's lm_head) is
+        listed once, under its owner."""
+        hidden = {f"{s.producer}.weight" for s in self.sites}
+        params = dict(model.named_parameters())
+        return [f"{n}.weight" for n, m in model.named_modules()
+                if is_producer(m) and f"{n}.weight" in params
+                and (self.opts.layers == "all" or f"{n}.weight" in hidden)]
 
     def pruning_masks(self) -> dict[str, torch.Tensor]:
         return {n: self.masks.masks[n] for n in self.names}

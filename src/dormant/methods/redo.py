@@ -10,6 +10,10 @@ input channels) are set to zero, and the optimizer state of every touched entry 
 Adam moments) is reset to zero. tau = 0 recycles exactly the never-active units (ReLU).
 
 Deviations from the paper (which used RL networks without normalisation):
+* the official code (Dopamine's `weight_recyclers.py`) sets a recycled unit's bias to 0 and
+  leaves the bias's Adam moments alone; here the bias is re-drawn from the layer's
+  initialiser and its moments zeroed by default (a fresh unit, as its incoming weights);
+  ``bias="zero"`` restores the official rule;
 * the score is computed on a probe split (default: validation, carved from training data)
   in eval mode, not on a replay batch;
 * a norm layer between producer and activation gets its per-unit scale, offset and running
@@ -53,14 +57,19 @@ def _fresh(model: nn.Module, module_name: str) -> nn.Module:
 
 @torch.no_grad()
 def recycle(model: nn.Module, site, units: torch.Tensor,
-            optimizer: torch.optim.Optimizer | None = None) -> int:
+            optimizer: torch.optim.Optimizer | None = None, bias: str = "redraw") -> int:
     """Re-initialise the incoming and zero the outgoing weights of `units` (bool[U]) of
-    `site`, resetting their optimizer state. Returns the number of units recycled."""
+    `site`, resetting their optimizer state. `bias="zero"` sets the producer's bias of the
+    units to 0 and leaves its optimizer state alone, as the official code does. Returns the
+    number of units recycled."""
     if not units.any():
         return 0
     model = _unwrap(model)
     fresh: dict[str, nn.Module] = {}
     for sl in incoming(model, site):
+        if bias == "zero" and sl.kind == "bias":
+            _write(model, sl, units, site.num_units, None, None)
+            continue
         owner, _, attr = sl.name.rpartition(".")
         if owner not in fresh:
             fresh[owner] = _fresh(model, owner)
@@ -95,6 +104,9 @@ class ReDo(Method):
     class Options(PeriodicOptions):
         tau: float = option(0.1, "a unit is dormant when its score E|a| / layer mean <= tau "
                             "(0: never active)", at_least=0)
+        bias: str = option("redraw", "a recycled unit's bias: redraw (the layer's initialiser, "
+                           "moments zeroed) or zero (the official code: 0, moments left alone)",
+                           choices=("redraw", "zero"))
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -105,7 +117,8 @@ class ReDo(Method):
         recycled = 0
         if act:
             for site in self.sites:
-                recycled += recycle(self.model, site, dormant[site.name], self.optimizer)
+                recycled += recycle(self.model, site, dormant[site.name], self.optimizer,
+                                    bias=self.opts.bias)
         self.recycled_total += recycled
         self.metrics = {"redo/dormant_units": sum(int(d.sum()) for d in dormant.values()),
                         "redo/recycled": recycled, "redo/recycled_total": self.recycled_total}
