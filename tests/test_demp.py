@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn as nn
 
 pytest.importorskip("torch_pruning")
 
@@ -162,3 +163,46 @@ def test_bad_options():
         StructuredPruning(start=0.5, end=0.2)
     with pytest.raises(ValueError, match=r"has no option\(s\) \[.every.\]"):
         DemP(every=2)
+
+
+def test_a_layer_whose_every_unit_died_keeps_one_and_training_goes_on():
+    """Every unit of the first layer dead (BatchNorm scale 0, offset < 0): DemP keeps the one
+    with the largest incoming row instead of making BatchNorm1d(0), and says so."""
+    torch.manual_seed(0)
+    data = load_dataset("synthetic")
+    model = nn.Sequential(nn.Linear(data.input_shape[0], 8), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, data.num_classes))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.fill_(-1.0)
+    keep = model[0].weight.detach().abs().sum(1).argmax()
+    kept_row = model[0].weight.detach()[keep].clone()
+    demp = DemP(reg_peak=0.0, noise_peak=0.0, prune_every=2)
+    rows = []
+
+    class Rows(Callback):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            rows.append(dict(metrics))
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.0), epochs=2, batch_size=64,
+            callbacks=[demp, Rows()], show_progress=False).fit()
+    assert model[0].out_features == 1 and model[1].num_features == 1
+    assert torch.equal(model[0].weight.detach()[0], kept_row)
+    assert rows[-1]["demp/kept_last_unit"] == 1 and rows[-1]["width"]["2"] == 1
+
+
+def test_demp_leaves_a_transformer_residual_stream_at_its_width():
+    """Tiny ViT: the post-MLP activation feeds the residual stream that attention reads; its
+    channels stay (a width of 62 of 64 breaks multi-head attention), block-internal ones go."""
+    torch.manual_seed(0)
+    model = build_model("vit-tiny", (1, 8, 8), 3, patch=4, dim=16, depth=1, heads=2, mlp_ratio=2)
+    data = load_dataset("synthetic")
+    x = torch.randn(256, 1, 8, 8)
+    split = type(data.train)(x, torch.randint(0, 3, (256,)))
+    data = type(data)("img", split, split, split, 3)
+    demp = DemP(reg_peak=2.0, target="all", prune_every=3, noise_peak=0.0)
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.5), epochs=2, batch_size=64,
+            callbacks=[demp], show_progress=False).fit()
+    widths = {s.name: s.num_units for s in demp.sites}
+    assert widths["blocks.0.mlp.act2"] == 16
+    assert widths["blocks.0.mlp.act"] < 32
+    model(x[:4])                                  # attention still runs

@@ -163,3 +163,21 @@ def test_fc_layers_are_scored_on_features_after_this_iterations_conv_pruning():
     assert not torch.equal(new["3.weight"][rows], fc_keep(False)[rows])
     assert torch.equal(model[3].weight, model[3].weight.detach())   # weights put back
     assert (model[0].weight != 0).all(), "the temporary conv masks were undone"
+
+
+def test_nnrelief_on_the_tiny_vit_leaves_attention_out_proj_unpruned():
+    """nn.MultiheadAttention applies out_proj functionally: the probe never sees its input,
+    so it is left unpruned (it was a KeyError); every other layer is pruned."""
+    torch.manual_seed(0)
+    model = build_model("vit-tiny", (1, 8, 8), 3, patch=4, dim=16, depth=1, heads=2,
+                        mlp_ratio=2)
+    data = load_dataset("synthetic")
+    x = torch.randn(128, 1, 8, 8)
+    split = type(data.train)(x, torch.randint(0, 3, (128,)))
+    data = type(data)("img", split, split, split, 3)
+    method = NNrelief(rounds=1, epochs_per_round=1, rewind="none", probe_samples=64)
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.0), epochs=2, batch_size=64,
+            callbacks=[method], show_progress=False).fit()
+    masks = method.masks.masks
+    assert masks["blocks.0.attn.out_proj.weight"].all()
+    assert not masks["blocks.0.mlp.fc1.weight"].all() and not masks["head.weight"].all()

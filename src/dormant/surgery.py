@@ -77,7 +77,8 @@ def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, to
                  example_input: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
                  ) -> dict[str, torch.Tensor]:
     """Remove `units` ({site: BoolTensor[U]}, e.g. the dead ones) physically. A unit coupled
-    to other sites (a residual stream) goes only if it is flagged at every one of them.
+    to other sites (a residual stream) goes only if it is flagged at every one of them; units
+    coupled to the embedding of an attention layer (a transformer's residual stream) stay.
     Returns, per site, which units were removed (BoolTensor[U], the original indexing).
     Sites must be found again afterwards (their unit counts changed)."""
     tp = _tp()
@@ -96,6 +97,8 @@ def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, to
         producer = model.get_submodule(site.producer)
         idxs = flags.nonzero().flatten().tolist()
         group = graph.get_pruning_group(producer, _out_fn(tp, producer), idxs=idxs)
+        if _touches_attention(group):    # the embedding width of attention heads: left alone
+            continue
         keep_root = set(idxs)
         coupled: dict[str, dict[int, int]] = {}     # site -> root idx -> its local idx
         for mod, kind, local, root in _group_items(group):
@@ -117,6 +120,13 @@ def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, to
             removed[name][[to_local[r] for r in root]] = True
         graph = None   # shapes changed: rebuild before the next group
     return removed
+
+
+def _touches_attention(group) -> bool:
+    """True when the group resizes an attention layer's embedding: its width must stay a
+    multiple of the head count (64 -> 62 breaks nn.MultiheadAttention), so such channels are
+    not removed."""
+    return any(isinstance(item.dep.target.module, nn.MultiheadAttention) for item in group)
 
 
 def coupled_sites(model: nn.Module, sites: Sequence[Site], example_input: torch.Tensor

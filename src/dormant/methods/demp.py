@@ -23,7 +23,17 @@ Deviations from the official code:
 * `span` is a fraction of the run's steps (default 0.9, the code's `zero_end_reg_param`) or
   a step count;
 * after the final removal, validation and test accuracy are re-measured on the compacted
-  model (units dead on the probe subset may still fire on other inputs).
+  model (units dead on the probe subset may still fire on other inputs);
+* a layer whose every unit died keeps one unit (the largest incoming row), counted in
+  ``demp/kept_last_unit``: the official JAX code keeps a width-0 layer, which a PyTorch
+  BatchNorm or Linear cannot run;
+* channels of a transformer's residual stream (coupled to the embedding of an attention
+  layer) are not removed: its width must stay a multiple of the head count;
+* the death test is "never active" (output <= eps on every probe sample, eps = 0); the
+  official code's "batch sum <= eps on every probe batch" is the same for ReLU-like
+  activations. For activations that can be negative (leaky ReLU, GELU) dormant counts a unit
+  dead only when its output is exactly 0 on every sample (`ActivityMonitor.dead_units`),
+  where the official sum test could call a unit with cancelling outputs dead.
 
 Implementation note: the live masks and the noise use multi-tensor ops (one normal draw per
 device and dtype, split into the parameters' shapes). On a GPU the per-parameter version
@@ -41,6 +51,7 @@ import torch.nn as nn
 from ..options import option
 from ..schedules import one_cycle
 from ..sites import NORMS, _unwrap
+from ..units import fan_in_rows
 from .base import EpochResult
 from .structural import Structural, StructuralOptions
 
@@ -146,6 +157,7 @@ class DemP(Structural):
         self.span_steps = 0
         self._live: tuple = ()     # (parameters, their live masks) between backward and step
         self._reg: list[torch.Tensor] | None = None   # regularised parameters, until a removal
+        self.kept_last = 0         # sites whose last unit was kept at the last death check
 
     def _prepare(self) -> None:
         super()._prepare()
@@ -199,11 +211,30 @@ class DemP(Structural):
             self.prune()
 
     def prune(self) -> int:
-        """Death check on the probe data, then physical removal of the dead units."""
-        return self.remove(self.observe().dead_units("never_active"))
+        """Death check on the probe data, then physical removal of the dead units. A site
+        whose every unit died keeps one (the largest incoming row, L1): a width-0 layer
+        (BatchNorm1d(0), an empty Linear) cannot run, so it is not made."""
+        dead = self.observe().dead_units("never_active")
+        self.kept_last = 0
+        for site in self.sites:
+            d = dead[site.name]
+            if d.numel() and bool(d.all()):
+                d = d.clone()
+                d[fan_in_rows(self.model, site).detach().abs().sum(1).argmax()] = False
+                dead[site.name] = d
+                self.kept_last += 1
+        return self.remove(dead)
 
     def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
         if self.last_epoch():   # the final check
             self.final_removal(result, evaluate, self.prune())
         lam, sig = self.schedule(self.step)
-        result.update({**self.report(), "demp/lambda": lam, "demp/sigma": sig})
+        result.update({**self.report(), "demp/lambda": lam, "demp/sigma": sig,
+                       "demp/kept_last_unit": self.kept_last})
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kept_last": self.kept_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.kept_last = int(state.get("kept_last", 0))
