@@ -16,7 +16,10 @@ Deviations from the official code:
   test set the official script used;
 * the unit -> incoming-row pairing comes from site discovery (any producer -> [norm] ->
   activation), not from "the module before the ReLU in a Sequential";
-* the official script also left a second set of hooks attached during training; we do not.
+* the official script also left a second set of hooks attached during training; we do not;
+* the quantile is taken in float64 (exact); the official code takes it in float32, which can
+  differ by one weight when (n - 1) * factor is an integer (the interpolation lands on a
+  weight exactly).
 * with a norm layer between producer and activation the pre-activation is renormalised, so
   stripping need not raise it; the rule is applied as specified anyway.
 
