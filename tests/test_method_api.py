@@ -298,3 +298,13 @@ def test_layers_point_downward():
             "('dormant.methods', 'dormant.train', 'dormant.experiments'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_tuple_batch_for_a_model_with_more_inputs_warns_instead_of_dropping_silently():
+    model = KeywordMlp(12, 3)
+    x = torch.randn(8, 12)
+    with pytest.warns(UserWarning, match=r"called as model\(batch\[0\]\).*takes more inputs"):
+        dormant.diagnose(model, [(x, torch.ones_like(x))])
+    report = dormant.diagnose(model, [(x, torch.ones_like(x))],
+                              forward=lambda m, b: m(*b))           # both are inputs
+    assert report.samples == 8

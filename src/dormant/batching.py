@@ -20,6 +20,7 @@ positional arguments, a batch whose first element is not the model input -- need
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -44,9 +45,33 @@ def model_input(batch: Any) -> Any:
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """``model(x)`` for a tensor, ``model(**batch)`` for a mapping, ``model(batch[0])`` for
-    a tuple/list (inputs, targets, ...)."""
+    a tuple/list (inputs, targets, ...). A tuple whose second element is shaped like the
+    first, for a model that takes more inputs, gets a warning: it may be an input (a mask)."""
     x = model_input(batch)
-    return model(**x) if isinstance(x, Mapping) else model(x)
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and _input_like(batch) \
+            and _more_inputs(model):
+        warnings.warn(f"dormant: a {type(batch).__name__} batch is called as model(batch[0]), "
+                      f"the rest taken for targets, but {type(model).__name__}.forward takes "
+                      "more inputs: if batch[1] is one (an attention mask), pass "
+                      "forward=lambda model, b: model(*b) (or a mapping batch)", stacklevel=2)
+    return model(x)
+
+
+def _input_like(batch) -> bool:
+    a, b = batch[0], batch[1]
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+
+
+def _more_inputs(model: nn.Module) -> bool:
+    """True when forward() names a second input besides the first (self excluded)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(named) > 1
 
 
 def num_samples(batch: Any) -> int:
