@@ -55,7 +55,8 @@ def test_importing_dormant_pulls_no_optional_dependency():
     import subprocess
     import sys
     code = ("import sys, dormant, dormant.methods, dormant.experiments, dormant.eoc, dormant.cli; "
-            "print(sorted(m for m in ('matplotlib', 'torch_pruning', 'yaml') if m in sys.modules))")
+            "print(sorted(m for m in ('matplotlib', 'torch_pruning', 'yaml', 'transformers', "
+            "'tensorboard', 'lightning', 'accelerate') if m in sys.modules))")
     # (tqdm is left out: torch itself imports it when it is installed)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -148,7 +148,8 @@ def cmd_run(args) -> int:
     from .experiments import run_experiment
     cfg = _base_config(args).validate()
     res = run_experiment(cfg, args.root, show_progress=not args.no_progress,
-                         epoch_log=lambda line: print(line, flush=True))
+                         epoch_log=lambda line: print(line, flush=True),
+                         tensorboard=args.tensorboard)
     f = res["final"]
     print(json.dumps({k: f[k] for k in ("epoch", "test_acc", "val_acc", "dead_fraction",
                                         "dead_units", "dynamic_dnr") if k in f}, indent=2))
@@ -170,7 +171,8 @@ def cmd_compare(args) -> int:
     spec.base = spec.base.override(**_overrides(args))
     if args.seeds:
         spec.seeds = [int(s) for s in args.seeds.split(",")]
-    run_compare(spec, args.root, args.out, show_progress=not args.no_progress, jobs=args.jobs)
+    run_compare(spec, args.root, args.out, show_progress=not args.no_progress, jobs=args.jobs,
+                tensorboard=args.tensorboard)
     return 0
 
 
@@ -239,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--config", help="a YAML/JSON file (compare: base, variants, seeds)")
         q.add_argument("--root", default="runs", help="where run directories go (default: runs)")
         q.add_argument("--no-progress", action="store_true", help="no progress bars")
+        q.add_argument("--tensorboard", metavar="DIR",
+                       help="also write TensorBoard logs (scalars per epoch, per-unit activity "
+                            "histograms) to DIR/<run name>; needs the tensorboard package")
         if name == "compare":
             q.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
             q.add_argument("--out", help="folder for compare.md/.csv/.json")

@@ -140,13 +140,14 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="dormant-parent-watch").start()
 
 
-def _run_quiet(cfg: ExperimentConfig, root: str, threads: int) -> dict:
+def _run_quiet(cfg: ExperimentConfig, root: str, threads: int, tensorboard=None) -> dict:
     import torch
     torch.set_num_threads(threads)
-    return run_experiment(cfg, root, show_progress=False, log=lambda *a: None)
+    return run_experiment(cfg, root, show_progress=False, log=lambda *a: None,
+                          tensorboard=tensorboard)
 
 
-def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
+def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=None) -> list[dict]:
     """Run configs in order (jobs=1) or in a pool of `jobs` processes, one thread each."""
     def done(i: int, name: str, cfg, res: dict) -> None:
         f = res["final"]
@@ -159,7 +160,7 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
         out = []
         for i, (name, cfg) in enumerate(configs, start=1):
             out.append(run_experiment(cfg, root, show_progress=show_progress,
-                                      log=lambda *a: None))
+                                      log=lambda *a: None, tensorboard=tensorboard))
             done(i, name, cfg, out[-1])
         return out
     import multiprocessing as mp
@@ -167,7 +168,8 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_die_with,
                              initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(_run_quiet, cfg, str(root), threads) for _, cfg in configs]
+        futures = [pool.submit(_run_quiet, cfg, str(root), threads, tensorboard)
+                   for _, cfg in configs]
         out = []
         for i, ((name, cfg), fut) in enumerate(zip(configs, futures), start=1):
             out.append(fut.result())
@@ -177,13 +179,16 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log) -> list[dict]:
 
 def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
                 out: str | os.PathLike | None = None, *, show_progress: bool = True,
-                log=print, jobs: int = 1) -> list[dict]:
+                log=print, jobs: int = 1, tensorboard: str | os.PathLike | None = None
+                ) -> list[dict]:
     """Run every variant x seed (finished runs are reused), print and save the table.
-    `jobs` > 1 runs that many experiments at once in separate processes."""
+    `jobs` > 1 runs that many experiments at once in separate processes; `tensorboard`, a
+    folder, gets each run's TensorBoard logs."""
     configs = spec.configs()
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
-    results = list(zip([n for n, _ in configs], _run_all(configs, root, jobs, show_progress, log)))
+    results = list(zip([n for n, _ in configs],
+                       _run_all(configs, root, jobs, show_progress, log, tensorboard)))
     cols = columns_for(spec.columns)
     rows = summarize(results, cols)
     table = to_markdown(rows, cols)

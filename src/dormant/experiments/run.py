@@ -66,10 +66,12 @@ def build(cfg: ExperimentConfig, data=None):
 
 
 def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
-                   show_progress: bool = True, log=print, epoch_log=None) -> dict:
+                   show_progress: bool = True, log=print, epoch_log=None,
+                   tensorboard: str | os.PathLike | None = None) -> dict:
     """Train `cfg` (or return its saved result if it already finished). One process at a
     time trains a run directory: a second one waits for the first, then finds it finished.
-    `epoch_log(line)` receives one line per finished epoch."""
+    `epoch_log(line)` receives one line per finished epoch; `tensorboard`, a folder, gets the
+    run's TensorBoard logs under the run's name."""
     cfg.validate()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
@@ -81,7 +83,11 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     with run_lock(rd, log=log):
         if (rd / "result.json").exists():      # finished while we waited for the lock
             return _finished(rd, log)
-        return _train(cfg, rd, method, show_progress, log, epoch_log)
+        extra = []
+        if tensorboard is not None:
+            from ..integrations.tensorboard import TensorBoardCallback
+            extra.append(TensorBoardCallback(Path(tensorboard) / rd.name))
+        return _train(cfg, rd, method, show_progress, log, epoch_log, extra)
 
 
 def _finished(rd: Path, log) -> dict:
@@ -111,7 +117,8 @@ def _check_config_file(rd: Path, cfg: ExperimentConfig, log) -> None:
                               "copied. Move the directory away to train this config afresh")
 
 
-def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, epoch_log) -> dict:
+def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, epoch_log,
+           extra=()) -> dict:
     data, model = build(cfg)
     arch_built = architecture(model)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
@@ -121,7 +128,7 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     ckpt = CheckpointCallback(rd / "checkpoint.pt")
     callbacks = [MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
                  *([method] if method is not None else []), JsonlLogger(rd / "metrics.jsonl"),
-                 ckpt]
+                 *extra, ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
                       show_progress=show_progress, epoch_log=epoch_log)

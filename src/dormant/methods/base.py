@@ -106,6 +106,7 @@ class Method:
     Options: type[MethodOptions] = PeriodicOptions
     needs: tuple[str, ...] = ()          # prepare() arguments this method cannot do without
     rewrites_outgoing = False            # True: every reader of a site's units must be known
+    changes_model = False                # True: removes units physically (parameters replaced)
 
     def __init__(self, **options: Any):
         self.opts = self.Options.parse(self.name, options)

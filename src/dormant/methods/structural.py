@@ -33,6 +33,7 @@ class Structural(Method):
 
     Options = StructuralOptions
     needs = ("total_steps",)
+    changes_model = True
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -1,0 +1,115 @@
+"""What every training-framework adapter does, without the framework: watch the model with
+a sampled `ActivityMonitor`, probe it exactly at each epoch's end, and drive a method through
+the Method API. Adapters map their framework's events to these calls."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..batching import Forward, capture_inputs, default_forward, iter_batches
+from ..diagnose import diagnose
+from ..methods import Method, build
+from ..monitor import ActivityMonitor
+from ..sites import Site, find_sites
+
+__all__ = ["Session"]
+
+
+class Session:
+    """A monitor and (optionally) a method for one training run.
+
+    method: a `Method`, a registered name, or None; monitor: watch training batches every
+    `every`-th step (dynamic DNR) and probe the probe data exactly at each epoch's end (dead
+    fraction per site, activation sparsity); criterion/eps: the definition of dead.
+    """
+
+    def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
+                 every: int = 10, criterion: str = "never_active", eps: float = 0.0,
+                 forward: Forward | None = None):
+        self.method = build(method) if isinstance(method, str) else method
+        self.watch, self.every = monitor, every
+        self.criterion, self.eps = criterion, eps
+        self.forward = forward or default_forward
+        self.model: nn.Module | None = None
+        self.probe: Any = None
+        self.sites: list[Site] = []
+        self.monitor: ActivityMonitor | None = None
+
+    def start(self, model: nn.Module, optimizer, *, probe: Any = None, example: Any = None,
+              total_steps: int | None = None, epochs: int | None = None, seed: int = 0) -> None:
+        """Before the first step. `probe`: the data of the exact end-of-epoch pass (and of the
+        method's decisions); `example`: a batch for site discovery (default: the probe's)."""
+        self.model, self.probe = model, probe
+        if example is None and probe is not None:
+            example = next(iter_batches(probe, 2, limit=2))
+        if example is None:
+            raise ValueError("dormant: give probe data (a validation loader) or an example batch")
+        inputs = capture_inputs(model, example, self.forward)
+        self.sites = find_sites(model, inputs)
+        if self.watch:
+            self.monitor = ActivityMonitor(model, self.sites, every=self.every, eps=self.eps,
+                                           mode="train").__enter__()
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer     # accelerate's wrapper: hooks go on the real one
+        if self.method is not None:
+            self.method.prepare(model, optimizer, probe=probe, total_steps=total_steps,
+                                epochs=epochs, seed=seed, forward=self.forward,
+                                example=inputs)
+
+    def after_backward(self) -> None:
+        if self.method is not None:
+            self.method.after_backward()
+
+    def after_step(self) -> bool:
+        """True when the method changed the model physically (the caller rebuilds wrappers)."""
+        if self.monitor is not None:
+            self.monitor.step()
+        changed = self.method.after_step() if self.method is not None else False
+        if changed:
+            self._resites()
+        return changed
+
+    def end_epoch(self, val_score: float | None = None, evaluate=None) -> dict:
+        """The epoch's metrics: dynamic DNR of the watched steps, dead fraction and sparsity
+        per site on the probe data, and the method's own."""
+        out: dict[str, float] = {}
+        if self.method is not None:
+            result = self.method.end_epoch(val_score=val_score, evaluate=evaluate)
+            out.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
+            if result.model_changed:
+                self._resites()
+        if self.monitor is not None and self.monitor.observed:
+            out["dynamic_dnr"] = self.monitor.dynamic_dnr()
+            out.update({f"dnr/{n}": v for n, v in self.monitor.dynamic_dnr(per_site=True).items()})
+            self.monitor.reset()
+        if self.watch and self.probe is not None:
+            report = diagnose(self.model, self.probe, sites=self.sites, eps=self.eps,
+                              criterion=self.criterion, forward=self.forward)
+            out["dead_fraction"], out["dead_units"] = report.dead_fraction, report.dead_units
+            for r in report.rows:
+                out[f"dead/{r.site}"] = r.dead / r.units
+                out[f"sparsity/{r.site}"] = r.sparsity
+        return out
+
+    def _resites(self) -> None:
+        """Units were removed: the monitor watches the new sites."""
+        example = capture_inputs(self.model, next(iter_batches(self.probe, 2, limit=2)),
+                                 self.forward) if self.probe is not None else None
+        if example is None:
+            return
+        self.sites = find_sites(self.model, example)
+        if self.monitor is not None:
+            step = self.monitor._step
+            self.monitor.close()
+            self.monitor = ActivityMonitor(self.model, self.sites, every=self.every,
+                                           eps=self.eps, mode="train").__enter__()
+            self.monitor.set_step(step)
+
+    def close(self) -> None:
+        """After training: hooks gone, the method's masks folded into the weights."""
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.method is not None and self.method.model is not None:
+            self.method.finalize()
