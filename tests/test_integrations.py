@@ -98,3 +98,27 @@ def test_tensorboard_logs_the_runs_metrics_and_unit_activity(tmp_path):
         assert logged == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], key
     hist = acc.Histograms("activity/act1")
     assert [h.step for h in hist] == [1, 2] and hist[-1].histogram_value.num == 16
+
+
+def test_lightning_callback_under_ddp_on_cpu(tmp_path):
+    """Two gloo processes: each rank logs the same dead fraction, equal to a brute-force count
+    on the whole probe set, and takes the same stripping decisions (bitwise equal weights);
+    stripping cut the dead units' rows only."""
+    pytest.importorskip("lightning")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
+    out = tmp_path / "rank"
+    proc = subprocess.run([sys.executable, str(script), str(out), "2"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    for r in ranks:
+        assert [h["dormant/dead/act"] for h in r["history"]] == [r["brute"]] * 2
+        assert r["brute"] == pytest.approx(6 / 32)
+        assert r["history"][0]["dormant/ss/dead_units"] == 6
+        assert all(z > 0 for z in r["zeros"][:6]) and not any(r["zeros"][6:])
+        assert r["logged"]["dormant/dead/act"] == pytest.approx(6 / 32)

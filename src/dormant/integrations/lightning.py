@@ -1,0 +1,76 @@
+"""Lightning: `DormantCallback`, a `lightning.pytorch.Callback`.
+
+    trainer = lightning.Trainer(max_epochs=10, callbacks=[DormantCallback(method="synaptic-stripping")])
+
+At each training epoch's end it logs, through the LightningModule's logger, the dynamic DNR of
+the watched steps, the dead fraction and activation sparsity per site on the probe data (the
+first validation dataloader by default), and the method's metrics. A method is driven through
+the Method API (prepared at train start with the first optimizer and the estimated number of
+steps). Under ``strategy="ddp"`` every statistic is all-reduced before a decision, so every
+rank takes the same one; a method that draws random numbers (ReDo) needs the same seed on
+every rank (``lightning.seed_everything``). Physical removal (DemP, structured) is refused:
+Lightning holds the parameters in its strategy's wrappers. Needs ``pip install lightning``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from ..batching import Forward
+from ..methods import Method
+from .session import Session
+
+__all__ = ["DormantCallback"]
+
+
+class DormantCallback(pl.Callback):
+    """Monitor dead units and apply a dormant method inside ``lightning.Trainer``.
+
+    method: a `dormant.methods.Method`, a registered name, or None (monitor only); monitor:
+    watch every `every`-th training step and probe exactly at each epoch's end; probe: data
+    for the probe and the method's decisions (default: the first validation dataloader, else
+    the training one); forward: ``forward(module, batch)`` (default ``module(batch[0])`` for a
+    tuple, ``module(**batch)`` for a dict).
+    """
+
+    def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
+                 every: int = 10, probe: Any = None, forward: Forward | None = None,
+                 criterion: str = "never_active"):
+        self.session = Session(method, monitor=monitor, every=every, criterion=criterion,
+                               forward=forward)
+        m = self.session.method
+        if m is not None and m.changes_model:
+            raise ValueError(f"{m.name} removes units physically; Lightning keeps the old "
+                             "parameters in its strategy's wrappers, so run it in your own "
+                             "loop (docs/own-loop.md)")
+        self.probe = probe
+        self.history: list[dict] = []
+
+    def _probe(self, trainer) -> Any:
+        if self.probe is not None:
+            return self.probe
+        val = trainer.val_dataloaders
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        return val if val is not None else trainer.train_dataloader
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self.session.start(pl_module, trainer.optimizers[0], probe=self._probe(trainer),
+                           total_steps=int(trainer.estimated_stepping_batches), epochs=epochs,
+                           seed=0)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.session.after_backward()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.session.after_step()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = {f"dormant/{k}": float(v) for k, v in self.session.end_epoch().items()}
+        self.history.append({"epoch": trainer.current_epoch, **metrics})
+        pl_module.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.session.close()
