@@ -123,3 +123,23 @@ def test_bias_of_a_recycled_unit_and_its_adam_moments(bias):
         assert (state["exp_avg"][units] == 0).all() and (state["exp_avg_sq"][units] == 0).all()
     assert (opt.state[model[0].weight]["exp_avg"][units] == 0).all()     # both rules
     assert (model[2].weight[:, units] == 0).all()
+
+
+def test_recycled_weights_do_not_depend_on_the_callers_random_state():
+    """Ranks of a distributed run (or a resumed run) each have their own random state: the
+    re-drawn weights come from the method's own seeded draw, so they agree, and the caller's
+    stream is left where it was."""
+    from dormant.methods import build
+    outs = []
+    for rank_seed in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        with torch.no_grad():
+            model[0].bias[[0, 3]] = -100.0
+        method = build("redo", tau=0.0).prepare(model, None, probe=torch.randn(32, 4))
+        torch.manual_seed(rank_seed)
+        before = torch.get_rng_state()
+        method.end_epoch()
+        assert torch.equal(torch.get_rng_state(), before)
+        outs.append(model[0].weight.detach().clone())
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0][0], torch.zeros(4))

@@ -16,6 +16,8 @@ Deviations from the paper (which used RL networks without normalisation):
   ``bias="zero"`` restores the official rule;
 * the score is computed on a probe split (default: validation, carved from training data)
   in eval mode, not on a replay batch;
+* the re-drawn weights come from a generator seeded by (seed, step, epoch), so every rank of
+  a distributed run recycles a unit to the same weights;
 * a norm layer between producer and activation gets its per-unit scale, offset and running
   statistics reset to their initial values (1, 0, 0, 1) too;
 * units that feed a residual stream keep their path through the skip connection; only
@@ -23,6 +25,7 @@ Deviations from the paper (which used RL networks without normalisation):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -116,12 +119,24 @@ class ReDo(Method):
         dormant = self.observe().dead_units("dormant", tau=self.opts.tau)
         recycled = 0
         if act:
-            for site in self.sites:
-                recycled += recycle(self.model, site, dormant[site.name], self.optimizer,
-                                    bias=self.opts.bias)
+            with self._draws():
+                for site in self.sites:
+                    recycled += recycle(self.model, site, dormant[site.name], self.optimizer,
+                                        bias=self.opts.bias)
         self.recycled_total += recycled
         self.metrics = {"redo/dormant_units": sum(int(d.sum()) for d in dormant.values()),
                         "redo/recycled": recycled, "redo/recycled_total": self.recycled_total}
+
+    @contextlib.contextmanager
+    def _draws(self):
+        """The re-initialisation draws from a generator seeded by (seed, step, epoch): every
+        rank of a distributed run draws the same weights whatever its own random state, a
+        resumed run draws what the straight one drew, and the caller's stream is untouched."""
+        p = next(_unwrap(self.model).parameters())
+        devices = [p.device.index or 0] if p.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(1_000_003 * self.seed + 7_919 * self.step + self.epoch)
+            yield
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "recycled_total": self.recycled_total}

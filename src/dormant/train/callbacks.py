@@ -197,8 +197,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class CheckpointCallback(Callback):
-    """Saves model, optimizer, scheduler, counters, the stop flag and callback states after
-    every epoch (atomically, with a checksum), so an interrupted run resumes where it
+    """Saves model, optimizer, scheduler, counters, the stop flag, callback states and the CPU
+    and CUDA random states after every epoch (atomically, with a checksum), so an interrupted run resumes where it
     stopped; a damaged or foreign checkpoint is refused with what to do."""
 
     def __init__(self, path: str | os.PathLike):
@@ -213,6 +213,7 @@ class CheckpointCallback(Callback):
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
             "callbacks": [cb.state_dict() for cb in trainer.callbacks],
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         }
         save_checkpoint(state, self.path)
 
@@ -235,6 +236,8 @@ class CheckpointCallback(Callback):
         for cb, s in zip(trainer.callbacks, state["callbacks"]):
             cb.load_state_dict(s)
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])    # DemP's noise, dropout on a GPU
         trainer.epoch, trainer.step = int(state["epoch"]), int(state["step"])
         trainer.stop = bool(state.get("stop", False))   # a diverged run stays stopped
         return True
