@@ -287,3 +287,18 @@ def test_report_reads_a_comparison_from_another_directory(tmp_path, monkeypatch,
     monkeypatch.chdir(elsewhere)
     assert main(["report", str(tmp_path / "out"), "--metrics", "test_acc"]) == 0
     assert (tmp_path / "out" / "curves.png").exists()
+
+
+@pytest.mark.parametrize("criterion, params, words", [
+    ("never_active", {}, "output <= 0 on every one of 64 probe samples, eval mode"),
+    ("always_zero", {}, "output exactly 0 on every one of 64 probe samples, eval mode"),
+    ("dormant", {"tau": 0.1},
+     "E|a| / layer mean of E|a| <= 0.1 over 64 probe samples, eval mode"),
+])
+def test_the_diagnosis_header_states_the_criterion_used(criterion, params, words):
+    from dormant import diagnose
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    report = diagnose(model, torch.randn(64, 4), criterion=criterion, **params)
+    assert str(report).splitlines()[0] == f"dead = {criterion}: {words}" + (
+        " (exactly 0 for activations that can be negative)" if criterion == "never_active"
+        else " (ReDo's score)" if criterion == "dormant" else "")
