@@ -56,3 +56,44 @@ def test_all_reduce_gives_every_rank_the_global_decision(tmp_path):
     assert expected["1"].tolist() == [False, False, False, True, False, False]
     # rank 1 alone would call unit 1 dead: the reduction is what makes the ranks agree
     assert ranks[1]["local"]["1"][1] and not ranks[0]["local"]["1"][1]
+
+
+METHOD_ARGS = {"none": "", "synaptic-stripping": "factor=0.2", "redo": "tau=0.1",
+               "imp": "rounds=2,epochs_per_round=1", "ap": "rounds=2,epochs_per_round=1",
+               "nnrelief": "rounds=2,epochs_per_round=1,probe_samples=200",
+               "demp": "reg_peak=0.5,target=all,prune_every=5",
+               "structured": "sparsity=0.5,prune_every=4"}
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_dormant_run_under_torchrun_writes_one_run_and_matches_one_process(method, tmp_path):
+    """torchrun --nproc_per_node 2 -m dormant run: each rank trains its half of every global
+    batch (gloo), every method decides on all-reduced statistics, rank 0 alone writes; the
+    run directory has each epoch once and ends where a single process ends (float
+    tolerance), physical removal (DemP, structured) included."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dormant.cli import main
+    args = ["run", "--dataset", "synthetic", "--model-args", "width=32", "--epochs", "3",
+            "--lr", "0.1", "--method", method, "--no-progress"]
+    args += ["--method-args", METHOD_ARGS[method]] if METHOD_ARGS[method] else []
+    assert main(args + ["--root", str(tmp_path / "one")]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "dormant", *args,
+                           "--root", str(tmp_path / "two")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1          # rank 0 alone reports
+    (one,), (two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
+    assert one.name == two.name
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    a = json.loads((one / "result.json").read_text())["final"]
+    b = json.loads((two / "result.json").read_text())["final"]
+    for key, value in a.items():
+        if isinstance(value, (int, float)) and key != "train_time":
+            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

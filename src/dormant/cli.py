@@ -144,12 +144,37 @@ def cmd_help(args) -> int:
     return 0
 
 
+def _distributed() -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA);
+    returns this process's rank (0 outside torchrun)."""
+    import os
+
+    import torch
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank()
+
+
+def torch_distributed_on() -> bool:
+    import torch
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def cmd_run(args) -> int:
     from .experiments import run_experiment
     cfg = _base_config(args).validate()
-    res = run_experiment(cfg, args.root, show_progress=not args.no_progress,
-                         epoch_log=lambda line: print(line, flush=True),
+    rank = _distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    res = run_experiment(cfg, args.root, show_progress=not args.no_progress, log=say,
+                         epoch_log=lambda line: say(line, flush=True),
                          tensorboard=args.tensorboard)
+    if rank != 0:
+        return 0
     f = res["final"]
     print(json.dumps({k: f[k] for k in ("epoch", "test_acc", "val_acc", "dead_fraction",
                                         "dead_units", "dynamic_dnr") if k in f}, indent=2))
@@ -171,8 +196,12 @@ def cmd_compare(args) -> int:
     spec.base = spec.base.override(**_overrides(args))
     if args.seeds:
         spec.seeds = [int(s) for s in args.seeds.split(",")]
-    run_compare(spec, args.root, args.out, show_progress=not args.no_progress, jobs=args.jobs,
-                tensorboard=args.tensorboard)
+    rank = _distributed()
+    if args.jobs > 1 and torch_distributed_on():
+        raise ConfigError("under torchrun every rank trains each run together: use --jobs 1")
+    run_compare(spec, args.root, args.out if rank == 0 else None,
+                show_progress=not args.no_progress and rank == 0, jobs=args.jobs,
+                tensorboard=args.tensorboard, log=print if rank == 0 else (lambda *a: None))
     return 0
 
 

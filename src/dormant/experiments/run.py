@@ -10,6 +10,7 @@ interrupted ones resume from their last epoch checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -27,6 +28,7 @@ from ..models import build_model, initialize
 from ..schedules import make_scheduler
 from ..surgery import architecture, resize
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
+from ..train.loop import rank_and_world
 from ..jsonl import read_jsonl, write_jsonl
 from ..train.callbacks import load_checkpoint
 from .config import ExperimentConfig
@@ -79,15 +81,29 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     if (rd / "result.json").exists():
         return _finished(rd, log)
     method = methods.build(cfg.method, **cfg.method_args)  # refuse bad options early
-    rd.mkdir(parents=True, exist_ok=True)
-    with run_lock(rd, log=log):
+    rank, world = rank_and_world()
+    if rank == 0:
+        rd.mkdir(parents=True, exist_ok=True)
+    # under torchrun, rank 0 holds the lock and writes; every rank trains its share
+    lock = run_lock(rd, log=log) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        _barrier(world)
         if (rd / "result.json").exists():      # finished while we waited for the lock
             return _finished(rd, log)
         extra = []
-        if tensorboard is not None:
+        if tensorboard is not None and rank == 0:
             from ..integrations.tensorboard import TensorBoardCallback
             extra.append(TensorBoardCallback(Path(tensorboard) / rd.name))
-        return _train(cfg, rd, method, show_progress, log, epoch_log, extra)
+        if rank != 0:
+            show_progress, epoch_log = False, None
+        result = _train(cfg, rd, method, show_progress, log, epoch_log, extra)
+        _barrier(world)        # rank 0 lets go of the lock once every rank is done
+        return result
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _finished(rd: Path, log) -> dict:
@@ -132,29 +148,35 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
                       show_progress=show_progress, epoch_log=epoch_log)
-    if ckpt.restore(trainer):
+    writer = trainer.rank == 0
+    resumed = ckpt.restore(trainer)
+    if resumed and writer:
         _check_config_file(rd, cfg, log)
         log(f"[resume] {rd} from epoch {trainer.epoch}")
         write_jsonl(rd / "metrics.jsonl",
                     read_jsonl(rd / "metrics.jsonl", upto_epoch=trainer.epoch))
-    else:
+    elif writer:
         write_json(rd / "config.json", cfg.to_dict())
         write_jsonl(rd / "metrics.jsonl", [])
     t0 = time.perf_counter()
     trainer.fit()
+    _barrier(trainer.world)                      # rank 0 has written the last epoch
     history = read_jsonl(rd / "metrics.jsonl")
-    tmp = rd / "model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, rd / "model.pt")
     arch = architecture(model)
-    if arch != arch_built:                       # compacted during training (DemP)
-        write_json(rd / "architecture.json", arch)
+    if writer:
+        tmp = rd / "model.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, rd / "model.pt")
+        if arch != arch_built:                   # compacted during training (DemP)
+            write_json(rd / "architecture.json", arch)
     result = {"config": cfg.to_dict(), "final": history[-1], "run_dir": str(rd),
               "train_time": sum(r["train_time"] for r in history),
               "wall_time": time.perf_counter() - t0,
               "params": sum(p.numel() for p in model.parameters()),
-              "version": _code_version(), "torch": torch.__version__}
-    write_json(rd / "result.json", result)
+              "version": _code_version(), "torch": torch.__version__,
+              **({"world_size": trainer.world} if trainer.world > 1 else {})}
+    if writer:
+        write_json(rd / "result.json", result)
     return result
 
 

@@ -153,6 +153,8 @@ class JsonlLogger(Callback):
         self.path = Path(path)
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        if trainer.rank != 0:     # one writer: rank 0
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
@@ -205,6 +207,8 @@ class CheckpointCallback(Callback):
         self.path = Path(path)
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        if trainer.rank != 0:     # one writer: rank 0
+            return
         state = {
             "epoch": trainer.epoch, "step": trainer.step, "stop": trainer.stop,
             "arch": architecture(trainer.model),

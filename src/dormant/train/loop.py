@@ -32,6 +32,13 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9,
     return OPTIMIZERS.get(name)(params, lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job, (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def synchronize(t: torch.Tensor) -> None:
     """Wait for the work queued on `t`'s device (a no-op on the CPU), so that a host timer
     measures the work itself."""
@@ -93,14 +100,28 @@ class Trainer:
         self.step = 0           # optimizer steps taken
         self.metrics: dict = {}
         self.stop = False       # a callback may set this to end training after the epoch
+        # under torch.distributed every rank takes its share of each global batch through a
+        # DistributedDataParallel wrapper (gradients averaged); callbacks see the plain model
+        self.rank, self.world = rank_and_world()
+        self._ddp: nn.Module | None = None
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
     def model_changed(self) -> None:
-        """A callback removed units physically: let every callback refresh its view."""
+        """A callback removed units physically: let every callback refresh its view (and wrap
+        the new parameters for DDP again)."""
+        self._ddp = None
         self._call("on_model_changed")
+
+    def _net(self) -> nn.Module:
+        """What the training step calls: the model, or its DDP wrapper on several ranks."""
+        if self.world == 1:
+            return self.model
+        if self._ddp is None:
+            self._ddp = nn.parallel.DistributedDataParallel(self.model)
+        return self._ddp
 
     def fit(self) -> list[dict]:
         """Train from `self.epoch` (0, or where a checkpoint left off) to `epochs`."""
@@ -126,6 +147,10 @@ class Trainer:
                        enabled=self.show_progress)
         for i, (x, y) in enumerate(batches(self.data.train, self.batch_size, shuffle=True,
                                            generator=gen)):
+            if self.world > 1:      # this rank's share of the global batch
+                if len(y) < self.world:
+                    continue        # a last batch smaller than the world: no rank trains on it
+                x, y = x[self.rank::self.world], y[self.rank::self.world]
             loss = self.train_step(x, y)
             total += loss.detach() * len(y)
             if bar is not None and (i % 25 == 0 or i == n_batches - 1):
@@ -136,6 +161,8 @@ class Trainer:
             bar.close()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.world > 1:
+            torch.distributed.all_reduce(total)      # the global sum of the training loss
         synchronize(total)   # a GPU runs ahead of the host: time the work, not its queueing
         train_time = time.perf_counter() - t0
         measured = self.measure(self.model)
@@ -163,7 +190,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._call("on_step_start")
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.cross_entropy(self._net()(x), y)
         extra = [cb.extra_loss(self) for cb in self.callbacks]
         for e in extra:
             if e is not None:
