@@ -58,6 +58,29 @@ def test_all_reduce_gives_every_rank_the_global_decision(tmp_path):
     assert ranks[1]["local"]["1"][1] and not ranks[0]["local"]["1"][1]
 
 
+def _empty_shard_worker(rank, world, init_file, out_dir):
+    from dormant import diagnose
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        model, x = _model_and_data()
+        sites = find_sites(model, x[:2])
+        shard = x if rank == 0 else x[:0]          # rank 1's probe shard is empty
+        report = diagnose(model, [shard] if len(shard) else [], sites=sites)
+        torch.save({"dead": report.dead, "samples": report.samples},
+                   os.path.join(out_dir, f"empty{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_probe_shard_takes_the_same_decision(tmp_path):
+    mp.spawn(_empty_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"empty{r}.pt", weights_only=True) for r in range(2))
+    assert a["samples"] == b["samples"] == 64
+    assert all(torch.equal(a["dead"][n], b["dead"][n]) for n in a["dead"])
+    assert a["dead"]["1"].tolist() == [False, False, False, True, False, False]
+
+
 METHOD_ARGS = {"none": "", "synaptic-stripping": "factor=0.2", "redo": "tau=0.1",
                "imp": "rounds=2,epochs_per_round=1", "ap": "rounds=2,epochs_per_round=1",
                "nnrelief": "rounds=2,epochs_per_round=1,probe_samples=200",
@@ -93,7 +116,9 @@ def test_dormant_run_under_torchrun_writes_one_run_and_matches_one_process(metho
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     a = json.loads((one / "result.json").read_text())["final"]
-    b = json.loads((two / "result.json").read_text())["final"]
+    result = json.loads((two / "result.json").read_text())
+    assert result["world_size"] == 2 and result["ranks_identical"]   # checked by all-gather
+    b = result["final"]
     for key, value in a.items():
         if isinstance(value, (int, float)) and key != "train_time":
             assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

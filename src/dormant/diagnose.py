@@ -32,7 +32,12 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     batches = iter_batches(data, batch_size, limit=max_samples)
     first = next(batches, None)
     if first is None:
-        raise ValueError("probe data is empty")
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or sites is None:
+            raise ValueError("probe data is empty" + (" on this rank: pass sites= so that it "
+                                                      "can still take part" if distributed else ""))
+        return ActivityMonitor(model, sites, eps=eps, every=1, mode="any")   # counts zero:
+        # the all-reduce of the other ranks' counts gives this rank the global decision
     first = to_device(first, device)
     if sites is None:
         sites = find_sites(model, take(model_input(first), 2))

@@ -101,6 +101,19 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
         return result
 
 
+def _check_ranks_agree(model) -> None:
+    """Every rank must end with the very same weights (the same decisions on all-reduced
+    statistics); a difference is a bug, reported rather than written."""
+    import hashlib
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
+                                     for p in model.state_dict().values())).hexdigest()
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different weights ({digests}): a decision "
+                           "was not identical on every rank")
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -161,6 +174,8 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     t0 = time.perf_counter()
     trainer.fit()
     _barrier(trainer.world)                      # rank 0 has written the last epoch
+    if trainer.world > 1:
+        _check_ranks_agree(model)
     history = read_jsonl(rd / "metrics.jsonl")
     arch = architecture(model)
     if writer:
@@ -174,7 +189,8 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
               "wall_time": time.perf_counter() - t0,
               "params": sum(p.numel() for p in model.parameters()),
               "version": _code_version(), "torch": torch.__version__,
-              **({"world_size": trainer.world} if trainer.world > 1 else {})}
+              **({"world_size": trainer.world, "ranks_identical": True}
+                 if trainer.world > 1 else {})}
     if writer:
         write_json(rd / "result.json", result)
     return result
