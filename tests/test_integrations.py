@@ -74,7 +74,7 @@ def test_hf_trainer_callback_logs_dead_fractions_and_applies_redo(tmp_path):
 
 def test_hf_callback_refuses_physical_removal_up_front():
     from dormant.integrations.hf import DormantTrainerCallback
-    with pytest.raises(ValueError, match="demp removes units physically"):
+    with pytest.raises(ValueError, match="demp removes units physically; the Hugging Face Trainer"):
         DormantTrainerCallback(method="demp")
 
 

@@ -38,12 +38,7 @@ class DormantTrainerCallback(TrainerCallback):
                  every: int = 10, probe: Any = None, forward: Forward | None = None,
                  criterion: str = "never_active"):
         self.session = Session(method, monitor=monitor, every=every, criterion=criterion,
-                               forward=forward)
-        m = self.session.method
-        if m is not None and m.changes_model:
-            raise ValueError(f"{m.name} removes units physically; the Hugging Face Trainer keeps "
-                             "references to the old parameters (optimizer, accelerator), so "
-                             "run it in your own loop (docs/own-loop.md)")
+                               forward=forward, host="the Hugging Face Trainer")
         self.probe = probe
         self.history: list[dict] = []      # one row of dormant metrics per epoch
         self._pending: dict = {}

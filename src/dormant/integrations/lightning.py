@@ -38,12 +38,7 @@ class DormantCallback(pl.Callback):
                  every: int = 10, probe: Any = None, forward: Forward | None = None,
                  criterion: str = "never_active"):
         self.session = Session(method, monitor=monitor, every=every, criterion=criterion,
-                               forward=forward)
-        m = self.session.method
-        if m is not None and m.changes_model:
-            raise ValueError(f"{m.name} removes units physically; Lightning keeps the old "
-                             "parameters in its strategy's wrappers, so run it in your own "
-                             "loop (docs/own-loop.md)")
+                               forward=forward, host="Lightning")
         self.probe = probe
         self.history: list[dict] = []
 

@@ -22,13 +22,18 @@ class Session:
 
     method: a `Method`, a registered name, or None; monitor: watch training batches every
     `every`-th step (dynamic DNR) and probe the probe data exactly at each epoch's end (dead
-    fraction per site, activation sparsity); criterion/eps: the definition of dead.
+    fraction per site, activation sparsity); criterion/eps: the definition of dead; host:
+    the framework that owns the parameters (a method that removes units is then refused).
     """
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
                  every: int = 10, criterion: str = "never_active", eps: float = 0.0,
-                 forward: Forward | None = None):
+                 forward: Forward | None = None, host: str | None = None):
         self.method = build(method) if isinstance(method, str) else method
+        if host is not None and self.method is not None and self.method.changes_model:
+            raise ValueError(f"{self.method.name} removes units physically; {host} keeps the "
+                             "old parameters in its own wrappers (optimizer, strategy), so run "
+                             "it in your own loop (docs/own-loop.md) or with dormant run")
         self.watch, self.every = monitor, every
         self.criterion, self.eps = criterion, eps
         self.forward = forward or default_forward
