@@ -1,0 +1,94 @@
+"""Plasticity metrics on a feature matrix ``A`` of shape ``(N, units)`` (one row per probe
+sample, e.g. a site's activations) and on a model's parameters.
+
+Three "ranks" share names in the loss-of-plasticity literature; each has its own function:
+
+* `effective_rank` (Roy & Vetterli 2007): ``exp(-sum_k p_k log p_k)``, ``p_k = s_k / sum s``;
+* `stable_rank`, the true stable rank ``||A||_F^2 / ||A||_2^2 = sum s^2 / max s^2``;
+* `approximate_rank`: the smallest ``k`` whose ``k`` largest singular values hold a share
+  `prop` of their sum. With ``squared=False`` it is what Dohare et al. (Nature 2024) call the
+  "stable rank" (``post_run_analysis.py``, 99% of ``sum s``); with ``squared=True`` it is their
+  code's "approximate rank" (``lop/utils/miscellaneous.py``, 99% of ``sum s^2``).
+
+Singular values come from one SVD of ``A`` in float64 (``N x units`` is small for a probe batch).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["singular_values", "effective_rank", "stable_rank", "approximate_rank",
+           "weight_magnitude", "feature_norm", "distance_from", "fraction_active"]
+
+
+def singular_values(features: torch.Tensor) -> torch.Tensor:
+    """Singular values of a ``(N, units)`` matrix (more dims are flattened into rows), float64,
+    descending."""
+    a = features.detach().double()
+    if a.ndim != 2:
+        a = a.reshape(-1, a.shape[-1])
+    return torch.linalg.svdvals(a)
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank: exp of the entropy of the normalised singular values
+    (zero singular values contribute nothing; 0 for a zero matrix)."""
+    s = singular_values(features)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(features: torch.Tensor) -> float:
+    """The true stable rank ``||A||_F^2 / ||A||_2^2`` (0 for a zero matrix)."""
+    s = singular_values(features)
+    return float((s ** 2).sum() / s[0] ** 2) if s.numel() and s[0] > 0 else 0.0
+
+
+def approximate_rank(features: torch.Tensor, prop: float = 0.99, squared: bool = False) -> int:
+    """The smallest k whose k largest singular values (their squares with `squared`) hold at
+    least `prop` of the total. ``squared=False``: Dohare et al.'s "stable rank";
+    ``squared=True``: their code's "approximate rank"."""
+    if not 0 < prop <= 1:
+        raise ValueError(f"prop must be in (0, 1], got {prop}")
+    s = singular_values(features)
+    v = s ** 2 if squared else s
+    total = v.sum()
+    if total <= 0:
+        return 0
+    share = v.cumsum(0) / total
+    # a tolerance for the float sum: prop=1 must be reachable at the last singular value
+    return int((share < prop - 1e-12).sum()) + 1
+
+
+def fraction_active(features: torch.Tensor, eps: float = 0.0) -> float:
+    """Fraction of units (columns) with an output > eps on at least one row."""
+    a = features.detach().reshape(-1, features.shape[-1])
+    return float((a > eps).any(0).double().mean())
+
+
+def feature_norm(features: torch.Tensor) -> float:
+    """Mean L2 norm of the rows (one per sample)."""
+    a = features.detach().double().reshape(-1, features.shape[-1])
+    return float(a.norm(dim=1).mean())
+
+
+def weight_magnitude(model: nn.Module) -> float:
+    """Mean |w| over every parameter."""
+    ps = [p.detach() for p in model.parameters()]
+    n = sum(p.numel() for p in ps)
+    return float(sum(p.double().abs().sum() for p in ps) / max(n, 1))
+
+
+def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> float:
+    """``||theta - theta_0||_2`` over the parameters named in `initial` (a state dict saved at
+    initialisation)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if name in initial:
+            total += (p.detach().double().cpu() - initial[name].double().cpu()).pow(2).sum()
+    return float(total.sqrt())
