@@ -64,3 +64,18 @@ def test_unit_and_parameter_metrics():
     with torch.no_grad():
         model.weight.add_(torch.tensor([[3.0, 4.0]]))
     assert distance_from(model, init) == pytest.approx(5.0)
+
+
+def test_plasticity_per_site_matches_the_features_by_hand():
+    from dormant.metrics import plasticity
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[:3] = -100.0                       # three dead units
+    x = torch.randn(300, 5)
+    m = plasticity(model, x, max_samples=200)
+    h = torch.relu(model[0](x[:200])).detach()
+    assert m["erank/1"] == pytest.approx(effective_rank(h))
+    assert m["approx_rank/1"] == approximate_rank(h) <= 5
+    assert m["fau/1"] == pytest.approx(5 / 8) and m["dormant_0.1/1"] >= 3 / 8
+    assert m["weight_magnitude"] == pytest.approx(weight_magnitude(model))

@@ -18,13 +18,15 @@ __all__ = ["diagnose", "Diagnosis", "probe"]
 def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: float = 0.0,
           batch_size: int = 512, max_batches: int | None = None, max_samples: int | None = None,
           device: torch.device | str | None = None,
-          forward: Forward | None = None) -> ActivityMonitor:
+          forward: Forward | None = None, monitor_type: type = ActivityMonitor
+          ) -> ActivityMonitor:
     """Run probe `data` through `model` in eval mode under no_grad with an exact monitor; the
     model's train/eval flags are restored afterwards. Returns the (detached) monitor.
 
     `data`: a tensor, an ``(inputs, targets)`` tuple, a mapping of tensors, or an iterable of
     batches (`dormant.batching`); `forward(model, batch)` makes the call (default: ``model(x)``,
-    ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple).
+    ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple). `monitor_type`: an
+    `ActivityMonitor` subclass that records more (`dormant.metrics` keeps the features).
     """
     model = _unwrap(model)
     forward = forward or default_forward
@@ -36,13 +38,13 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
         if not distributed or sites is None:
             raise ValueError("probe data is empty" + (" on this rank: pass sites= so that it "
                                                       "can still take part" if distributed else ""))
-        return ActivityMonitor(model, sites, eps=eps, every=1, mode="any")   # counts zero:
+        return monitor_type(model, sites, eps=eps, every=1, mode="any")   # counts zero:
         # the all-reduce of the other ranks' counts gives this rank the global decision
     first = to_device(first, device)
     if sites is None:
         sites = find_sites(model, take(model_input(first), 2))
     flags = {m: m.training for m in model.modules()}
-    mon = ActivityMonitor(model, sites, eps=eps, every=1, mode="any")
+    mon = monitor_type(model, sites, eps=eps, every=1, mode="any")
     model.eval()
     try:
         with mon, torch.no_grad(), no_fastpath():   # the fused encoder path skips the hooks

@@ -14,13 +14,19 @@ Singular values come from one SVD of ``A`` in float64 (``N x units`` is small fo
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from .batching import Forward
+from .diagnose import probe
+from .monitor import ActivityMonitor
+from .sites import Site
+
 __all__ = ["singular_values", "effective_rank", "stable_rank", "approximate_rank",
-           "weight_magnitude", "feature_norm", "distance_from", "fraction_active"]
+           "weight_magnitude", "feature_norm", "distance_from", "fraction_active",
+           "site_features", "plasticity"]
 
 
 def singular_values(features: torch.Tensor) -> torch.Tensor:
@@ -92,3 +98,57 @@ def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> floa
         if name in initial:
             total += (p.detach().double().cpu() - initial[name].double().cpu()).pow(2).sum()
     return float(total.sqrt())
+
+
+class _FeatureMonitor(ActivityMonitor):
+    """An exact monitor that also keeps each site's per-sample features: the activation
+    output averaged over positions/tokens, ``(N, units)``."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.features: dict[str, list[torch.Tensor]] = {n: [] for n in self.sites}
+
+    @torch.no_grad()
+    def _observe(self, site: Site, y: torch.Tensor) -> None:
+        super()._observe(site, y)
+        y = y.detach()
+        if y.ndim == 1:
+            y = y.unsqueeze(0)
+        d = site.unit_dim % y.ndim
+        inner = tuple(i for i in range(1, y.ndim) if i != d)
+        self.features[site.name].append((y.mean(inner) if inner else y).float().cpu())
+
+
+def site_features(model: nn.Module, data: Any, *, sites: Sequence[Site] | None = None,
+                  max_samples: int | None = 1024, forward: Forward | None = None
+                  ) -> tuple[dict[str, torch.Tensor], ActivityMonitor]:
+    """Per site, the ``(N, units)`` features of the probe `data` (eval mode, no grad; at most
+    `max_samples` samples), and the exact monitor of the same pass."""
+    mon = probe(model, data, sites=sites, max_samples=max_samples, forward=forward,
+                monitor_type=_FeatureMonitor)
+    return {n: torch.cat(f) for n, f in mon.features.items() if f}, mon
+
+
+def plasticity(model: nn.Module, data: Any, *, sites: Sequence[Site] | None = None,
+               max_samples: int | None = 1024, forward: Forward | None = None,
+               taus: Sequence[float] = (0.025, 0.1)) -> dict[str, float]:
+    """The plasticity metrics of every site on a probe batch, as flat keys: ``erank/<site>``,
+    ``stable_rank/<site>`` (true), ``approx_rank/<site>`` (99% of sum s: Dohare et al.'s
+    "stable rank"), ``approx_rank_sq/<site>`` (99% of sum s^2), ``fau/<site>``,
+    ``feature_norm/<site>``, ``dormant_<tau>/<site>`` (ReDo's score <= tau), and the model's
+    ``weight_magnitude``."""
+    feats, mon = site_features(model, data, sites=sites, max_samples=max_samples,
+                               forward=forward)
+    out: dict[str, float] = {}
+    dormant = {tau: mon.dead_fraction("dormant", per_site=True, tau=tau) for tau in taus}
+    for name, a in feats.items():
+        out[f"erank/{name}"] = effective_rank(a)
+        out[f"stable_rank/{name}"] = stable_rank(a)
+        out[f"approx_rank/{name}"] = approximate_rank(a)
+        out[f"approx_rank_sq/{name}"] = approximate_rank(a, squared=True)
+        out[f"fau/{name}"] = 1.0 - mon.dead_fraction(per_site=True)[name]
+        out[f"feature_norm/{name}"] = feature_norm(a)
+        for tau in taus:
+            out[f"dormant_{tau:g}/{name}"] = dormant[tau][name]
+    out["weight_magnitude"] = weight_magnitude(model)
+    return out

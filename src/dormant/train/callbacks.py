@@ -12,6 +12,7 @@ import torch
 
 from ..diagnose import diagnose
 from ..methods.base import Method
+from ..metrics import plasticity
 from ..monitor import ActivityMonitor
 from ..sites import Site, _unwrap, find_sites
 from ..surgery import architecture, resize
@@ -45,6 +46,10 @@ class MonitorCallback(Callback):
       sparsity/<site>, sparsity -- exact-zero rate on the probe split (per site, mean)
       test_sparsity            -- the same on the test split, after the last epoch only
                                   (a measurement; nothing is decided on test data)
+      erank/<site>, stable_rank/<site>, approx_rank[_sq]/<site>, fau/<site>,
+      feature_norm/<site>, dormant_<tau>/<site>, weight_magnitude
+                               -- plasticity metrics on the first 1024 probe samples
+                                  (dormant.metrics, docs/metrics.md)
     """
 
     def __init__(self, sites: Sequence[Site] | None = None, *, every: int = 10, eps: float = 0.0,
@@ -91,6 +96,9 @@ class MonitorCallback(Callback):
             metrics[f"dead/{r.site}"] = r.dead / r.units
             metrics[f"sparsity/{r.site}"] = r.sparsity
         metrics["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
+        # the plasticity metrics (dormant.metrics) on the first 1024 probe samples
+        metrics.update(plasticity(trainer.model, trainer.data.split(self.probe_split),
+                                  sites=self.sites, max_samples=1024))
         if epoch == trainer.epochs or trainer.stop:
             test = diagnose(trainer.model, trainer.data.test, sites=self.sites, eps=self.eps)
             metrics["test_sparsity"] = sum(r.sparsity for r in test.rows) / len(test.rows)
