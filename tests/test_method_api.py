@@ -24,7 +24,10 @@ METHOD_ARGS = {"synaptic-stripping": {"factor": 0.2}, "redo": {"tau": 0.1}, "imp
                "ap": {**ROUNDS, "neuron_fraction": 0.5},
                "nnrelief": {**ROUNDS, "probe_samples": 200},
                "demp": {"reg_peak": 0.5, "target": "all", "prune_every": 5, "noise_peak": 1e-3},
-               "structured": {"sparsity": 0.5, "prune_every": 4}}
+               "structured": {"sparsity": 0.5, "prune_every": 4},
+               "continual-backprop": {"replacement_rate": 0.05, "maturity_threshold": 3},
+               "shrink-perturb": {"shrink": 0.8, "perturb": 0.05},
+               "l2-init": {"lam": 0.01}}
 NAMES = [n for n in METHODS.names() if n != "none"]
 
 

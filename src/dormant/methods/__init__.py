@@ -17,21 +17,24 @@ from ..options import OptionError
 from ..registry import Registry
 from .base import EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
 from .ap import AP
+from .continual_backprop import ContinualBackprop
 from .demp import DemP
 from .iterative import IMP, IterativePruning
 from .nnrelief import NNrelief
+from .plasticity import L2Init, ShrinkPerturb
 from .redo import ReDo
 from .structured import StructuredPruning
 from .synaptic_stripping import SynapticStripping
 
-__all__ = ["AP", "DemP", "EpochResult", "IMP", "IterativePruning", "METHODS", "Method",
-           "MethodOptions", "NNrelief", "OptionError", "ReDo", "StructuredPruning",
-           "SynapticStripping", "build", "describe_options", "method_options",
-           "prunable_weights", "weight_sparsity"]
+__all__ = ["AP", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning",
+           "L2Init", "METHODS", "Method", "MethodOptions", "NNrelief", "OptionError", "ReDo",
+           "ShrinkPerturb", "StructuredPruning", "SynapticStripping", "build",
+           "describe_options", "method_options", "prunable_weights", "weight_sparsity"]
 
 METHODS = Registry("method")
 METHODS.register("none", help="Plain training (the baseline).")(None)
-for _cls in (SynapticStripping, ReDo, IMP, AP, NNrelief, DemP, StructuredPruning):
+for _cls in (SynapticStripping, ReDo, IMP, AP, NNrelief, DemP, StructuredPruning,
+             ContinualBackprop, ShrinkPerturb, L2Init):
     METHODS.register(_cls.name)(_cls)
 
 

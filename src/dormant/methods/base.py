@@ -22,6 +22,7 @@ test data; where the caller must act, the value a call returns says so (`EpochRe
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -107,6 +108,7 @@ class Method:
     needs: tuple[str, ...] = ()          # prepare() arguments this method cannot do without
     rewrites_outgoing = False            # True: every reader of a site's units must be known
     changes_model = False                # True: removes units physically (parameters replaced)
+    uses_sites = True                    # False: acts on every parameter (no site discovery)
 
     def __init__(self, **options: Any):
         self.opts = self.Options.parse(self.name, options)
@@ -158,10 +160,13 @@ class Method:
         self.model, self.optimizer = model, optimizer
         self.forward, self._probe = forward or default_forward, probe
         self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
-        self.example = self._example(example)
-        if self.sites is None:
-            self.sites = self._discover()
-        self._check_sites()
+        if self.uses_sites:
+            self.example = self._example(example)
+            if self.sites is None:
+                self.sites = self._discover()
+            self._check_sites()
+        else:
+            self.example, self.sites = example, []
         if self._saved_masks is not None:
             self.ensure_masks().load_state_dict(self._saved_masks)
             self.masks.apply()
@@ -217,6 +222,18 @@ class Method:
                 raise ValueError(f"{self.name}: the probe data is empty")
             example = capture_inputs(_unwrap(self.model), to_device(first, device), self.forward)
         return to_device(example, device)
+
+    @contextlib.contextmanager
+    def seeded(self, salt: int = 0):
+        """Random draws for a decision from a generator seeded by (seed, step, epoch, salt):
+        every rank of a distributed run draws the same numbers, a resumed run the numbers
+        the straight one drew, and the caller's random state is left as it was."""
+        p = next(_unwrap(self.model).parameters())
+        with torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else []):
+            # offset so that it never replays the stream torch.manual_seed(seed) gave the model
+            torch.manual_seed(1_000_003 * self.seed + 7_919 * self.step + 31 * self.epoch
+                              + salt + 24_593)
+            yield
 
     def ensure_masks(self) -> Masks:
         """The method's masks, created and attached to the optimizer on first use."""

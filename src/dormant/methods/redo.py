@@ -25,7 +25,6 @@ Deviations from the paper (which used RL networks without normalisation):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -119,24 +118,13 @@ class ReDo(Method):
         dormant = self.observe().dead_units("dormant", tau=self.opts.tau)
         recycled = 0
         if act:
-            with self._draws():
+            with self.seeded():
                 for site in self.sites:
                     recycled += recycle(self.model, site, dormant[site.name], self.optimizer,
                                         bias=self.opts.bias)
         self.recycled_total += recycled
         self.metrics = {"redo/dormant_units": sum(int(d.sum()) for d in dormant.values()),
                         "redo/recycled": recycled, "redo/recycled_total": self.recycled_total}
-
-    @contextlib.contextmanager
-    def _draws(self):
-        """The re-initialisation draws from a generator seeded by (seed, step, epoch): every
-        rank of a distributed run draws the same weights whatever its own random state, a
-        resumed run draws what the straight one drew, and the caller's stream is untouched."""
-        p = next(_unwrap(self.model).parameters())
-        devices = [p.device.index or 0] if p.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(1_000_003 * self.seed + 7_919 * self.step + self.epoch)
-            yield
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "recycled_total": self.recycled_total}
