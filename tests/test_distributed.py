@@ -85,7 +85,9 @@ METHOD_ARGS = {"none": "", "synaptic-stripping": "factor=0.2", "redo": "tau=0.1"
                "imp": "rounds=2,epochs_per_round=1", "ap": "rounds=2,epochs_per_round=1",
                "nnrelief": "rounds=2,epochs_per_round=1,probe_samples=200",
                "demp": "reg_peak=0.5,target=all,prune_every=5",
-               "structured": "sparsity=0.5,prune_every=4"}
+               "structured": "sparsity=0.5,prune_every=4",
+               "continual-backprop": "replacement_rate=0.05,maturity_threshold=3",
+               "shrink-perturb": "shrink=0.8,perturb=0.05", "l2-init": "lam=0.01"}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
