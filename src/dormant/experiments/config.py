@@ -16,7 +16,7 @@ from ..schedules import SCHEDULES
 from ..train.loop import OPTIMIZERS
 
 _MAPPINGS = ("model_args", "method_args", "dataset_args", "schedule_args", "activation_args",
-             "init_args")
+             "init_args", "tasks")
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,9 @@ class ExperimentConfig:
     eps: float = 0.0               # an output counts as active when > eps
     criterion: str = "never_active"
     device: str = "cpu"
+    # continual learning: {kind: permuted | random-labels, epochs_per_task, samples, seed};
+    # empty: one task (dormant.data.tasks)
+    tasks: Mapping[str, Any] = field(default_factory=dict)
 
     # -- checks --------------------------------------------------------------------------
     def validate(self) -> "ExperimentConfig":
@@ -98,6 +101,16 @@ class ExperimentConfig:
         _check_names("activation", self.activation, ACTIVATIONS.get(self.activation),
                      self.activation_args, skip=0)
         try:
+            if self.tasks:
+                from ..data.tasks import TaskSchedule
+                try:
+                    schedule = TaskSchedule(**self.tasks)
+                except TypeError:
+                    raise ValueError(f"tasks: unknown key(s) in {dict(self.tasks)}; valid: kind, "
+                                     "epochs_per_task, samples, seed") from None
+                if self.epochs % schedule.epochs_per_task:
+                    raise ValueError(f"tasks: epochs ({self.epochs}) must be a multiple of "
+                                     f"epochs_per_task ({schedule.epochs_per_task})")
             SCHEDULES.get(self.schedule)(self.epochs, **self.schedule_args)
             make_activation(self.activation, **self.activation_args)
             if self.init == "eoc":

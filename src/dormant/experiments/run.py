@@ -30,7 +30,7 @@ from ..surgery import architecture, resize
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
 from ..train.loop import rank_and_world
 from ..jsonl import read_jsonl, write_jsonl
-from ..train.callbacks import load_checkpoint
+from ..train.callbacks import TaskCallback, load_checkpoint
 from .config import ExperimentConfig
 from .rundir import CorruptRunError, run_lock, write_json
 
@@ -155,7 +155,11 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     period = getattr(method, "schedule_period", lambda: None)()  # pruning rounds restart it
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, period, **cfg.schedule_args)
     ckpt = CheckpointCallback(rd / "checkpoint.pt")
-    callbacks = [MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
+    tasks = []
+    if cfg.tasks:
+        from ..data.tasks import TaskSchedule
+        tasks = [TaskCallback(TaskSchedule(**cfg.tasks), data)]
+    callbacks = [*tasks, MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
                  *([method] if method is not None else []), JsonlLogger(rd / "metrics.jsonl"),
                  *extra, ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,

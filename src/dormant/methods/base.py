@@ -251,6 +251,10 @@ class Method:
         return self.model
 
     # -- observe -------------------------------------------------------------------------
+    def set_probe(self, probe: Any) -> None:
+        """Observe other data from now on (continual learning: the current task's)."""
+        self._probe = probe
+
     def _require_probe(self) -> None:
         if self._probe is None:
             raise ValueError(f"{self.name} observes units: prepare(..., probe=...) needs the "

@@ -32,6 +32,8 @@ class Callback:
     def on_fit_end(self, trainer) -> None: ...
     def on_model_changed(self, trainer) -> None:
         """Units were removed physically (surgery): sites and sizes changed."""
+    def on_data_changed(self, trainer) -> None:
+        """`trainer.data` is another task (continual learning)."""
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -131,6 +133,9 @@ class MethodCallback(Callback):
     def on_after_backward(self, trainer) -> None:
         self.method.after_backward()
 
+    def on_data_changed(self, trainer) -> None:
+        self.method.set_probe(trainer.data.split(self.method.opts.probe))
+
     def on_step_end(self, trainer, loss) -> None:
         if self.method.after_step():
             trainer.model_changed()
@@ -152,6 +157,30 @@ class MethodCallback(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_state_dict(state)
+
+
+class TaskCallback(Callback):
+    """Continual learning: a new task every `schedule.epochs_per_task` epochs, made from the
+    base dataset (`dormant.data.tasks`); each epoch's metrics carry its ``task``."""
+
+    def __init__(self, schedule, base):
+        self.schedule, self.base = schedule, base
+        self.task = -1
+
+    def _switch(self, trainer, epoch: int) -> None:
+        task = self.schedule.task_of(epoch)
+        if task != self.task:
+            self.task = task
+            trainer.set_data(self.schedule.make(self.base, task))
+
+    def on_fit_start(self, trainer) -> None:
+        self._switch(trainer, trainer.epoch + 1)      # a resumed run starts in its task
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        self._switch(trainer, epoch)
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        metrics["task"] = self.task
 
 
 class JsonlLogger(Callback):

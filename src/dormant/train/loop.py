@@ -115,6 +115,11 @@ class Trainer:
         self._ddp = None
         self._call("on_model_changed")
 
+    def set_data(self, data: Dataset) -> None:
+        """Train on `data` from now on (a new task); every callback is told."""
+        self.data = data
+        self._call("on_data_changed")
+
     def _net(self) -> nn.Module:
         """What the training step calls: the model, or its DDP wrapper on several ranks."""
         if self.world == 1:
