@@ -202,6 +202,12 @@ def cmd_compare(args) -> int:
     run_compare(spec, args.root, args.out if rank == 0 else None,
                 show_progress=not args.no_progress and rank == 0, jobs=args.jobs,
                 tensorboard=args.tensorboard, log=print if rank == 0 else (lambda *a: None))
+    if args.out and rank == 0:
+        try:
+            from .report.html import write_report
+            print(f"report: {write_report(args.out, args.root)}")
+        except ImportError as err:        # matplotlib not installed: the table is enough
+            print(f"(no HTML report: {err})")
     return 0
 
 
@@ -227,10 +233,17 @@ def cmd_doctor(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import load_comparison, plot_curves
+    from .report.html import write_report
     cmp = load_comparison(args.out, args.root)
     keys = [k.strip() for k in args.metrics.split(",") if k.strip()]
+    have = sorted({k for _, hist in cmp.runs for row in hist for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    unknown = [k for k in keys if k not in have]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; the runs have: {', '.join(have)}")
     path = plot_curves(cmp, keys, args.plot or f"{args.out}/curves.png")
     print(f"saved {path}")
+    print(f"report: {write_report(args.out, args.root)}")
     return 0
 
 
@@ -292,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print the sites' wiring (producer -> norm -> act -> consumers)")
     q.set_defaults(func=cmd_doctor)
 
-    q = sub.add_parser("report", help="plot per-epoch curves (mean ± std) of a comparison")
+    q = sub.add_parser("report", help="report.html (table, figures, configs) and per-epoch "
+                                      "curves (mean ± std) of a comparison")
     q.add_argument("out", help="the --out folder of `dormant compare`")
     q.add_argument("--metrics", default="test_acc,dead_units",
                    help="comma-separated metric keys (default: test_acc,dead_units)")

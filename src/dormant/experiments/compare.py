@@ -206,7 +206,7 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
             {"spec": {"base": spec.base.to_dict(), "variants": {k: dict(v) for k, v in spec.variants.items()},
                       "seeds": list(spec.seeds), "title": spec.title,
                       "columns": list(spec.columns)},
-             "rows": rows,
+             "rows": rows, "titles": {c[0]: c[1] for c in cols},
              # relative to this folder, so the comparison reads from any working directory
              "runs": [{"variant": n, "run_dir": os.path.relpath(os.path.abspath(r["run_dir"]),
                                                                 os.path.abspath(out))}
