@@ -38,6 +38,8 @@ def test_help(script, monkeypatch, capsys):
     ("reproduce/synaptic_stripping.py", ["--long-inputs", "raw"], "invalid choice"),
     ("reproduce/activations.py", ["--clipped", "relu6"], "unknown clipped activation"),
     ("reproduce/activations.py", ["--q-star", "-1"], "--q-star must be > 0"),
+    ("reproduce/plasticity.py", ["--tasks", "0"], "--tasks and --samples must be >= 1"),
+    ("reproduce/plasticity.py", ["--optimizers", "sgd,lamb"], "unknown optimizer(s) ['lamb']"),
 ])
 def test_bad_options_refused(script, args, message, monkeypatch, capsys):
     assert run(ROOT / script, *args, monkeypatch=monkeypatch) == 2
