@@ -206,3 +206,21 @@ def test_demp_leaves_a_transformer_residual_stream_at_its_width():
     assert widths["blocks.0.mlp.act2"] == 16
     assert widths["blocks.0.mlp.act"] < 32
     model(x[:4])                                  # attention still runs
+
+
+@pytest.mark.parametrize("method", ["demp", "structured"])
+def test_round_to_keeps_widths_at_multiples(method):
+    """round_to=4: every site ends at a multiple of 4 units (or its full width), the extra
+    units kept back being those with the largest incoming rows."""
+    from dormant.methods import build
+    torch.manual_seed(0)
+    data = load_dataset("synthetic")
+    model = build_model("mlp", data.input_shape, data.num_classes, width=30, depth=2)
+    args = ({"reg_peak": 0.5, "target": "all", "prune_every": 10, "noise_peak": 0.0}
+            if method == "demp" else {"sparsity": 0.55, "prune_every": 10})
+    m = build(method, round_to=4, **args)
+    Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.2), epochs=3, batch_size=64,
+            callbacks=[m], show_progress=False).fit()
+    widths = [s.num_units for s in m.sites]
+    assert all(w % 4 == 0 or w == 30 for w in widths), widths
+    assert any(w < 30 for w in widths)

@@ -16,6 +16,7 @@ from ..flops import macs, positions
 from ..options import option
 from ..sites import _unwrap, find_sites
 from ..surgery import count_units, remove_units
+from ..units import fan_in_rows
 from .base import EpochResult, Method, MethodOptions
 
 __all__ = ["Structural", "StructuralOptions"]
@@ -25,6 +26,9 @@ __all__ = ["Structural", "StructuralOptions"]
 class StructuralOptions(MethodOptions):
     """Options of methods that remove units physically (their own step cadence)."""
     prune_every: int = option(500, "optimizer steps between removals", at_least=1)
+    round_to: int = option(1, "keep every site's width a multiple of this (hardware-friendly "
+                           "shapes; 1: off); the extra units kept are those with the largest "
+                           "incoming L1 norm", at_least=1)
 
 
 class Structural(Method):
@@ -49,9 +53,31 @@ class Structural(Method):
                             "macs": macs(model, self._pos, "dense"),
                             "width": {s.name: s.num_units for s in self.sites}}
 
+    def rounded(self, units: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``round_to`` > 1: each site keeps a multiple of round_to units (or all of
+        them); the flagged units kept back are those with the largest incoming L1 norm."""
+        r = self.opts.round_to
+        if r <= 1:
+            return units
+        out = dict(units)
+        for site in self.sites:
+            flags = units.get(site.name)
+            if flags is None or not flags.any():
+                continue
+            keep = site.num_units - int(flags.sum())
+            extra = min(site.num_units, -(-keep // r) * r) - keep
+            if extra > 0:
+                norms = fan_in_rows(self.model, site).detach().abs().sum(1).cpu()
+                idx = flags.nonzero().flatten()
+                flags = flags.clone()
+                flags[idx[torch.topk(norms[idx], extra).indices]] = False
+                out[site.name] = flags
+        return out
+
     def remove(self, units: dict[str, torch.Tensor]) -> int:
-        """Remove `units` physically and refresh the sites; the caller learns of it from the
-        value `after_step`/`end_epoch` return."""
+        """Remove `units` physically (rounded to ``round_to``) and refresh the sites; the
+        caller learns of it from the value `after_step`/`end_epoch` return."""
+        units = self.rounded(units)
         if not any(u.any() for u in units.values()):
             return 0
         removed = remove_units(self.model, self.sites, units, self.example, self.optimizer)
