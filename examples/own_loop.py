@@ -24,6 +24,9 @@ OPTIONS = {  # small budgets so that every method acts within 3 short epochs
     "nnrelief": {"rounds": 2, "epochs_per_round": 1, "probe_samples": 256},
     "demp": {"reg_peak": 0.05, "target": "all", "prune_every": 10},
     "structured": {"sparsity": 0.5, "prune_every": 10},
+    "continual-backprop": {"replacement_rate": 0.01, "maturity_threshold": 20},
+    "shrink-perturb": {"shrink": 0.8, "perturb": 0.05},
+    "l2-init": {"lam": 1e-3},
 }
 
 

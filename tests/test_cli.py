@@ -21,7 +21,7 @@ def test_list(capsys):
     (["compare"], "exactly one of"),
     (["doctor", "/nonexistent"], "not a run directory"),
     (["list", "gizmos"], "cannot list"),
-    (["help", "gizmo"], "unknown method 'gizmo'; valid methods: ap, demp"),
+    (["help", "gizmo"], "unknown method 'gizmo'; valid methods: ap, continual-backprop, demp"),
     (["run", "--method", "synaptic-stripping", "--method-args", "factor=abc"],
      "synaptic-stripping: factor: expected a float in (0, 1), got 'abc'"),
     (["run", "--method", "redo", "--method-args", "tua=0.1"], "redo has no option(s) ['tua']"),

@@ -128,11 +128,25 @@ class ContinualBackprop(Method):
         self.stats = _BatchStats(self.model, self.sites, every=1, mode="train").__enter__()
 
     # -- the step ------------------------------------------------------------------------
+    def _step_means(self) -> dict[str, torch.Tensor]:
+        """This step's mean_n |h| per site; under torch.distributed the mean over every rank's
+        share of the global batch (all-reduced), so every rank takes the same decision."""
+        got = {n: self.stats.batch.pop(n) for n in list(self.stats.batch)}
+        dist = torch.distributed
+        if got and dist.is_available() and dist.is_initialized():
+            names = sorted(got)
+            flat = torch.cat([got[n].double().flatten() for n in names])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            got = dict(zip(names, flat.split([got[n].numel() for n in names])))
+        return got
+
     @torch.no_grad()
     def _after_step(self) -> None:
         eta = self.opts.decay
+        means = self._step_means()
         for i, site in enumerate(self.sites):
-            got = self.stats.batch.pop(site.name, None)      # mean_n |h| of this step
+            got = means.get(site.name)                        # mean_n |h| of this step
             if got is None:
                 continue
             name = site.name
