@@ -14,15 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
+from dormant.experiments.presets import PLASTICITY_METHODS as METHODS
 from dormant.report import curves, load_comparison, machine, mean_std, plot_series
 
-METHODS = {"backprop": {},
-           "Synaptic Stripping": {"method": "synaptic-stripping"},
-           "ReDo": {"method": "redo", "method_args": {"tau": 0.0}},
-           "Continual Backprop": {"method": "continual-backprop"},
-           "Shrink & Perturb": {"method": "shrink-perturb",
-                                "method_args": {"shrink": 0.9, "perturb": 0.01}},
-           "L2 Init": {"method": "l2-init", "method_args": {"lam": 1e-3}}}
 OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0},
               "adam": {"optimizer": "adam", "lr": 1e-3}}
 

@@ -42,6 +42,17 @@ def lenet300_fmnist() -> ExperimentConfig:
     return ExperimentConfig(dataset="fashion-mnist", model="lenet300", lr=0.05, epochs=10)
 
 
+# the methods of the loss-of-plasticity comparison (the preset and reproduce/plasticity.py)
+PLASTICITY_METHODS = {
+    "backprop": {},
+    "Synaptic Stripping": {"method": "synaptic-stripping"},
+    "ReDo": {"method": "redo", "method_args": {"tau": 0.0}},
+    "Continual Backprop": {"method": "continual-backprop"},
+    "Shrink & Perturb": {"method": "shrink-perturb",
+                         "method_args": {"shrink": 0.9, "perturb": 0.01}},
+    "L2 Init": {"method": "l2-init", "method_args": {"lam": 1e-3}}}
+
+
 @PRESETS.register("plasticity-pfmnist")
 def plasticity_pfmnist() -> CompareSpec:
     """Loss of plasticity at a reduced size: an MLP (2 x 100) on permuted Fashion-MNIST, 25
@@ -51,14 +62,7 @@ def plasticity_pfmnist() -> CompareSpec:
                             model_args={"depth": 2, "width": 100}, optimizer="sgd", lr=0.01,
                             momentum=0.0, batch_size=16, epochs=25,
                             tasks={"kind": "permuted", "epochs_per_task": 1, "samples": 5000})
-    variants = {"backprop": {},
-                "Synaptic Stripping": {"method": "synaptic-stripping"},
-                "ReDo": {"method": "redo", "method_args": {"tau": 0.0}},
-                "Continual Backprop": {"method": "continual-backprop"},
-                "Shrink & Perturb": {"method": "shrink-perturb",
-                                     "method_args": {"shrink": 0.9, "perturb": 0.01}},
-                "L2 Init": {"method": "l2-init", "method_args": {"lam": 1e-3}}}
-    return CompareSpec(base, variants, seeds=(0, 1, 2),
+    return CompareSpec(base, PLASTICITY_METHODS, seeds=(0, 1, 2),
                        title="Loss of plasticity on permuted Fashion-MNIST (reduced size)",
                        description="Test accuracy on the current task after each task; dead = "
                                    "never active on the task's validation split.",
