@@ -19,6 +19,7 @@ positional arguments, a batch whose first element is not the model input -- need
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from typing import Any, Callable, Iterator, Mapping
@@ -26,8 +27,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-__all__ = ["Forward", "capture_inputs", "default_forward", "iter_batches", "model_input",
-           "num_samples", "take", "to_device"]
+__all__ = ["Forward", "capture_inputs", "default_forward", "eval_mode", "iter_batches",
+           "model_input", "num_samples", "probe_example", "take", "to_device"]
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -177,3 +178,29 @@ def iter_batches(data: Any, batch_size: int = 512, limit: int | None = None) -> 
                 batch = take(batch, limit - seen)
             seen += min(n, limit - seen)
         yield batch
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block; every module's train flag is restored after it
+    (so a probe or a trace moves no running statistics and changes no mode)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def probe_example(model: nn.Module, probe: Any, forward: Forward = default_forward,
+                  n: int = 2) -> Any:
+    """The model's inputs for the first `n` samples of probe data (what `forward` passes
+    the model; see `capture_inputs`), on the model's device; the global random state is left
+    alone (a DataLoader draws from it each time it is iterated). None if the probe is empty."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(iter_batches(probe, n, limit=n), None)
+    if first is None:
+        return None
+    device = next(model.parameters()).device
+    return to_device(capture_inputs(model, to_device(first, device), forward), device)

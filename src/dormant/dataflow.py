@@ -27,6 +27,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .batching import eval_mode
+
 __all__ = ["no_fastpath", "trace_dataflow", "Event", "Dataflow"]
 
 Key = tuple[int, int]            # (id(tensor), tensor._version)
@@ -141,10 +143,8 @@ def trace_dataflow(model: nn.Module, example: Any, recorded: Callable[[nn.Module
                              shape=tuple(outs[0].shape) if outs else ()))
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad(), no_fastpath(), rec:
+        with eval_mode(model), torch.no_grad(), no_fastpath(), rec:
             if isinstance(example, Mapping):
                 model(**example)
             else:
@@ -152,6 +152,4 @@ def trace_dataflow(model: nn.Module, example: Any, recorded: Callable[[nn.Module
     finally:
         for h in handles:
             h.remove()
-        for m, f in flags.items():
-            m.training = f
     return flow

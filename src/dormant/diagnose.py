@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .batching import Forward, default_forward, iter_batches, model_input, take, to_device
+from .batching import (Forward, default_forward, eval_mode, iter_batches, model_input, take,
+                       to_device)
 from .dataflow import no_fastpath
 from .monitor import ActivityMonitor
 from .sites import Site, _unwrap, find_sites
@@ -43,19 +44,14 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     first = to_device(first, device)
     if sites is None:
         sites = find_sites(model, take(model_input(first), 2))
-    flags = {m: m.training for m in model.modules()}
     mon = monitor_type(model, sites, eps=eps, every=1, mode="any")
-    model.eval()
-    try:
-        with mon, torch.no_grad(), no_fastpath():   # the fused encoder path skips the hooks
-            forward(model, first)
-            for i, batch in enumerate(batches, start=1):
-                if max_batches is not None and i >= max_batches:
-                    break
-                forward(model, to_device(batch, device))
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    # the fused encoder path would skip the hooks: off for the probe
+    with eval_mode(model), mon, torch.no_grad(), no_fastpath():
+        forward(model, first)
+        for i, batch in enumerate(batches, start=1):
+            if max_batches is not None and i >= max_batches:
+                break
+            forward(model, to_device(batch, device))
     return mon
 
 
@@ -111,6 +107,16 @@ class Diagnosis:
             tau = self.params.get("tau", 0.0)
             return f"E|a| / layer mean of E|a| <= {tau:g} over {n} (ReDo's score)"
         return f"{self.criterion}({self.params or ''}) over {n}"
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric keys: dead_fraction, dead_units, dead/<site> (fraction of the site's
+        units), sparsity/<site> (fraction of zero outputs)."""
+        out: dict[str, float] = {"dead_fraction": self.dead_fraction,
+                                 "dead_units": self.dead_units}
+        for r in self.rows:
+            out[f"dead/{r.site}"] = r.dead / r.units
+            out[f"sparsity/{r.site}"] = r.sparsity
+        return out
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "eps": self.eps, "samples": self.samples,

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .batching import default_forward, take
+from .batching import default_forward, eval_mode, take
 from .sites import _unwrap, is_conv1d, is_producer, out_units
 
 __all__ = ["positions", "macs"]
@@ -35,15 +35,12 @@ def positions(model: nn.Module, example) -> dict[str, int]:
             def hook(mod, inp, y, name=name):
                 out[name] = y.numel() // (y.shape[0] * out_units(mod))
             handles.append(m.register_forward_hook(hook))
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        default_forward(model, take(example, 1))
+        with eval_mode(model):
+            default_forward(model, take(example, 1))
     finally:
         for h in handles:
             h.remove()
-        for m, f in flags.items():
-            m.training = f
     return out
 
 

@@ -399,6 +399,13 @@ class ActivityMonitor:
         total = sum(s.positions * s.site.num_units for s in stats.values())
         return zeros / max(total, 1)
 
+    def dnr_metrics(self) -> dict[str, float]:
+        """Flat metric keys: dynamic_dnr and dnr/<site> (empty before anything was watched)."""
+        if not self.observed:
+            return {}
+        return {"dynamic_dnr": self.dynamic_dnr(),
+                **{f"dnr/{n}": v for n, v in self.dynamic_dnr(per_site=True).items()}}
+
     def activation_sparsity(self) -> dict[str, float]:
         """Per site: fraction of outputs that are exactly zero (Price et al. 2024)."""
         return self.dynamic_dnr(per_site=True)

@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+
+from .batching import eval_mode
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -448,14 +450,8 @@ def _placeholder_args(graph: fx.Graph, example) -> tuple:
 
 def _propagate_shapes(gm: fx.GraphModule, example) -> None:
     """One forward in eval mode under no_grad; running statistics are left untouched."""
-    flags = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            _ShapeProp(gm).run(*_placeholder_args(gm.graph, example))
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(gm), torch.no_grad():
+        _ShapeProp(gm).run(*_placeholder_args(gm.graph, example))
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .batching import eval_mode
 from .sites import CONVS, NORMS, PRODUCERS, Site, _unwrap
 
 __all__ = ["remove_units", "coupled_sites", "architecture", "resize", "count_units"]
@@ -48,14 +49,8 @@ def _out_fn(tp, module: nn.Module):
 def _graph(tp, model: nn.Module, example_input: torch.Tensor):
     """Torch-Pruning's dependency graph (it traces with autograd, whatever the caller's grad
     mode; train/eval flags are restored so running statistics are not disturbed)."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    finally:
-        for m, f in flags.items():
-            m.training = f
+    with eval_mode(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
 
 
 def _group_items(group) -> list[tuple[nn.Module, str, list[int], list[int]]]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..batching import Forward, capture_inputs, default_forward, iter_batches
+from ..batching import Forward, capture_inputs, default_forward, probe_example
 from ..diagnose import diagnose
 from ..methods import Method, build
 from ..monitor import ActivityMonitor
@@ -40,6 +40,7 @@ class Session:
         self.model: nn.Module | None = None
         self.probe: Any = None
         self.sites: list[Site] = []
+        self.inputs: Any = None            # the model's inputs for site discovery
         self.monitor: ActivityMonitor | None = None
 
     def start(self, model: nn.Module, optimizer, *, probe: Any = None, example: Any = None,
@@ -47,12 +48,13 @@ class Session:
         """Before the first step. `probe`: the data of the exact end-of-epoch pass (and of the
         method's decisions); `example`: a batch for site discovery (default: the probe's)."""
         self.model, self.probe = model, probe
-        if example is None and probe is not None:
-            example = next(iter_batches(probe, 2, limit=2))
-        if example is None:
+        if example is not None:
+            self.inputs = capture_inputs(model, example, self.forward)
+        elif probe is not None:
+            self.inputs = probe_example(model, probe, self.forward)
+        if example is None and self.inputs is None:
             raise ValueError("dormant: give probe data (a validation loader) or an example batch")
-        inputs = capture_inputs(model, example, self.forward)
-        self.sites = find_sites(model, inputs)
+        self.sites = find_sites(model, self.inputs)
         if self.watch:
             self.monitor = ActivityMonitor(model, self.sites, every=self.every, eps=self.eps,
                                            mode="train").__enter__()
@@ -61,7 +63,7 @@ class Session:
         if self.method is not None:
             self.method.prepare(model, optimizer, probe=probe, total_steps=total_steps,
                                 epochs=epochs, seed=seed, forward=self.forward,
-                                example=inputs)
+                                example=self.inputs)
 
     def after_backward(self) -> None:
         if self.method is not None:
@@ -85,26 +87,17 @@ class Session:
             out.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
             if result.model_changed:
                 self._resites()
-        if self.monitor is not None and self.monitor.observed:
-            out["dynamic_dnr"] = self.monitor.dynamic_dnr()
-            out.update({f"dnr/{n}": v for n, v in self.monitor.dynamic_dnr(per_site=True).items()})
+        if self.monitor is not None:
+            out.update(self.monitor.dnr_metrics())
             self.monitor.reset()
         if self.watch and self.probe is not None:
-            report = diagnose(self.model, self.probe, sites=self.sites, eps=self.eps,
-                              criterion=self.criterion, forward=self.forward)
-            out["dead_fraction"], out["dead_units"] = report.dead_fraction, report.dead_units
-            for r in report.rows:
-                out[f"dead/{r.site}"] = r.dead / r.units
-                out[f"sparsity/{r.site}"] = r.sparsity
+            out.update(diagnose(self.model, self.probe, sites=self.sites, eps=self.eps,
+                                criterion=self.criterion, forward=self.forward).metrics())
         return out
 
     def _resites(self) -> None:
         """Units were removed: the monitor watches the new sites."""
-        example = capture_inputs(self.model, next(iter_batches(self.probe, 2, limit=2)),
-                                 self.forward) if self.probe is not None else None
-        if example is None:
-            return
-        self.sites = find_sites(self.model, example)
+        self.sites = find_sites(self.model, self.inputs)
         if self.monitor is not None:
             step = self.monitor._step
             self.monitor.close()

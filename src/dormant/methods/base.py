@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..batching import Forward, capture_inputs, default_forward, iter_batches, to_device
+from ..batching import Forward, default_forward, iter_batches, probe_example, to_device
 from ..diagnose import probe
 from ..masks import Masks
 from ..monitor import ActivityMonitor
@@ -211,17 +211,16 @@ class Method:
         """Refuse a run length the method's schedule cannot use (override)."""
 
     def _example(self, example: Any) -> Any:
-        device = next(_unwrap(self.model).parameters()).device
+        model = _unwrap(self.model)
+        if example is not None:
+            return to_device(example, next(model.parameters()).device)
+        if self._probe is None:
+            raise ValueError(f"{self.name}: prepare() needs probe=... or example=... (a "
+                             "batch the model accepts, for site discovery)")
+        example = probe_example(model, self._probe, self.forward)
         if example is None:
-            if self._probe is None:
-                raise ValueError(f"{self.name}: prepare() needs probe=... or example=... (a "
-                                 "batch the model accepts, for site discovery)")
-            with torch.random.fork_rng(devices=[]):   # a DataLoader draws a seed per pass
-                first = next(iter_batches(self._probe, 2, limit=2), None)
-            if first is None:
-                raise ValueError(f"{self.name}: the probe data is empty")
-            example = capture_inputs(_unwrap(self.model), to_device(first, device), self.forward)
-        return to_device(example, device)
+            raise ValueError(f"{self.name}: the probe data is empty")
+        return example
 
     @contextlib.contextmanager
     def seeded(self, salt: int = 0):

@@ -44,11 +44,11 @@ from .redo import recycle
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
 
 def outgoing_magnitude(model: nn.Module, site: Site) -> torch.Tensor:
-    """Per unit, the mean |w| over its outgoing weights (every consumer's entries)."""
-    total = torch.zeros(site.num_units, dtype=torch.float64)
-    count = torch.zeros(site.num_units, dtype=torch.float64)
+    """Per unit, the mean |w| over its outgoing weights (every consumer's entries), float64 on
+    the weights' device (it runs every step: no copy to the host)."""
+    total = count = 0.0
     for sl in outgoing(model, site):
-        w = tensor(model, sl.name).detach().abs().double().cpu()
+        w = tensor(model, sl.name).detach().abs().double()
         if sl.conv_groups > 1:    # filter o reads input column j of its group g: unit g C/g + j
             g = sl.conv_groups
             per = w.flatten(2).sum(2).view(g, -1, w.shape[1]).sum(1).flatten()
@@ -61,8 +61,9 @@ def outgoing_magnitude(model: nn.Module, site: Site) -> torch.Tensor:
                         else cols.view(sl.group, site.num_units).t()).sum(1)
                 rest *= sl.group
             per, n = cols, torch.full_like(cols, rest)
-        total += per
-        count += n
+        total, count = total + per, count + n
+    if isinstance(total, float):      # no consumer
+        return torch.zeros(site.num_units, dtype=torch.float64)
     return total / count.clamp_min(1)
 
 
@@ -117,10 +118,13 @@ class ContinualBackprop(Method):
         self._saved: dict | None = None
 
     def _prepare(self) -> None:
+        device = next(_unwrap(self.model).parameters()).device    # utilities live there
         for s in self.sites:
             if s.name not in self.util:
                 z = torch.zeros(s.num_units, dtype=torch.float64)
                 self.util[s.name], self.ages[s.name], self.carry[s.name] = z, z.clone(), 0.0
+            self.util[s.name] = self.util[s.name].to(device)
+            self.ages[s.name] = self.ages[s.name].to(device)
         self._gen = torch.Generator().manual_seed(1_000_003 * self.seed + 29)
         if self._saved is not None:
             self._gen.set_state(self._saved)
@@ -152,7 +156,7 @@ class ContinualBackprop(Method):
             name = site.name
             self.ages[name] += 1
             bc = 1 - eta ** self.ages[name]
-            contribution = outgoing_magnitude(self.model, site) * got.double().cpu()
+            contribution = outgoing_magnitude(self.model, site) * got.double()
             self.util[name].mul_(eta).add_((1 - eta) * contribution)
             self._replace(site, self.util[name] / bc, salt=i)
 
@@ -176,7 +180,7 @@ class ContinualBackprop(Method):
         if k == 0:
             return
         chosen = eligible[torch.topk(-corrected[eligible], k).indices]
-        units = torch.zeros(site.num_units, dtype=torch.bool)
+        units = torch.zeros(site.num_units, dtype=torch.bool, device=chosen.device)
         units[chosen] = True
         self.util[name][units] = 0
         self.ages[name][units] = 0
@@ -203,7 +207,7 @@ class ContinualBackprop(Method):
 
     # -- epochs, state -------------------------------------------------------------------
     def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
-        utils = torch.cat([u for u in self.util.values()]) if self.util else torch.zeros(1)
+        utils = torch.cat(list(self.util.values())) if self.util else torch.zeros(1)
         result.update({"cbp/replaced": self.replaced_epoch,
                        "cbp/replaced_total": self.replaced_total,
                        "cbp/mean_utility": float(utils.mean())})

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..batching import Forward, default_forward, num_samples, to_device
+from ..batching import Forward, default_forward, eval_mode, num_samples, to_device
 from ..options import option
 from ..sites import CONVS, _unwrap, is_conv1d
 from ..units import as_rows, from_rows, incoming, outgoing, tensor, unit_mask_for
@@ -139,18 +139,15 @@ def layer_inputs(model: nn.Module, batches: Iterable[Any], names: list[str], per
                 a = a.flatten(0, -2).sum(0) * (a.shape[0] / max(a[..., 0].numel(), 1))
             sums[name] = sums[name] + a if name in sums else a
         handles.append(m.register_forward_pre_hook(hook))
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     n = 0
     try:
-        for batch in batches:
-            forward(model, batch)
-            n += num_samples(batch)
+        with eval_mode(model):
+            for batch in batches:
+                forward(model, batch)
+                n += num_samples(batch)
     finally:
         for h in handles:
             h.remove()
-        for m, f in flags.items():
-            m.training = f
     out = {k: v / n for k, v in sums.items()}
     out.update({k: torch.cat(v) for k, v in keep.items()})
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -46,6 +46,7 @@ class Comparison:
     spec: dict
     rows: list[dict]
     runs: list[tuple[str, list[dict]]]   # (variant, metrics rows of one seed)
+    titles: dict[str, str] = field(default_factory=dict)   # column titles of the table
 
     @property
     def variants(self) -> list[str]:
@@ -54,12 +55,14 @@ class Comparison:
     def select(self, variants: Sequence[str]) -> "Comparison":
         """The runs of these variants only (rows and spec kept), e.g. to plot a few."""
         keep = set(variants)
-        return Comparison(self.spec, self.rows, [r for r in self.runs if r[0] in keep])
+        return Comparison(self.spec, self.rows, [r for r in self.runs if r[0] in keep],
+                          self.titles)
 
     def __add__(self, other: "Comparison") -> "Comparison":
         """Both comparisons' rows and runs in one (e.g. a baseline run after the method);
         the spec is this one's."""
-        return Comparison(self.spec, self.rows + other.rows, self.runs + other.runs)
+        return Comparison(self.spec, self.rows + other.rows, self.runs + other.runs,
+                          {**self.titles, **other.titles})
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -99,7 +102,7 @@ def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = Non
     out = Path(out)
     data = _compare_json(out)
     runs = [(r["variant"], _history(_resolve(r["run_dir"], out, root))) for r in data["runs"]]
-    return Comparison(data["spec"], data["rows"], runs)
+    return Comparison(data["spec"], data["rows"], runs, data.get("titles", {}))
 
 
 def curves(cmp: Comparison, key: str) -> dict[str, tuple[list[int], list[float], list[float]]]:

@@ -223,11 +223,6 @@ def _runs_section(out: Path, root) -> str:
     return "\n".join(items)
 
 
-def _titles(out: Path) -> dict[str, str]:
-    """Column titles as compare wrote them (``dead units %``), else the metric keys."""
-    return json.loads((out / "compare.json").read_text()).get("titles", {})
-
-
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}
@@ -253,7 +248,7 @@ def write_report(out: str | Path, root: str | Path | None = None) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(cmp.spec.get('description', ''))}</p>"
-            f"{_table(cmp.rows, _titles(out))}"
+            f"{_table(cmp.rows, cmp.titles)}"
             f"{''.join(parts)}<h2>Runs</h2>{_runs_section(out, root)}</body></html>")
     path = out / "report.html"
     path.write_text(page)

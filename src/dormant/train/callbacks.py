@@ -84,19 +84,12 @@ class MonitorCallback(Callback):
         if metrics.get("diverged"):     # NaN activations: no statistic would mean anything
             self.monitor.reset()
             return
-        if self.monitor.observed:
-            metrics["dynamic_dnr"] = self.monitor.dynamic_dnr()
-            for n, v in self.monitor.dynamic_dnr(per_site=True).items():
-                metrics[f"dnr/{n}"] = v
+        metrics.update(self.monitor.dnr_metrics())
         self.monitor.reset()
         report = diagnose(trainer.model, trainer.data.split(self.probe_split), sites=self.sites,
                           eps=self.eps, criterion=self.criterion)
         self.dead = report.dead
-        metrics["dead_fraction"] = report.dead_fraction
-        metrics["dead_units"] = report.dead_units
-        for r in report.rows:
-            metrics[f"dead/{r.site}"] = r.dead / r.units
-            metrics[f"sparsity/{r.site}"] = r.sparsity
+        metrics.update(report.metrics())
         metrics["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
         # the plasticity metrics (dormant.metrics) on the first 1024 probe samples
         metrics.update(plasticity(trainer.model, trainer.data.split(self.probe_split),
