@@ -55,6 +55,9 @@ def test_compare_from_yaml(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--no-progress", "--seeds", "3"]) == 0
     md = (tmp_path / "o" / "compare.md").read_text()
     assert "| a | 1 |" in md and "| b | 1 |" in md
+    recorded = json.loads((tmp_path / "o" / "compare.json").read_text())["command"]
+    assert recorded == (f"dormant compare --config {spec} --root {tmp_path / 'r'} --out "
+                        f"{tmp_path / 'o'} --no-progress --seeds 3")
 
 
 def test_compare_in_parallel_matches_serial_and_reports(tmp_path, capsys):

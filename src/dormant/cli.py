@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shlex
 import sys
 from dataclasses import fields
 from typing import Any, Sequence
@@ -201,7 +202,8 @@ def cmd_compare(args) -> int:
         raise ConfigError("under torchrun every rank trains each run together: use --jobs 1")
     run_compare(spec, args.root, args.out if rank == 0 else None,
                 show_progress=not args.no_progress and rank == 0, jobs=args.jobs,
-                tensorboard=args.tensorboard, log=print if rank == 0 else (lambda *a: None))
+                tensorboard=args.tensorboard, log=print if rank == 0 else (lambda *a: None),
+                command=args.command_line)
     if args.out and rank == 0:
         try:
             from .report.html import write_report
@@ -323,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # recorded with results (compare.json) as the command that regenerates them
+    args.command_line = shlex.join(["dormant", *(sys.argv[1:] if argv is None else argv)])
     from .data import CorruptDataError, DataNotFoundError
     from .registry import UnknownNameError
     try:

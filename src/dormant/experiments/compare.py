@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..stats import mean_std
+from ..tables import Column, Stat, Table, mean_std
 from .config import ConfigError, ExperimentConfig
 from .run import run_experiment
 
@@ -41,10 +41,24 @@ class CompareSpec:
     title: str = ""
     description: str = ""
     columns: Sequence[str] = ()     # extra metric keys for the table
+    name: str = ""                  # its folder's name, e.g. under docs/results/
+
+    def to_dict(self) -> dict:
+        return {"base": self.base.to_dict(), "variants": {k: dict(v) for k, v in
+                                                          self.variants.items()},
+                "seeds": list(self.seeds), "title": self.title,
+                "description": self.description, "columns": list(self.columns),
+                "name": self.name}
+
+    def folder(self, parent: str | os.PathLike) -> Path:
+        """Where this comparison's results go under `parent`: a folder named by the spec."""
+        if not self.name:
+            raise ConfigError("this comparison has no name to name its folder by")
+        return Path(parent) / self.name
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CompareSpec":
-        valid = ("base", "variants", "seeds", "title", "description", "columns")
+        valid = ("base", "variants", "seeds", "title", "description", "columns", "name")
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ConfigError(f"unknown compare key(s) {unknown}; valid: {', '.join(valid)}")
@@ -63,7 +77,8 @@ class CompareSpec:
                 isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ConfigError(f"seeds: expected a list of integers, got {seeds!r}")
         return cls(ExperimentConfig.from_dict(d.get("base", {})), dict(variants), list(seeds),
-                   d.get("title", ""), d.get("description", ""), list(d.get("columns", ())))
+                   d.get("title", ""), d.get("description", ""), list(d.get("columns", ())),
+                   str(d.get("name", "")))
 
     def configs(self) -> list[tuple[str, ExperimentConfig]]:
         """Every (variant, config) pair, validated before anything runs."""
@@ -96,25 +111,23 @@ def summarize(results: list[tuple[str, dict]], columns: Sequence = COLUMNS) -> l
     return rows
 
 
-def to_markdown(rows: list[dict], columns: Sequence = COLUMNS) -> str:
-    cols = [c for c in columns if any(c[0] in r for r in rows)]
-    head = "| variant | seeds | " + " | ".join(c[1] for c in cols) + " |"
-    rule = "|---|---:|" + "---:|" * len(cols)
-    lines = [head, rule]
+def table(rows: list[dict], columns: Sequence = COLUMNS) -> Table:
+    """The comparison table of `summarize`'s rows: a column per metric any row has."""
+    cols = [Column(title, key=key, fmt=fmt) for key, title, _, fmt in columns
+            if any(key in r for r in rows)]
+    t = Table([Column("variant", align="left"), Column("seeds", align="right"), *cols])
     for r in rows:
-        cells = [(c[3] + " ± " + c[3]).format(*r[c[0]]) if c[0] in r else "–" for c in cols]
-        lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        t.add(r["variant"], r["seeds"], *(Stat(*r[c.key], r["seeds"]) if c.key in r else None
+                                          for c in cols))
+    return t
+
+
+def to_markdown(rows: list[dict], columns: Sequence = COLUMNS) -> str:
+    return table(rows, columns).to_markdown()
 
 
 def to_csv(rows: list[dict], columns: Sequence = COLUMNS) -> str:
-    cols = [c[0] for c in columns if any(c[0] in r for r in rows)]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["variant", "seeds"] + [f"{c}_{s}" for c in cols for s in ("mean", "std")])
-    for r in rows:
-        w.writerow([r["variant"], r["seeds"]] + [x for c in cols for x in r.get(c, ("", ""))])
-    return buf.getvalue()
+    return table(rows, columns).to_csv()
 
 
 def reproduce_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -177,13 +190,68 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=Non
     return out
 
 
+HISTORIES = "runs.jsonl.gz"
+
+
+def invocation() -> str:
+    """This process's command line as a user would type it: `dormant compare ...`,
+    `python -m dormant ...` or `python reproduce/x.py ...`."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(argv0)
+    if name == "__main__.py":
+        prog = ["python", "-m", os.path.basename(os.path.dirname(argv0))]
+    elif name.endswith(".py"):
+        rel = os.path.relpath(argv0) if os.path.isabs(argv0) else argv0
+        prog = ["python", rel if not rel.startswith("..") else argv0]
+    else:
+        prog = [name or "python"]
+    return shlex.join(prog + sys.argv[1:])
+
+
+def _write_histories(path: Path, runs: list[dict]) -> None:
+    """Every run's metrics rows, one JSON line per run, gzip with no timestamp (the same runs
+    give the same bytes), written atomically."""
+    import gzip
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        for r in runs:
+            f.write((json.dumps(r, separators=(",", ":")) + "\n").encode())
+    os.replace(tmp, path)
+
+
+def save_comparison(spec: CompareSpec, results: list[tuple[str, dict]], rows: list[dict],
+                    cols: Sequence, out: Path, command: str) -> None:
+    """compare.md/.csv/.json and runs.jsonl.gz in `out`."""
+    from ..jsonl import read_jsonl
+    out.mkdir(parents=True, exist_ok=True)
+    t = table(rows, cols)
+    header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
+    (out / "compare.md").write_text(header + t.to_markdown() + "\n")
+    (out / "compare.csv").write_text(t.to_csv())
+    runs = []
+    for (name, res), (_, cfg) in zip(results, spec.configs()):
+        rel = os.path.relpath(os.path.abspath(res["run_dir"]), os.path.abspath(out))
+        runs.append({"variant": name, "seed": cfg.seed, "run_dir": rel,
+                     "metrics": read_jsonl(Path(res["run_dir"]) / "metrics.jsonl")})
+    _write_histories(out / HISTORIES, runs)
+    (out / "compare.json").write_text(json.dumps(
+        {"spec": spec.to_dict(), "command": command,
+         "rows": rows, "titles": {c[0]: c[1] for c in cols},
+         "formats": {c[0]: c[3] for c in cols},
+         # relative to this folder, so the comparison reads from any working directory
+         "runs": [{k: r[k] for k in ("variant", "seed", "run_dir")} for r in runs]},
+        indent=2))
+
+
 def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
                 out: str | os.PathLike | None = None, *, show_progress: bool = True,
-                log=print, jobs: int = 1, tensorboard: str | os.PathLike | None = None
-                ) -> list[dict]:
+                log=print, jobs: int = 1, tensorboard: str | os.PathLike | None = None,
+                command: str | None = None) -> list[dict]:
     """Run every variant x seed (finished runs are reused), print and save the table.
     `jobs` > 1 runs that many experiments at once in separate processes; `tensorboard`, a
-    folder, gets each run's TensorBoard logs."""
+    folder, gets each run's TensorBoard logs. `out` gets compare.md/.csv/.json and every
+    run's metrics (runs.jsonl.gz: the folder reads without the run directories); `command`,
+    the command line that regenerates it (default: this process's own), is recorded there."""
     configs = spec.configs()
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
@@ -191,26 +259,12 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
                        _run_all(configs, root, jobs, show_progress, log, tensorboard)))
     cols = columns_for(spec.columns)
     rows = summarize(results, cols)
-    table = to_markdown(rows, cols)
     log("")
     if spec.title:
         log(spec.title)
-    log(table)
+    log(to_markdown(rows, cols))
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
-        (out / "compare.md").write_text(header + table + "\n")
-        (out / "compare.csv").write_text(to_csv(rows, cols))
-        (out / "compare.json").write_text(json.dumps(
-            {"spec": {"base": spec.base.to_dict(), "variants": {k: dict(v) for k, v in spec.variants.items()},
-                      "seeds": list(spec.seeds), "title": spec.title,
-                      "columns": list(spec.columns)},
-             "rows": rows, "titles": {c[0]: c[1] for c in cols},
-             # relative to this folder, so the comparison reads from any working directory
-             "runs": [{"variant": n, "run_dir": os.path.relpath(os.path.abspath(r["run_dir"]),
-                                                                os.path.abspath(out))}
-                      for n, r in results]},
-            indent=2))
-        log(f"\nsaved {out / 'compare.md'}, compare.csv, compare.json")
+        save_comparison(spec, results, rows, cols, Path(out),
+                        command if command is not None else invocation())
+        log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, {HISTORIES}")
     return rows

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..jsonl import read_jsonl
-from ..stats import mean_std
+from ..tables import mean_std
 
 __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
            "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series"]
@@ -47,6 +47,8 @@ class Comparison:
     rows: list[dict]
     runs: list[tuple[str, list[dict]]]   # (variant, metrics rows of one seed)
     titles: dict[str, str] = field(default_factory=dict)   # column titles of the table
+    command: str = ""             # the command line that made (and regenerates) it
+    formats: dict[str, str] = field(default_factory=dict)  # number format of each column
 
     @property
     def variants(self) -> list[str]:
@@ -56,13 +58,14 @@ class Comparison:
         """The runs of these variants only (rows and spec kept), e.g. to plot a few."""
         keep = set(variants)
         return Comparison(self.spec, self.rows, [r for r in self.runs if r[0] in keep],
-                          self.titles)
+                          self.titles, self.command, self.formats)
 
     def __add__(self, other: "Comparison") -> "Comparison":
         """Both comparisons' rows and runs in one (e.g. a baseline run after the method);
         the spec is this one's."""
         return Comparison(self.spec, self.rows + other.rows, self.runs + other.runs,
-                          {**self.titles, **other.titles})
+                          {**self.titles, **other.titles}, self.command,
+                          {**self.formats, **other.formats})
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -96,13 +99,42 @@ def run_dirs(out: str | os.PathLike, root: str | os.PathLike | None = None
     return [(r["variant"], _resolve(r["run_dir"], out, root)) for r in _compare_json(out)["runs"]]
 
 
+HISTORIES = "runs.jsonl.gz"
+
+
+def _archived(out: Path) -> list[dict] | None:
+    """The runs' metrics that `dormant compare` keeps beside compare.json, if any."""
+    import gzip
+    path = out / HISTORIES
+    if not path.exists():
+        return None
+    try:
+        with gzip.open(path, "rt") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it to read the run directories "
+                         "instead, or re-run the comparison (finished runs are reused)") from None
+
+
 def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Comparison:
-    """Read ``compare.json`` in `out` and the metrics of every run it lists (run directories
-    are looked up as written, then under `root` by name)."""
+    """Read ``compare.json`` in `out` and the metrics of every run it lists: from the run
+    directories (looked up as written, then under `root` by name) where they exist, else
+    from the copy in ``runs.jsonl.gz`` beside it."""
     out = Path(out)
     data = _compare_json(out)
-    runs = [(r["variant"], _history(_resolve(r["run_dir"], out, root))) for r in data["runs"]]
-    return Comparison(data["spec"], data["rows"], runs, data.get("titles", {}))
+    archive: list[dict] | None = None
+    runs = []
+    for i, r in enumerate(data["runs"]):
+        rd = _resolve(r["run_dir"], out, root)
+        if not (rd / "metrics.jsonl").exists():
+            archive = _archived(out) if archive is None else archive
+            if archive is not None and i < len(archive) and \
+                    archive[i]["run_dir"] == r["run_dir"]:
+                runs.append((r["variant"], archive[i]["metrics"]))
+                continue
+        runs.append((r["variant"], _history(rd)))
+    return Comparison(data["spec"], data["rows"], runs, data.get("titles", {}),
+                      data.get("command", ""), data.get("formats", {}))
 
 
 def curves(cmp: Comparison, key: str) -> dict[str, tuple[list[int], list[float], list[float]]]:

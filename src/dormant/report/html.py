@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import Comparison, _pyplot, by_round, curves, load_comparison, run_dirs
-from ..stats import mean_std
+from ..tables import Column, Stat, Table, mean_std
 
 __all__ = ["write_report", "FIGURES"]
 
@@ -193,18 +193,17 @@ FIGURES: tuple[Callable[[Comparison], Figure | None], ...] = (
     fig_accuracy, fig_dead, fig_heatmap, fig_sparsity, fig_erank, fig_pruning, fig_units)
 
 
-def _table(rows: list[dict], titles: dict[str, str]) -> str:
-    cols = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("variant", "seeds")]
-    head = "".join(f"<th>{html.escape(titles.get(c, c))}</th>"
-                   for c in ["variant", "seeds", *cols])
-    body = []
-    for r in rows:
-        cells = [html.escape(str(r["variant"])), str(r["seeds"])]
-        for c in cols:
-            v = r.get(c)
-            cells.append(f"{v[0]:.4g} ± {v[1]:.2g}" if isinstance(v, (list, tuple)) else "–")
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _table(cmp: Comparison) -> str:
+    """The comparison's table, formatted as `dormant compare` printed it."""
+    keys = [k for k in dict.fromkeys(k for r in cmp.rows for k in r) if k not in ("variant",
+                                                                              "seeds")]
+    t = Table([Column("variant", align="left"), Column("seeds")] +
+              [Column(cmp.titles.get(k, k), key=k, fmt=cmp.formats.get(k, "{:.4g}"))
+               for k in keys])
+    for r in cmp.rows:
+        t.add(r["variant"], r["seeds"], *(Stat(*r[k], r["seeds"]) if k in r else None
+                                          for k in keys))
+    return t.to_html()
 
 
 def _runs_section(out: Path, root) -> str:
@@ -248,7 +247,9 @@ def write_report(out: str | Path, root: str | Path | None = None) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(cmp.spec.get('description', ''))}</p>"
-            f"{_table(cmp.rows, cmp.titles)}"
+            + (f"<p>Made (and regenerated) with <code>{html.escape(cmp.command)}</code></p>"
+               if cmp.command else "") +
+            f"{_table(cmp)}"
             f"{''.join(parts)}<h2>Runs</h2>{_runs_section(out, root)}</body></html>")
     path = out / "report.html"
     path.write_text(page)
