@@ -35,7 +35,9 @@ from dormant.activations import make_activation
 from dormant.data import load_dataset
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.models import build_model
-from dormant.report import final_values, load_comparison, machine, mean_std, plot_series
+from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
+                            read_section, regenerate, variant_table, versus, write_section)
+from dormant.tables import Column, Table
 
 SPARSITIES = (0.6, 0.7, 0.8, 0.85, 0.9)
 V_PRIMES = (0.5, 0.7, 0.9)
@@ -63,32 +65,32 @@ def variants(sparsities, v_primes=V_PRIMES, clipped=tuple(CLIPPED),
 
 
 def spec(depth: int, width: int, epochs: int, seeds, sparsities, v_primes=V_PRIMES,
-         clipped=tuple(CLIPPED), q_star: float = 1.0) -> CompareSpec:
+         clipped=tuple(CLIPPED), q_star: float = 1.0, name: str = "") -> CompareSpec:
+    """The comparison of one budget; its folder is activations_mlp (10 epochs),
+    activations_mlp_<E>ep, or activations_mlp_<name> for a named sweep."""
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp",
                             model_args={"depth": depth, "width": width}, init="eoc",
                             optimizer="sgd", lr=0.003, momentum=0.9, batch_size=128,
                             epochs=epochs, schedule="cosine", schedule_args={"final": 0.0})
+    name = name or ("" if epochs == 10 else f"{epochs}ep")
     return CompareSpec(base, variants(sparsities, v_primes, clipped, q_star), seeds,
                        title=f"Deep plain MLP ({depth} x {width}) on Fashion-MNIST",
-                       columns=["sparsity", "test_sparsity"])
+                       columns=["sparsity", "test_sparsity"],
+                       name="activations_mlp" + (f"_{name}" if name else ""))
 
 
-def results_table(cmp) -> str:
+def results_table(cmp) -> Table:
     """Accuracy over all seeds and its gap to ReLU paired by seed; sparsities over the seeds
     that did not diverge (a diverged run records no activity statistics)."""
-    lines = ["| activation | test acc % | vs ReLU (paired) | train sparsity % | test sparsity % "
-             "| diverged |", "|---|---:|---:|---:|---:|---:|"]
-    fmt = lambda xs: "–" if not xs else "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs]))
-    acc, div = final_values(cmp, "test_acc"), final_values(cmp, "diverged")
-    train_s, test_s = final_values(cmp, "dynamic_dnr"), final_values(cmp, "test_sparsity")
-    relu = acc.get("ReLU s=0.5")
-    for v in cmp.variants:
-        a = mean_std([100 * x for x in acc[v]])
-        gap = ("–" if v == "ReLU s=0.5" or not relu else
-               "{:+.2f} ± {:.2f}".format(*mean_std([100 * (x - r) for x, r in zip(acc[v], relu)])))
-        lines.append(f"| {v} | {a[0]:.2f} ± {a[1]:.2f} | {gap} | {fmt(train_s.get(v, []))} | "
-                     f"{fmt(test_s.get(v, []))} | {int(sum(div.get(v, [])))}/{len(acc[v])} |")
-    return "\n".join(lines)
+    div = final_values(cmp, "diverged")
+    diverged = lambda c, v: (f"{int(sum(div.get(v, [])))}/"
+                             f"{sum(1 for name, _ in c.runs if name == v)}")
+    return variant_table(cmp, [
+        (Column("test acc %"), final("test_acc", 100)),
+        (Column("vs ReLU (paired)", sign=True), versus("test_acc", "ReLU s=0.5", 100)),
+        (Column("train sparsity %", fmt="{:.1f}"), final("dynamic_dnr", 100)),
+        (Column("test sparsity %", fmt="{:.1f}"), final("test_sparsity", 100)),
+        (Column("diverged"), diverged)], first=Column("activation", align="left"))
 
 
 def depth_profile(depth: int, width: int, out: Path) -> str:
@@ -120,19 +122,6 @@ def depth_profile(depth: int, width: int, out: Path) -> str:
     return "\n".join(rows)
 
 
-def budget_folder(out: Path, epochs: int, name: str = "") -> Path:
-    name = name or ("" if epochs == 10 else f"{epochs}ep")
-    return out / ("activations_mlp" + (f"_{name}" if name else ""))
-
-
-def budget_section(folder: Path, root: str) -> list[str]:
-    """One epoch budget: how it was made (about.md, rewritten whenever the budget is
-    regenerated) and its table."""
-    about = folder / "about.md"
-    return [about.read_text().strip() if about.exists() else "", "",
-            results_table(load_comparison(folder, root)), ""]
-
-
 def main() -> None:
     p = reproduce_parser(__doc__)
     p.add_argument("--depth", type=int, default=20)
@@ -162,21 +151,22 @@ def main() -> None:
         epochs, seeds = args.epochs, [0, 1, 2]
         sparsities = tuple(float(x) for x in args.sparsities.split(","))
         v_primes = tuple(float(x) for x in args.v_primes.split(","))
-    folder = budget_folder(out, epochs, args.name)
-    run_compare(spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped,
-                     args.q_star),
-                args.root, folder, show_progress=False, jobs=args.jobs)
-    empty = "''"
-    command = (f"python reproduce/activations.py --jobs {args.jobs} --epochs {epochs} "
-               f"--sparsities {','.join(map(str, sparsities))} "
-               f"--v-primes {','.join(map(str, v_primes))} --clipped {','.join(clipped) or empty}"
-               + (f" --q-star {args.q_star:g}" if args.q_star != 1.0 else "")
-               + (f" --name {args.name}" if args.name else ""))
-    (folder / "about.md").write_text(
-        f"## {epochs} epochs{', ' + args.name if args.name else ''}\n\n"
-        f"Machine: {machine()}. Seeds {seeds}, q* = {args.q_star:g}, target sparsities "
-        f"{', '.join(map(str, sparsities))}. Regenerate with `{command}`.\n")
-    profile = depth_profile(args.depth, 1024, out)
+    sp = spec(args.depth, args.width, epochs, seeds, sparsities, v_primes, clipped,
+              args.q_star, args.name)
+    if not args.pages_only:
+        run_compare(sp, args.root, sp.folder(out), show_progress=False, jobs=args.jobs)
+        cmp = load_comparison(sp.folder(out), args.root)
+        write_section(sp.folder(out), "\n".join([
+            f"## {epochs} epochs{', ' + args.name if args.name else ''}", "",
+            f"Machine: {cmp.machine}. Seeds {seeds}, q* = {args.q_star:g}, target sparsities "
+            f"{', '.join(map(str, sparsities))}. {regenerate(cmp)}", "",
+            results_table(cmp).to_markdown()]))
+    profile = out / "activations_depth.md"      # kept: float32 sums differ across CPUs
+    if not args.pages_only or not profile.exists():
+        profile.write_text(
+            f"## Pre-activation variance through depth at initialisation (width 1024, "
+            f"{args.depth} layers)\n\n{depth_profile(args.depth, 1024, out)}\n\n"
+            "![depth](activations_depth.png)\n")
     text = ["# Sparsity-inducing activations on Fashion-MNIST", "",
             f"Deep plain MLP {args.depth} x {args.width}, SGD momentum 0.9, lr 0.003 (the best "
             "of 0.003, 0.01, 0.03 for ReLU and CReLU in a 3-epoch pilot) with cosine decay, "
@@ -185,11 +175,9 @@ def main() -> None:
             "last epoch (sampled every 10th step); test sparsity: exact zeros on the whole "
             "test split after training. 'vs ReLU': test accuracy minus the ReLU baseline's, "
             "same seed, mean ± std over seeds.", ""]
-    budgets = sorted(f for f in out.glob("activations_mlp*") if (f / "compare.json").exists())
-    for f in budgets:
-        text += budget_section(f, args.root)
-    text += [f"## Pre-activation variance through depth at initialisation (width 1024, "
-             f"{args.depth} layers)", "", profile, "", "![depth](activations_depth.png)", ""]
+    for folder, _ in comparisons(out, "activations_mlp"):
+        text += [read_section(folder), ""]
+    text += [profile.read_text()]
     (out / "activations.md").write_text("\n".join(text))
     print(f"wrote {out / 'activations.md'}")
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import by_round, load_comparison, machine, paired, plot_series
+from dormant.report import (by_round, comparisons, load_comparison, paired, plot_series,
+                            read_section, regenerate, write_section)
+from dormant.tables import Column, Stat, Table
 
 MODELS = {  # model -> (epochs per round, learning rate)
     "lenet300": (8, 1.2e-3),
@@ -28,22 +30,23 @@ def spec(model: str, rounds: int, epochs_per_round: int, lr: float, seeds) -> Co
                             batch_size=128, epochs=(rounds + 1) * epochs_per_round)
     variants = {"IMP": {"method": "imp", "method_args": prune},
                 "IMP + AP": {"method": "ap", "method_args": {**prune, "p_ap": 0.02}}}
-    return CompareSpec(base, variants, seeds, title=f"{model}: IMP vs IMP + AP")
+    return CompareSpec(base, variants, seeds, title=f"{model}: IMP vs IMP + AP",
+                       name=f"ap_{model}")
 
 
-def diff_table(cmp, min_sparsity: float) -> str:
-    lines = ["| sparsity % | IMP acc % | IMP + AP acc % | AP − IMP (points) | IMP DNR % | AP DNR % |",
-             "|---:|---:|---:|---:|---:|---:|"]
+def diff_table(cmp, min_sparsity: float) -> Table:
+    """Per pruning round from `min_sparsity` on: accuracy of both (mean ± std over seeds),
+    AP − IMP paired by seed, and the dynamic DNR of both (mean)."""
+    t = Table([Column("sparsity %", fmt="{:.1f}"), Column("IMP acc %"),
+               Column("IMP + AP acc %"), Column("AP − IMP (points)", sign=True),
+               Column("IMP DNR %", fmt="{:.1f}"), Column("AP DNR %", fmt="{:.1f}")])
     acc, dnr = by_round(cmp, "test_acc"), by_round(cmp, "dynamic_dnr")
-    diffs = paired(cmp, "test_acc", "IMP", "IMP + AP")
-    for i, (sp, d, sd) in enumerate(diffs):
-        if sp < min_sparsity:
-            continue
-        a, b = acc["IMP"], acc["IMP + AP"]
-        lines.append(f"| {100 * sp:.1f} | {100 * a[1][i]:.2f} ± {100 * a[2][i]:.2f} | "
-                     f"{100 * b[1][i]:.2f} ± {100 * b[2][i]:.2f} | {100 * d:+.2f} ± {100 * sd:.2f} | "
-                     f"{100 * dnr['IMP'][1][i]:.1f} | {100 * dnr['IMP + AP'][1][i]:.1f} |")
-    return "\n".join(lines)
+    pct = lambda series, i: Stat(100 * series[1][i], 100 * series[2][i])
+    for i, (sp, d, sd) in enumerate(paired(cmp, "test_acc", "IMP", "IMP + AP")):
+        if sp >= min_sparsity:
+            t.add(100 * sp, pct(acc["IMP"], i), pct(acc["IMP + AP"], i), Stat(100 * d, 100 * sd),
+                  100 * dnr["IMP"][1][i], 100 * dnr["IMP + AP"][1][i])
+    return t
 
 
 def main() -> None:
@@ -52,24 +55,28 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     rounds, seeds = (2, [0]) if args.quick else (18, [0, 1, 2])
-    text = ["# AP (Activate-while-Pruning) vs IMP on Fashion-MNIST", "",
-            f"Machine: {machine()}. Rounds: {rounds} at 20% (rewind to init), seeds {seeds}. "
-            "Regenerate with `python reproduce/ap.py --jobs 2`.", ""]
-    for model in args.models.split(","):
+    for model in [] if args.pages_only else args.models.split(","):
         epr, lr = MODELS[model]
         epr = 1 if args.quick else epr
-        folder = out / f"ap_{model}"
-        run_compare(spec(model, rounds, epr, lr, seeds), args.root, folder, show_progress=False,
-                    jobs=args.jobs)
-        cmp = load_comparison(folder, args.root)
-        remaining = lambda s: 100 * (1 - s)
+        s = spec(model, rounds, epr, lr, seeds)
+        run_compare(s, args.root, s.folder(out), show_progress=False, jobs=args.jobs)
+        cmp = load_comparison(s.folder(out), args.root)
+        remaining = lambda sp: 100 * (1 - sp)
         plot_series([("test accuracy %", by_round(cmp, "test_acc")),
                      ("dynamic DNR % (training batches)", by_round(cmp, "dynamic_dnr"))],
-                    out / f"ap_{model}.png", xlabel="weights remaining % (log)", xscale="log",
+                    out / f"{s.name}.png", xlabel="weights remaining % (log)", xscale="log",
                     scale=100, x_transform=remaining)
-        text += [f"## {model} ({epr} epochs per round, Adam lr {lr})", "",
-                 diff_table(cmp, 0.0 if args.quick else 0.9), "",
-                 f"![{model}](ap_{model}.png)", ""]
+        write_section(s.folder(out), "\n".join([
+            f"## {model} ({epr} epochs per round, Adam lr {lr})", "",
+            f"Machine: {cmp.machine}. Rounds: {rounds} at 20% (rewind to init), seeds {seeds}. "
+            + regenerate(cmp), "",
+            diff_table(cmp, 0.0 if args.quick else 0.9).to_markdown(), "",
+            f"![{model}]({s.name}.png)"]))
+    order = list(MODELS)
+    found = sorted(comparisons(out, "ap_"), key=lambda fs: order.index(fs[1]["base"]["model"]))
+    text = ["# AP (Activate-while-Pruning) vs IMP on Fashion-MNIST", ""]
+    for folder, _ in found:
+        text += [read_section(folder), ""]
     (out / "ap.md").write_text("\n".join(text))
     print(f"wrote {out / 'ap.md'}")
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import final_values, load_comparison, machine, mean_std, plot_series
+from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
+                            read_section, regenerate, variant_table, write_section)
+from dormant.tables import Column, mean_std
 
 MODELS = {"vgg-small": {}, "resnet20": {}}
 REG_PEAKS = (0.003, 0.01, 0.05)
@@ -44,16 +46,13 @@ def matched_baselines(cmp, peaks) -> dict:
     return out
 
 
-def table(cmp) -> str:
-    acc, rem = final_values(cmp, "test_acc"), final_values(cmp, "units_removed")
-    macs, params = final_values(cmp, "macs_ratio"), final_values(cmp, "params_ratio")
-    fmt = lambda xs, k=100: "{:.2f} ± {:.2f}".format(*mean_std([k * x for x in xs])) if xs else "–"
-    lines = ["| variant | test acc % | units removed % | MACs % of dense | params % of dense |",
-             "|---|---:|---:|---:|---:|"]
-    for v in cmp.variants:
-        lines.append(f"| {v} | {fmt(acc[v])} | {fmt(rem.get(v, [0.0]))} | "
-                     f"{fmt(macs.get(v, [1.0]))} | {fmt(params.get(v, [1.0]))} |")
-    return "\n".join(lines)
+def table(cmp):
+    """Per variant: accuracy, units removed, MACs and parameters of dense (mean ± std)."""
+    return variant_table(cmp, [
+        (Column("test acc %"), final("test_acc", 100)),
+        (Column("units removed %"), final("units_removed", 100, default=0.0)),
+        (Column("MACs % of dense"), final("macs_ratio", 100, default=1.0)),
+        (Column("params % of dense"), final("params_ratio", 100, default=1.0))])
 
 
 def main() -> None:
@@ -68,25 +67,18 @@ def main() -> None:
     peaks = [float(x) for x in args.peaks.split(",")]
     epochs, seeds, size = (1, [0], 4000) if args.quick else (args.epochs, [0, 1, 2],
                                                                args.train_size)
-    text = ["# DemP vs structured pruning on Fashion-MNIST", "",
-            f"Machine: {machine()}. Training samples: {size or 'all'}. "
-            f"AdamW lr 5e-3 (wd 5e-4), cosine, {epochs} epochs, seeds "
-            f"{seeds}; DemP: L1 on BN scales, one-cycle over 90% of the steps, noise peak 5e-5, "
-            "death check every 100 steps on 2048 training samples. Structured: L1-norm of "
-            "filters, cubic schedule from 10% to 70% of the steps, to DemP's final widths. "
-            f"Regenerate with `python reproduce/demp.py --jobs 2 --models {args.models} "
-            f"--epochs {epochs} --peaks {args.peaks}"
-            + (f" --train-size {size}`." if size else "`."), ""]
-    for model in args.models.split(","):
+    for model in [] if args.pages_only else args.models.split(","):
         cfg = base(model, epochs, size)
-        folder = out / f"demp_{model}"
-        run_compare(CompareSpec(cfg, {"dense": {}, **demp_variants(peaks)}, seeds), args.root,
-                    folder, show_progress=False, jobs=args.jobs)
-        first = load_comparison(folder, args.root)
-        folder_b = out / f"demp_{model}_structured"
-        run_compare(CompareSpec(cfg, matched_baselines(first, peaks), seeds), args.root,
-                    folder_b, show_progress=False, jobs=args.jobs)
-        second = load_comparison(folder_b, args.root)
+        first_spec = CompareSpec(cfg, {"dense": {}, **demp_variants(peaks)}, seeds,
+                                 name=f"demp_{model}")
+        run_compare(first_spec, args.root, first_spec.folder(out), show_progress=False,
+                    jobs=args.jobs)
+        first = load_comparison(first_spec.folder(out), args.root)
+        second_spec = CompareSpec(cfg, matched_baselines(first, peaks), seeds,
+                                  name=f"demp_{model}_structured")
+        run_compare(second_spec, args.root, second_spec.folder(out), show_progress=False,
+                    jobs=args.jobs)
+        second = load_comparison(second_spec.folder(out), args.root)
         both = first + second
         removed, acc = final_values(both, "units_removed"), final_values(both, "test_acc")
         series = {}
@@ -96,9 +88,24 @@ def main() -> None:
             series[label] = ([x for x, _, _ in pts], [m for _, m, _ in pts], [s for _, _, s in pts])
         dense = mean_std(acc["dense"])
         series["dense"] = ([0.0], [dense[0]], [dense[1]])
-        plot_series([(f"{model}: test accuracy %", series)], out / f"demp_{model}.png",
+        plot_series([(f"{model}: test accuracy %", series)], out / f"{first_spec.name}.png",
                     xlabel="fraction of units removed", scale=100)
-        text += [f"## {model}", "", table(both), "", f"![{model}](demp_{model}.png)", ""]
+        write_section(first_spec.folder(out), "\n".join([
+            f"## {model}", "",
+            f"Machine: {first.machine}. Training samples: {size or 'all'}. "
+            f"AdamW lr 5e-3 (wd 5e-4), cosine, {epochs} epochs, seeds {seeds}. "
+            + regenerate(first), "",
+            table(both).to_markdown(), "", f"![{model}]({first_spec.name}.png)"]))
+    order = list(MODELS)
+    found = sorted(((f, sp) for f, sp in comparisons(out, "demp_")
+                    if "dense" in sp.get("variants", {})),
+                   key=lambda fs: order.index(fs[1]["base"]["model"]))
+    text = ["# DemP vs structured pruning on Fashion-MNIST", "",
+            "DemP: L1 on BN scales, one-cycle over 90% of the steps, noise peak 5e-5, death "
+            "check every 100 steps on 2048 training samples. Structured: L1-norm of filters, "
+            "cubic schedule from 10% to 70% of the steps, to DemP's final widths.", ""]
+    for folder, _ in found:
+        text += [read_section(folder), ""]
     (out / "demp.md").write_text("\n".join(text))
     print(f"wrote {out / 'demp.md'}")
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import by_round, load_comparison, machine, mean_std, paired, round_ends
+from dormant.report import (by_round, comparisons, load_comparison, paired,
+                            read_section, regenerate, round_ends, write_block, write_section)
+from dormant.tables import Column, Table, mean_std, stat
 
 MODELS = {  # model -> (pruning iterations, epochs per iteration, relief options)
     # alpha_fc 0.95 removes less each iteration (35% of the weights, then 28%, 23%, ... 14% at
@@ -33,32 +35,58 @@ def rounds_args(rounds: int, epr: int) -> dict:
     return {"rounds": rounds, "epochs_per_round": epr, "rewind": "init", "keep_best": True}
 
 
-def table(cmp, variant: str) -> str:
-    lines = ["| iteration | sparsity % | compression | test acc % | surviving units | "
-             "FLOPs (non-zero) | FLOPs (structured) |", "|---:|---:|---:|---:|---|---:|---:|"]
+def table(cmp, variant: str) -> Table:
+    """Per iteration (pruning round): sparsity, compression, accuracy, surviving units and
+    FLOPs, mean (± std) over seeds."""
+    t = Table([Column("iteration"), Column("sparsity %", fmt="{:.1f}"),
+               Column("compression", fmt="{:.1f}"), Column("test acc %"),
+               Column("surviving units", align="left"), Column("FLOPs (non-zero)"),
+               Column("FLOPs (structured)")])
     hists = round_ends(cmp, variant)
     for i in range(min(len(h) for h in hists)):
         rows = [h[i] for h in hists]
-        sp, comp = mean_std([r["sparsity"] for r in rows]), mean_std([r["compression"] for r in rows])
-        acc = mean_std([100 * r["test_acc"] for r in rows])
         arch = "-".join(str(round(mean_std([r["arch"][k] for r in rows])[0]))
                         for k in rows[0]["arch"])
-        f1 = mean_std([r["flops_nonzero_ratio"] for r in rows])[0]
-        f2 = mean_std([r["flops_structured_ratio"] for r in rows])[0]
-        lines.append(f"| {i} | {100 * sp[0]:.1f} | {comp[0]:.1f}× ± {comp[1]:.1f} | "
-                     f"{acc[0]:.2f} ± {acc[1]:.2f} | {arch} | {100 * f1:.1f}% | {100 * f2:.1f}% |")
-    return "\n".join(lines)
+        comp = stat(r["compression"] for r in rows)
+        t.add(i, stat(r["sparsity"] for r in rows).mean * 100,
+              f"{comp.mean:.1f}× ± {comp.std:.1f}", stat((r["test_acc"] for r in rows), 100),
+              arch, f"{100 * stat(r['flops_nonzero_ratio'] for r in rows).mean:.1f}%",
+              f"{100 * stat(r['flops_structured_ratio'] for r in rows).mean:.1f}%")
+    return t
 
 
 def summary(relief_cmp, imp_cmp) -> str:
     """Dense vs final accuracy of NNrelief, and NNrelief vs IMP, paired by seed."""
     relief = round_ends(relief_cmp, "NNrelief")
-    drop = mean_std([100 * (r[0]["test_acc"] - r[-1]["test_acc"]) for r in relief])
-    comp = mean_std([r[-1]["compression"] for r in relief])
+    drop = stat(100 * (r[0]["test_acc"] - r[-1]["test_acc"]) for r in relief)
+    comp = stat(r[-1]["compression"] for r in relief)
     _, diff, spread = paired(relief_cmp + imp_cmp, "test_acc", "IMP", "NNrelief")[-1]
-    return (f"Final: compression {comp[0]:.1f}× ± {comp[1]:.1f}, accuracy drop from dense "
-            f"{drop[0]:+.2f} ± {drop[1]:.2f} points (positive = lower), NNrelief − IMP at the "
-            f"same sparsity {100 * diff:+.2f} ± {100 * spread:.2f} points (paired by seed).")
+    return (f"Final: compression {comp.mean:.1f}× ± {comp.std:.1f}, accuracy drop from dense "
+            f"{drop.mean:+.2f} ± {drop.std:.2f} points (positive = lower), NNrelief − IMP at "
+            f"the same sparsity {100 * diff:+.2f} ± {100 * spread:.2f} points (paired by seed).")
+
+
+def headline(relief_cmp, imp_cmp) -> Table:
+    """The results page's table: dense, NNrelief's last iteration and IMP at the same
+    sparsity (mean ± std over seeds)."""
+    t = Table([Column("", align="left"), Column("sparsity"), Column("compression"),
+               Column("test acc %"), Column("surviving units", align="left"),
+               Column("structured FLOPs")])
+    relief, imp = round_ends(relief_cmp, "NNrelief"), round_ends(imp_cmp, "IMP")
+    n = min(len(h) for h in relief) - 1
+    arch = lambda rows: "-".join(str(round(mean_std([r["arch"][k] for r in rows])[0]))
+                                 for k in rows[0]["arch"])
+    for label, rows, std in (("dense (iteration 0)", [h[0] for h in relief], False),
+                             (f"NNrelief, iteration {n}", [h[n] for h in relief], True),
+                             (f"IMP, round {n}", [h[n] for h in imp], False)):
+        sp, comp = stat(r["sparsity"] for r in rows), stat(r["compression"] for r in rows)
+        t.add(label, f"{100 * sp.mean:.1f}%" if sp.mean else "0",
+              (f"{comp.mean:.1f}× ± {comp.std:.1f}" if std else f"{comp.mean:.1f}×")
+              if sp.mean else "1×",
+              stat((r["test_acc"] for r in rows), 100), arch(rows),
+              f"{100 * stat(r['flops_structured_ratio'] for r in rows).mean:.1f}%"
+              if sp.mean else "100%")
+    return t
 
 
 def main() -> None:
@@ -70,32 +98,47 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     seeds = [0] if args.quick else [0, 1, 2]
-    text = ["# NNrelief vs iterative magnitude pruning on Fashion-MNIST", "",
-            f"Machine: {machine()}. Seeds {seeds}. Iteration 0 is the dense pre-trained "
-            "network. Regenerate with `python reproduce/nnrelief.py --jobs 2"
-            + ("" if args.models == ",".join(MODELS) else f" --models {args.models}") + "`.", ""]
-    for model in args.models.split(","):
+    for model in [] if args.pages_only else args.models.split(","):
         rounds, epr, relief = MODELS[model]
         rounds = 1 if args.quick else (args.rounds or rounds)
         epr = 1 if args.quick else epr
         cfg = base(model, rounds, epr)
-        folder = out / f"nnrelief_{model}"
-        run_compare(CompareSpec(cfg, {"NNrelief": {"method": "nnrelief", "method_args": {
-            **rounds_args(rounds, epr), **relief}}}, seeds), args.root, folder,
-            show_progress=False, jobs=args.jobs)
-        relief_cmp = load_comparison(folder, args.root)
+        relief_spec = CompareSpec(cfg, {"NNrelief": {"method": "nnrelief", "method_args": {
+            **rounds_args(rounds, epr), **relief}}}, seeds, name=f"nnrelief_{model}")
+        run_compare(relief_spec, args.root, relief_spec.folder(out), show_progress=False,
+                    jobs=args.jobs)
+        relief_cmp = load_comparison(relief_spec.folder(out), args.root)
         final_sparsity = by_round(relief_cmp, "test_acc")["NNrelief"][0][-1]
         rate = 1 - (1 - final_sparsity) ** (1 / rounds)
-        folder_imp = out / f"nnrelief_{model}_imp"
-        run_compare(CompareSpec(cfg, {"IMP": {"method": "imp", "method_args": {
-            **rounds_args(rounds, epr), "rate": round(rate, 6)}}}, seeds), args.root,
-            folder_imp, show_progress=False, jobs=args.jobs)
-        imp_cmp = load_comparison(folder_imp, args.root)
-        text += [f"## {model} ({rounds} iterations of {epr} epochs; {relief})", "",
-                 summary(relief_cmp, imp_cmp), "",
-                 "NNrelief:", "", table(relief_cmp, "NNrelief"), "",
-                 f"IMP at {100 * rate:.1f}% per round (same final sparsity):", "",
-                 table(imp_cmp, "IMP"), ""]
+        imp_spec = CompareSpec(cfg, {"IMP": {"method": "imp", "method_args": {
+            **rounds_args(rounds, epr), "rate": round(rate, 6)}}}, seeds,
+            name=f"nnrelief_{model}_imp")
+        run_compare(imp_spec, args.root, imp_spec.folder(out), show_progress=False,
+                    jobs=args.jobs)
+        imp_cmp = load_comparison(imp_spec.folder(out), args.root)
+        write_section(relief_spec.folder(out), "\n".join([
+            f"## {model} ({rounds} iterations of {epr} epochs; {relief})", "",
+            f"Machine: {relief_cmp.machine}. Seeds {seeds}. {regenerate(relief_cmp)}", "",
+            summary(relief_cmp, imp_cmp), "",
+            "NNrelief:", "", table(relief_cmp, "NNrelief").to_markdown(), "",
+            f"IMP at {100 * rate:.1f}% per round (same final sparsity):", "",
+            table(imp_cmp, "IMP").to_markdown()]))
+    # the page: every model's section that exists, each regenerated on its own
+    order = list(MODELS)
+    found = sorted(((f, sp) for f, sp in comparisons(out, "nnrelief_")
+                    if "NNrelief" in sp.get("variants", {})),
+                   key=lambda fs: order.index(fs[1]["base"]["model"]))
+    text = ["# NNrelief vs iterative magnitude pruning on Fashion-MNIST", "",
+            "Iteration 0 is the dense pre-trained network.", ""]
+    for folder, _ in found:
+        text += [read_section(folder), ""]
+        try:        # the table of results.md, where the runs (or their copy) are at hand
+            relief_cmp = load_comparison(folder, args.root)
+            imp_cmp = load_comparison(folder.with_name(folder.name + "_imp"), args.root)
+        except FileNotFoundError:
+            continue
+        write_block(out.parent / "results.md", folder.name,
+                    headline(relief_cmp, imp_cmp).to_markdown())
     (out / "nnrelief.md").write_text("\n".join(text))
     print(f"wrote {out / 'nnrelief.md'}")
 

@@ -15,36 +15,37 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.experiments.presets import PLASTICITY_METHODS as METHODS
-from dormant.report import curves, load_comparison, machine, mean_std, plot_series
+from dormant.report import (comparisons, curves, final, load_comparison, plot_series,
+                            read_section, regenerate, variant_table, window, write_block,
+                            write_section)
+from dormant.tables import Column
 
 OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0},
               "adam": {"optimizer": "adam", "lr": 1e-3}}
 
 
-def base(tasks: int, samples: int) -> ExperimentConfig:
-    return ExperimentConfig(dataset="fashion-mnist", model="mlp",
+def spec(opt: str, tasks: int, samples: int, seeds) -> CompareSpec:
+    base = ExperimentConfig(dataset="fashion-mnist", model="mlp",
                             model_args={"depth": 2, "width": 100}, batch_size=16,
                             epochs=tasks, tasks={"kind": "permuted", "epochs_per_task": 1,
-                                                 "samples": samples})
+                                                 "samples": samples}, **OPTIMIZERS[opt])
+    return CompareSpec(base, METHODS, seeds, title=f"Plasticity, {opt}", columns=("task",),
+                       name=f"plasticity_{opt}_{tasks}x{samples}")
 
 
-def table(cmp, tasks: int) -> str:
-    """Per method: accuracy on the last 10% of tasks, on the first 10%, dead % and effective
-    rank of the last hidden layer at the end (mean ± std over seeds)."""
+def table(cmp):
+    """Per method: test accuracy on the task just trained, mean over the first and the last
+    10% of tasks; dead units % and effective rank of the last hidden layer after the last
+    task (mean ± std over seeds)."""
+    tasks = len(cmp.runs[0][1])
     tail = max(1, tasks // 10)
-    lines = ["| method | first 10% of tasks, test acc % | last 10% | dead units % | "
-             "effective rank (last layer) |", "|---|---:|---:|---:|---:|"]
-    for variant in cmp.variants:
-        hists = [h for v, h in cmp.runs if v == variant]
-        first = mean_std([100 * sum(r["test_acc"] for r in h[:tail]) / tail for h in hists])
-        last = mean_std([100 * sum(r["test_acc"] for r in h[-tail:]) / tail for h in hists])
-        dead = mean_std([100 * h[-1]["dead_fraction"] for h in hists])
-        erank_key = sorted(k for k in hists[0][-1] if k.startswith("erank/"))[-1]
-        erank = mean_std([h[-1][erank_key] for h in hists])
-        lines.append(f"| {variant} | {first[0]:.2f} ± {first[1]:.2f} | {last[0]:.2f} ± "
-                     f"{last[1]:.2f} | {dead[0]:.1f} ± {dead[1]:.1f} | {erank[0]:.1f} ± "
-                     f"{erank[1]:.1f} |")
-    return "\n".join(lines)
+    erank = sorted(k for k in cmp.runs[0][1][-1] if k.startswith("erank/"))[-1]
+    return variant_table(cmp, [
+        (Column("first 10% of tasks, test acc %"), window("test_acc", 0, tail, 100)),
+        (Column("last 10%"), window("test_acc", -tail, None, 100)),
+        (Column("dead units %", fmt="{:.1f}"), final("dead_fraction", 100)),
+        (Column("effective rank (last layer)", fmt="{:.1f}"), final(erank))],
+        first=Column("method", align="left"))
 
 
 def main() -> None:
@@ -61,23 +62,28 @@ def main() -> None:
     tasks, samples = (3, 1000) if args.quick else (args.tasks, args.samples)
     seeds = [0] if args.quick else [0, 1, 2]
     out = Path(args.out)
-    text = ["# Loss of plasticity on permuted Fashion-MNIST", "",
-            f"Machine: {machine()}. Seeds {seeds}. {tasks} tasks of {samples} examples, one "
-            "epoch each, MLP 2 x 100, batch 16. Test accuracy is on the task just trained. "
-            f"Regenerate with `python reproduce/plasticity.py --tasks {tasks} --samples "
-            f"{samples} --optimizers {args.optimizers} --jobs 2`.", ""]
-    for opt in args.optimizers.split(","):
-        folder = out / f"plasticity_{opt}_{tasks}x{samples}"
-        spec = CompareSpec(base(tasks, samples).override(**OPTIMIZERS[opt]), METHODS, seeds,
-                           title=f"Plasticity, {opt}", columns=("task",))
-        run_compare(spec, args.root, folder, show_progress=False, jobs=args.jobs)
-        cmp = load_comparison(folder, args.root)
+    for opt in [] if args.pages_only else args.optimizers.split(","):
+        s = spec(opt, tasks, samples, seeds)
+        run_compare(s, args.root, s.folder(out), show_progress=False, jobs=args.jobs)
+        cmp = load_comparison(s.folder(out), args.root)
         plot = plot_series([("test accuracy % on the task just trained",
                              curves(cmp, "test_acc")),
                             ("dead units %", curves(cmp, "dead_fraction"))],
-                           out / f"plasticity_{opt}_{tasks}x{samples}.png", xlabel="task",
-                           scale=100.0)
-        text += [f"## {opt}", "", table(cmp, tasks), "", f"![{opt}]({plot.name})", ""]
+                           out / f"{s.name}.png", xlabel="task", scale=100.0)
+        write_section(s.folder(out), "\n".join([
+            f"## {opt}: {tasks} tasks of {samples} examples", "",
+            f"Machine: {cmp.machine}. Seeds {seeds}. {regenerate(cmp)}", "",
+            table(cmp).to_markdown(), "", f"![{opt}]({plot.name})"]))
+    text = ["# Loss of plasticity on permuted Fashion-MNIST", "",
+            "One epoch per task, MLP 2 x 100, batch 16. Test accuracy is on the task just "
+            "trained.", ""]
+    for folder, _ in comparisons(out, "plasticity_"):
+        text += [read_section(folder), ""]
+        try:
+            cmp = load_comparison(folder, args.root)
+        except FileNotFoundError:
+            continue
+        write_block(out.parent / "results.md", folder.name, table(cmp).to_markdown())
     (out / "plasticity.md").write_text("\n".join(text))
     print(f"wrote {out / 'plasticity.md'}")
 

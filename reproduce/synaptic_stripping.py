@@ -23,6 +23,7 @@ Finished runs are reused (runs/reproduce/...), so an interrupted reproduction re
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dormant.diagnose import probe
@@ -30,8 +31,10 @@ from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser,
 from dormant.experiments.compare import columns_for, to_markdown
 from dormant.experiments.run import load_run
 from dormant.methods.synaptic_stripping import beyond_reach
-from dormant.report import (final_values, load_comparison, machine, mean_std, plot_curves,
-                            run_dirs)
+from dormant.report import (comparisons, final_values, load_comparison, plot_curves,
+                            read_section, regenerate, run_dirs, table_rows, write_block,
+                            write_section)
+from dormant.tables import Column, Table, mean_std, reduction, stat
 from dormant.units import fan_in_rows
 
 SCHEDULE = {"schedule": "cosine", "schedule_args": {"warmup": 1, "final": 0.01}}
@@ -69,7 +72,7 @@ def vit_spec(epochs: int, seeds) -> CompareSpec:
         "GELU": {"activation": "gelu"},
     }
     return CompareSpec(base, variants, seeds, title="Tiny ViT on Fashion-MNIST",
-                       columns=COLUMNS)
+                       columns=COLUMNS, name="synaptic_stripping_vit")
 
 
 SHAPES = [(64, 4), (256, 4), (1024, 4), (256, 2), (256, 8)]   # (width, depth)
@@ -92,40 +95,50 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def mlp_spec(epochs: int, seeds, per_steps: bool = True, shapes=SHAPES,
-             unit_inputs: bool = False, bias_fallback: bool = False) -> CompareSpec:
+             unit_inputs: bool = False, bias_fallback: bool = False,
+             name: str = "synaptic_stripping_mlp") -> CompareSpec:
     base = ExperimentConfig(dataset="fashion-mnist", model="mlp", optimizer="adam", lr=1e-2,
                             batch_size=128, epochs=epochs, **SCHEDULE,
                             dataset_args={"standardize": False} if unit_inputs else {})
     variants = {}
     for width, depth in shapes:
-        arch, name = {"model_args": {"width": width, "depth": depth}}, shape_name(width, depth)
-        variants[f"{name} ReLU"] = arch
-        variants[f"{name} + stripping"] = {**arch, **SS}
+        arch, shape = {"model_args": {"width": width, "depth": depth}}, shape_name(width, depth)
+        variants[f"{shape} ReLU"] = arch
+        variants[f"{shape} + stripping"] = {**arch, **SS}
         if bias_fallback:   # a deviation from the paper, next to its rule
-            variants[f"{name} + stripping, bias fallback"] = {**arch,
+            variants[f"{shape} + stripping, bias fallback"] = {**arch,
                                                                **stripping(bias_fallback=True)}
         if per_steps:
-            variants[f"{name} + stripping/100 steps"] = {**arch, **stripping(every_steps=100)}
+            variants[f"{shape} + stripping/100 steps"] = {**arch, **stripping(every_steps=100)}
     return CompareSpec(base, variants, seeds, title="ReLU MLP ablation on Fashion-MNIST",
-                       columns=COLUMNS)
+                       columns=COLUMNS, name=name)
 
 
-def reduction_table(cmp, pairs) -> str:
+def long_spec(epochs: int, seeds, shapes, unit_inputs: bool, bias_fallback: bool
+              ) -> CompareSpec:
+    """A longer ablation (ReLU vs stripping every epoch), in its own folder:
+    synaptic_stripping_mlp_<E>ep[_unit][_bias]."""
+    name = (f"synaptic_stripping_mlp_{epochs}ep" + ("_unit" if unit_inputs else "")
+            + ("_bias" if bias_fallback else ""))
+    return mlp_spec(epochs, seeds, per_steps=False, shapes=shapes, unit_inputs=unit_inputs,
+                    bias_fallback=bias_fallback, name=name)
+
+
+def reduction_table(cmp, pairs) -> Table:
     """Dead units at the end: baseline vs method, and the reduction, per seed mean ± std."""
     dead = final_values(cmp, "dead_units")
     acc = final_values(cmp, "test_acc")
-    lines = ["| setting | dead, ReLU | dead, method | fewer dead | acc ReLU % | acc method % |",
-             "|---|---:|---:|---:|---:|---:|"]
+    t = Table([Column("setting", align="left"), Column("dead, ReLU", fmt="{:.1f}"),
+               Column("dead, method", fmt="{:.1f}"), Column("fewer dead"),
+               Column("acc ReLU %"), Column("acc method %")])
     for label, base, method in pairs:
-        b, m = mean_std(dead[base]), mean_std(dead[method])
-        red = 100 * (1 - m[0] / b[0]) if b[0] > 0 else float("nan")
-        ab, am = mean_std([100 * a for a in acc[base]]), mean_std([100 * a for a in acc[method]])
-        lines.append(f"| {label} | {b[0]:.1f} ± {b[1]:.1f} | {m[0]:.1f} ± {m[1]:.1f} | "
-                     f"{red:.0f}% | {ab[0]:.2f} ± {ab[1]:.2f} | {am[0]:.2f} ± {am[1]:.2f} |")
-    return "\n".join(lines)
+        b, m = stat(dead[base]), stat(dead[method])
+        t.add(label, b, m, f"{100 * reduction(b.mean, m.mean):.0f}%", stat(acc[base], 100),
+              stat(acc[method], 100))
+    return t
 
 
-def layer_table(cmp, shapes, methods) -> str:
+def layer_table(cmp, shapes, methods) -> Table:
     """Dead units at the end in the first hidden layer (fed by the pixels: signed when they
     are standardised) and in the deeper layers (fed by ReLU outputs), mean over seeds."""
     first_frac, dead = final_values(cmp, "dead/act1"), final_values(cmp, "dead_units")
@@ -134,19 +147,19 @@ def layer_table(cmp, shapes, methods) -> str:
         first = [f * width for f in first_frac[variant]]
         return mean_std(first)[0], mean_std([d - a for d, a in zip(dead[variant], first)])[0]
 
-    lines = ["| shape | variant | dead in layer 1 | dead in layers 2+ | fewer dead in layers 2+ |",
-             "|---|---|---:|---:|---:|"]
+    t = Table([Column("shape", align="left"), Column("variant", align="left"),
+               Column("dead in layer 1", fmt="{:.1f}"), Column("dead in layers 2+", fmt="{:.1f}"),
+               Column("fewer dead in layers 2+")])
     for width, depth in shapes:
         shape = shape_name(width, depth)
         base = split(f"{shape} ReLU", width)
-        lines.append(f"| {shape} | ReLU | {base[0]:.1f} | {base[1]:.1f} | |")
+        t.add(shape, "ReLU", base[0], base[1], "")
         for label, suffix in methods:
             if f"{shape}{suffix}" not in cmp.variants:
                 continue
             first, rest = split(f"{shape}{suffix}", width)
-            red = 100 * (1 - rest / base[1]) if base[1] > 0 else float("nan")
-            lines.append(f"| {shape} | {label} | {first:.1f} | {rest:.1f} | {red:.0f}% |")
-    return "\n".join(lines)
+            t.add(shape, label, first, rest, f"{100 * reduction(base[1], rest):.0f}%")
+    return t
 
 
 def reach_counts(run_dir: Path, datasets: dict | None = None) -> tuple[int, int, int]:
@@ -166,25 +179,20 @@ def reach_counts(run_dir: Path, datasets: dict | None = None) -> tuple[int, int,
     return counts[0], counts[1], counts[2]
 
 
-def reach_table(folder: Path, root: str, variants) -> str:
+def reach_table(folder: Path, root: str, variants) -> Table:
     """Of the units still dead at the end with stripping, how many the rule can no longer
     reach, mean over seeds (read from each run's final weights)."""
     runs, datasets = run_dirs(folder, root), {}    # one dataset load for the whole table
-    lines = ["| variant | dead at the end | no negative weight left | of them, <= 1 weight left |",
-             "|---|---:|---:|---:|"]
+    t = Table([Column("variant", align="left"),
+               *(Column(c, fmt="{:.1f}") for c in ("dead at the end", "no negative weight left",
+                                                    "of them, <= 1 weight left"))])
     for v in variants:
         dirs = [d for name, d in runs if name == v]
         if not dirs:
             continue
         counts = list(zip(*(reach_counts(d, datasets) for d in dirs)))
-        cells = " | ".join(f"{mean_std(c)[0]:.1f}" for c in counts)
-        lines.append(f"| {v} | {cells} |")
-    return "\n".join(lines)
-
-
-def long_folder(out: Path, epochs: int, unit_inputs: bool, bias_fallback: bool = False) -> Path:
-    return out / (f"synaptic_stripping_mlp_{epochs}ep" + ("_unit" if unit_inputs else "")
-                  + ("_bias" if bias_fallback else ""))
+        t.add(v, *(stat(c).mean for c in counts))
+    return t
 
 
 def spec_shapes(cmp) -> list[tuple[int, int]]:
@@ -209,8 +217,6 @@ def long_section(cmp, folder: Path, root: str, cols, out: Path) -> list[str]:
                         "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
     fallback = any(v.endswith(", bias fallback") for v in cmp.variants)
-    opts = (f"--long-epochs {epochs} --long-shapes {','.join(f'{w}x{d}' for w, d in shapes)}"
-            + (" --bias-fallback" if fallback else ""))
     pairs = [(f"{n}, every epoch, {epochs} epochs", f"{n} ReLU", f"{n} + stripping")
              for n in names]
     methods = [("stripping every epoch", " + stripping")]
@@ -224,24 +230,106 @@ def long_section(cmp, folder: Path, root: str, cols, out: Path) -> list[str]:
             + (", inputs in [0, 1]" if unit else "")
             + (", with the bias fallback (a deviation)" if fallback else ""), "",
             *([FALLBACK, ""] if fallback else []),
-            f"The ablation trained for {epochs} epochs (the cosine schedule stretched to the "
-            f"new length), ReLU vs stripping at the paper's cadence; inputs: {inputs}. "
-            f"Regenerate with `python reproduce/synaptic_stripping.py --jobs 2 {opts}"
-            + (" --long-inputs unit" if unit else "") + "`.", "",
+            f"Machine: {cmp.machine}. The ablation trained for {epochs} epochs (the cosine "
+            "schedule stretched to the new length), ReLU vs stripping at the paper's cadence; "
+            f"inputs: {inputs}. {regenerate(cmp)}", "",
             to_markdown(cmp.rows, cols), "",
-            reduction_table(cmp, pairs), "",
-            layer_table(cmp, shapes, methods), "",
+            reduction_table(cmp, pairs).to_markdown(), "",
+            layer_table(cmp, shapes, methods).to_markdown(), "",
             REACH, "",
-            reach_table(folder, root, [f"{n}{x}" for n in names for _, x in methods]), "",
-            f"![MLP curves, {epochs} epochs]({plot.name})", ""]
+            reach_table(folder, root, [f"{n}{x}" for n in names for _, x in methods])
+            .to_markdown(), "",
+            f"![MLP curves, {epochs} epochs]({plot.name})"]
 
 
 def long_folders(out: Path) -> list[Path]:
-    """Every longer ablation that has been run, by epochs, standardised inputs first."""
-    found = [f for f in out.glob("synaptic_stripping_mlp_*ep*") if (f / "compare.json").exists()]
-    key = lambda f: (int(f.name.split("_")[3].removesuffix("ep")), "_unit" in f.name,
-                     f.name.endswith("_bias"))
-    return sorted(found, key=key)
+    """Every longer ablation that has been run, by epochs, standardised inputs first, the
+    paper's rule alone before the one with the bias fallback (read from their specs)."""
+    def key(spec: dict) -> tuple:
+        unit = spec["base"].get("dataset_args", {}).get("standardize", True) is False
+        bias = any(v.get("method_args", {}).get("bias_fallback")
+                   for v in spec["variants"].values())
+        return spec["base"]["epochs"], unit, bias
+    found = comparisons(out, "synaptic_stripping_mlp_")
+    return [f for f, _ in sorted(found, key=lambda fs: key(fs[1]))]
+
+
+# --- the tables of docs/results.md, from the comparison tables alone (compare.json rows) ---
+
+def _dead(row: dict, base: dict | None = None, std: bool = True) -> str:
+    """Dead units at the end: "14.7 ± 2.5", "0" when none, "(−98%)" against `base`."""
+    m, sd = row["dead_units"]
+    if m == 0:
+        return "0"
+    text = f"{m:.1f} ± {sd:.1f}" if std else f"{m:.1f}"
+    return text + (f" (−{100 * reduction(base['dead_units'][0], m):.0f}%)" if base else "")
+
+
+def _acc(row: dict) -> str:
+    return "{:.2f} ± {:.2f}".format(*row["test_acc"])
+
+
+def _by_size(rows: dict) -> list[str]:
+    """The MLP shapes of a comparison, by width then depth ("w64 d4", "w256 d2", ...)."""
+    names = {v.split(" + ")[0].removesuffix(" ReLU") for v in rows}
+    return sorted(names, key=lambda n: tuple(int(x[1:]) for x in n.split()))
+
+
+def summary_tables(out: Path) -> dict[str, str]:
+    """docs/results.md's Synaptic Stripping tables, by block name, for the comparisons there."""
+    tables = {}
+    if (out / "synaptic_stripping_vit" / "compare.json").exists():
+        rows = table_rows(out / "synaptic_stripping_vit")
+        t = Table([Column("variant", align="left"), Column("test acc %"),
+                   Column("dead units at the end"), Column("weight sparsity")])
+        for v, r in rows.items():
+            sp = r.get("weight_sparsity")
+            t.add(v.replace("(tau=", "τ=").rstrip(")") if "ReDo" in v else v, _acc(r),
+                  _dead(r, None if v == "ReLU" else rows["ReLU"]),
+                  f"{sp[0]:.1f}%" if sp and sp[0] else "–")
+        tables["synaptic_stripping_vit"] = t.to_markdown()
+    if (out / "synaptic_stripping_mlp" / "compare.json").exists():
+        rows = table_rows(out / "synaptic_stripping_mlp")
+        t = Table([Column("MLP", align="left"), Column("dead, ReLU"),
+                   Column("dead, stripping every epoch"), Column("dead, every 100 steps"),
+                   Column("acc ReLU %"), Column("acc every epoch %"),
+                   Column("acc every 100 steps %")])
+        for n in _by_size(rows):
+            base, ep, st = (rows[f"{n} ReLU"], rows[f"{n} + stripping"],
+                            rows[f"{n} + stripping/100 steps"])
+            t.add(n, _dead(base, std=False), _dead(ep, base, std=False),
+                  _dead(st, base, std=False), _acc(base), _acc(ep), _acc(st))
+        tables["synaptic_stripping_mlp"] = t.to_markdown()
+    long = Table([Column("MLP", align="left"), Column("dead, ReLU"),
+                  Column("dead, stripping every epoch"), Column("acc ReLU %"),
+                  Column("acc stripping %")])
+    bias = Table([Column("MLP", align="left"), Column("dead, ReLU"), Column("paper's rule"),
+                  Column("with bias fallback"), Column("acc ReLU %"),
+                  Column("acc paper's rule %"), Column("acc bias fallback %")])
+    plain, fallback = [], []            # longer ablations, standardised inputs only
+    for folder in long_folders(out):
+        spec = json.loads((folder / "compare.json").read_text())["spec"]
+        if spec["base"].get("dataset_args", {}).get("standardize", True) is False:
+            continue
+        rows = table_rows(folder)
+        on = fallback if any(v.endswith("bias fallback") for v in rows) else plain
+        on.append((spec["base"]["epochs"], rows))
+    for epochs, rows in plain:
+        for n in _by_size(rows):
+            b, m = rows[f"{n} ReLU"], rows[f"{n} + stripping"]
+            long.add(n if epochs == plain[0][0] else f"{n}, {epochs} epochs", _dead(b),
+                     _dead(m, b), _acc(b), _acc(m))
+    for epochs, rows in sorted(fallback, key=lambda er: -er[0]):
+        for n in _by_size(rows):
+            b, m, f = (rows[f"{n} ReLU"], rows[f"{n} + stripping"],
+                       rows[f"{n} + stripping, bias fallback"])
+            bias.add(f"{n}, {epochs} epochs", _dead(b), _dead(m, b), _dead(f, b), _acc(b),
+                     _acc(m), _acc(f))
+    if long.rows:
+        tables["synaptic_stripping_long"] = long.to_markdown()
+    if bias.rows:
+        tables["synaptic_stripping_bias"] = bias.to_markdown()
+    return tables
 
 
 def main() -> None:
@@ -270,16 +358,16 @@ def main() -> None:
     long_epochs = 0 if args.quick else args.long_epochs
     out = Path(args.out)
     unit = args.long_inputs == "unit"
-    specs = [(out / "synaptic_stripping_vit", vit_spec(epochs, seeds)),
-             (out / "synaptic_stripping_mlp", mlp_spec(epochs, seeds))]
+    vit_s, mlp_s = vit_spec(epochs, seeds), mlp_spec(epochs, seeds)
+    if args.pages_only:
+        return write_pages(out, vit_s, mlp_s)
+    specs = [vit_s, mlp_s]
     if long_epochs:
-        specs.append((long_folder(out, long_epochs, unit, args.bias_fallback),
-                      mlp_spec(long_epochs, seeds, per_steps=False, shapes=long_shapes,
-                               unit_inputs=unit, bias_fallback=args.bias_fallback)))
-    for folder, spec in specs:
-        run_compare(spec, args.root, folder, show_progress=False, jobs=args.jobs)
-    vit = load_comparison(out / "synaptic_stripping_vit", args.root)
-    mlp = load_comparison(out / "synaptic_stripping_mlp", args.root)
+        specs.append(long_spec(long_epochs, seeds, long_shapes, unit, args.bias_fallback))
+    for spec in specs:
+        run_compare(spec, args.root, spec.folder(out), show_progress=False, jobs=args.jobs)
+    vit = load_comparison(vit_s.folder(out), args.root)
+    mlp = load_comparison(mlp_s.folder(out), args.root)
     plot_curves(vit, ["dead_units", "test_acc", "weight_sparsity"],
                 out / "synaptic_stripping_vit.png",
                 titles={"dead_units": "dead units (never active on val)",
@@ -292,31 +380,29 @@ def main() -> None:
                 titles={"dead_units": "dead units, MLP w256 d4", "test_acc": "test accuracy %"},
                 scale={"test_acc": 100})
     cols = columns_for(COLUMNS)
-    command = "python reproduce/synaptic_stripping.py --jobs 2" + (
-        " --quick" if args.quick else "")
-    text = [
-        "# Synaptic Stripping on Fashion-MNIST",
-        "",
-        f"Machine: {machine()}. Epochs: {epochs}, seeds: {seeds}. Regenerate with "
-        f"`{command}` (each longer ablation below names its own options).",
-        "",
+    write_section(vit_s.folder(out), "\n".join([
         "## Tiny ViT (ReLU after both MLP linears)",
+        "",
+        f"Machine: {vit.machine}. Epochs: {epochs}, seeds: {seeds}. {regenerate(vit)}",
         "",
         to_markdown(vit.rows, cols),
         "",
         reduction_table(vit, [("tiny ViT, stripping", "ReLU", "ReLU + stripping"),
-                              ("tiny ViT, ReDo tau=0", "ReLU", "ReLU + ReDo (tau=0)")]),
+                              ("tiny ViT, ReDo tau=0", "ReLU", "ReLU + ReDo (tau=0)")])
+        .to_markdown(),
         "",
-        "![ViT curves](synaptic_stripping_vit.png)",
-        "",
+        "![ViT curves](synaptic_stripping_vit.png)"]))
+    write_section(mlp_s.folder(out), "\n".join([
         "## ReLU MLP: width and depth",
+        "",
+        f"Machine: {mlp.machine}. Epochs: {epochs}, seeds: {seeds}. {regenerate(mlp)}",
         "",
         to_markdown(mlp.rows, cols),
         "",
         reduction_table(mlp, [(f"{s}, every epoch", f"{s} ReLU", f"{s} + stripping")
                               for s in shapes]
                         + [(f"{s}, every 100 steps", f"{s} ReLU", f"{s} + stripping/100 steps")
-                           for s in shapes]),
+                           for s in shapes]).to_markdown(),
         "",
         "![MLP curves](synaptic_stripping_mlp.png)",
         "",
@@ -325,17 +411,31 @@ def main() -> None:
         "standardised pixels, 60% of them negative, so stripping cannot be relied on there:",
         "",
         layer_table(mlp, order, [("stripping every epoch", " + stripping"),
-                                  ("stripping every 100 steps", " + stripping/100 steps")]),
+                                  ("stripping every 100 steps", " + stripping/100 steps")])
+        .to_markdown(),
         "",
         REACH,
         "",
-        reach_table(out / "synaptic_stripping_mlp", args.root,
-                    [f"{n}{x}" for n in shapes for x in (" + stripping", " + stripping/100 steps")]),
-        "",
-    ]
+        reach_table(mlp_s.folder(out), args.root,
+                    [f"{n}{x}" for n in shapes
+                     for x in (" + stripping", " + stripping/100 steps")]).to_markdown()]))
+    if long_epochs:
+        spec = specs[-1]
+        write_section(spec.folder(out), "\n".join(long_section(
+            load_comparison(spec.folder(out), args.root), spec.folder(out), args.root, cols,
+            out)))
+    write_pages(out, vit_s, mlp_s)
+
+
+def write_pages(out: Path, vit_s: CompareSpec, mlp_s: CompareSpec) -> None:
+    """synaptic_stripping.md from every section there, and the tables of results.md."""
+    text = ["# Synaptic Stripping on Fashion-MNIST", "",
+            read_section(vit_s.folder(out)), "", read_section(mlp_s.folder(out)), ""]
     for folder in long_folders(out):
-        text += long_section(load_comparison(folder, args.root), folder, args.root, cols, out)
+        text += [read_section(folder), ""]
     (out / "synaptic_stripping.md").write_text("\n".join(text))
+    for name, table in summary_tables(out).items():
+        write_block(out.parent / "results.md", name, table)
     print(f"wrote {out / 'synaptic_stripping.md'}")
 
 

@@ -110,9 +110,10 @@ class Table:
                 for row in self.rows]
 
     def to_markdown(self) -> str:
-        head = "| " + " | ".join(c.title for c in self.columns) + " |"
+        line = lambda cells: "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
         rule = "|" + "".join("---|" if c.align == "left" else "---:|" for c in self.columns)
-        return "\n".join([head, rule] + ["| " + " | ".join(r) + " |" for r in self._text()])
+        return "\n".join([line(c.title for c in self.columns), rule] +
+                         [line(r) for r in self._text()])
 
     def to_html(self) -> str:
         head = "".join(f"<th>{html.escape(c.title)}</th>" for c in self.columns)

@@ -138,6 +138,9 @@ def reproduce_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     p.add_argument("--root", default="runs/reproduce", help="where run directories go")
     p.add_argument("--out", default="docs/results", help="where tables and plots go")
+    p.add_argument("--pages-only", action="store_true",
+                   help="run nothing: rebuild the pages (and their tables in the results.md "
+                        "beside --out) from the comparisons already there")
     return p
 
 
@@ -223,6 +226,7 @@ def save_comparison(spec: CompareSpec, results: list[tuple[str, dict]], rows: li
                     cols: Sequence, out: Path, command: str) -> None:
     """compare.md/.csv/.json and runs.jsonl.gz in `out`."""
     from ..jsonl import read_jsonl
+    from ..report import machine
     out.mkdir(parents=True, exist_ok=True)
     t = table(rows, cols)
     header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
@@ -235,7 +239,7 @@ def save_comparison(spec: CompareSpec, results: list[tuple[str, dict]], rows: li
                      "metrics": read_jsonl(Path(res["run_dir"]) / "metrics.jsonl")})
     _write_histories(out / HISTORIES, runs)
     (out / "compare.json").write_text(json.dumps(
-        {"spec": spec.to_dict(), "command": command,
+        {"spec": spec.to_dict(), "command": command, "machine": machine(),
          "rows": rows, "titles": {c[0]: c[1] for c in cols},
          "formats": {c[0]: c[3] for c in cols},
          # relative to this folder, so the comparison reads from any working directory

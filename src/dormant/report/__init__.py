@@ -9,13 +9,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..jsonl import read_jsonl
-from ..tables import mean_std
+from ..tables import Column, Stat, Table, mean_std, stat
+from ..tables import paired as paired_stat
 
 __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
-           "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series"]
+           "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series",
+           "variant_table", "final", "versus", "window", "regenerate", "write_block", "comparisons", "write_section",
+           "read_section", "table_rows"]
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
 
@@ -49,6 +52,7 @@ class Comparison:
     titles: dict[str, str] = field(default_factory=dict)   # column titles of the table
     command: str = ""             # the command line that made (and regenerates) it
     formats: dict[str, str] = field(default_factory=dict)  # number format of each column
+    machine: str = ""             # where it ran (machine(), recorded by `dormant compare`)
 
     @property
     def variants(self) -> list[str]:
@@ -58,14 +62,14 @@ class Comparison:
         """The runs of these variants only (rows and spec kept), e.g. to plot a few."""
         keep = set(variants)
         return Comparison(self.spec, self.rows, [r for r in self.runs if r[0] in keep],
-                          self.titles, self.command, self.formats)
+                          self.titles, self.command, self.formats, self.machine)
 
     def __add__(self, other: "Comparison") -> "Comparison":
         """Both comparisons' rows and runs in one (e.g. a baseline run after the method);
         the spec is this one's."""
         return Comparison(self.spec, self.rows + other.rows, self.runs + other.runs,
                           {**self.titles, **other.titles}, self.command,
-                          {**self.formats, **other.formats})
+                          {**self.formats, **other.formats}, self.machine)
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -134,7 +138,8 @@ def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = Non
                 continue
         runs.append((r["variant"], _history(rd)))
     return Comparison(data["spec"], data["rows"], runs, data.get("titles", {}),
-                      data.get("command", ""), data.get("formats", {}))
+                      data.get("command", ""), data.get("formats", {}),
+                      data.get("machine", ""))
 
 
 def curves(cmp: Comparison, key: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
@@ -197,6 +202,108 @@ def paired(cmp: Comparison, key: str, a: str, b: str) -> list[tuple[float, float
         sp = mean_std([h[i]["sparsity"] for h in ra + rb])[0]
         out.append((sp, *mean_std(d)))
     return out
+
+
+Cell = Callable[[Comparison, str], Any]     # (comparison, variant) -> a table cell
+
+
+def final(key: str, scale: float = 1.0, default: float | None = None) -> Cell:
+    """Mean ± std over seeds of `key` at the last epoch (`default` where a run lacks it)."""
+    def cell(cmp: Comparison, variant: str) -> Stat | None:
+        vals = [h[-1].get(key, default) for v, h in cmp.runs if v == variant and h]
+        vals = [x for x in vals if x is not None]
+        return stat(vals, scale) if vals else None
+    return cell
+
+
+def versus(key: str, baseline: str, scale: float = 1.0) -> Cell:
+    """`key` at the last epoch minus the baseline variant's, paired by seed (mean ± std)."""
+    def cell(cmp: Comparison, variant: str) -> Stat | None:
+        vals = final_values(cmp, key)
+        if variant == baseline or baseline not in vals or variant not in vals:
+            return None
+        return paired_stat(vals[baseline], vals[variant], scale)
+    return cell
+
+
+def window(key: str, start: int, stop: int | None, scale: float = 1.0) -> Cell:
+    """Per seed, the mean of `key` over epochs [start:stop] (Python slice of the rows, e.g.
+    the last 10% of tasks); then mean ± std over seeds."""
+    def cell(cmp: Comparison, variant: str) -> Stat | None:
+        per_seed = []
+        for v, h in cmp.runs:
+            xs = [r[key] for r in h[start:stop] if r.get(key) is not None]
+            if v == variant and xs:
+                per_seed.append(sum(xs) / len(xs))
+        return stat(per_seed, scale) if per_seed else None
+    return cell
+
+
+def variant_table(cmp: Comparison, columns: Sequence[tuple[Column, Cell]],
+                  first: Column | None = None, label: Callable[[str], str] = str) -> Table:
+    """A row per variant of `cmp` (in its order), a cell per (column, cell function); the
+    first column (default "variant") names the variant."""
+    t = Table([first or Column("variant", align="left"), *(c for c, _ in columns)])
+    for v in cmp.variants:
+        t.add(label(v), *(f(cmp, v) for _, f in columns))
+    return t
+
+
+def regenerate(cmp: Comparison) -> str:
+    """"Regenerate with `...`." from the command recorded when the comparison ran."""
+    return f"Regenerate with `{cmp.command}`." if cmp.command else ""
+
+
+SECTION = "section.md"
+
+
+def comparisons(out: str | os.PathLike, prefix: str = "") -> list[tuple[Path, dict]]:
+    """(folder, spec) of every comparison under `out` whose spec is named `prefix`..., by
+    name: a page finds its sections by what their specs say, not by parsing folder names."""
+    found = []
+    for path in sorted(Path(out).glob("*/compare.json")):
+        spec = json.loads(path.read_text()).get("spec", {})
+        if spec.get("name", path.parent.name).startswith(prefix):
+            found.append((path.parent, spec))
+    return found
+
+
+def table_rows(out: str | os.PathLike) -> dict[str, dict]:
+    """{variant: its row of the comparison table} from ``compare.json`` alone (mean, std per
+    metric, as `dormant compare` printed them), for pages built without the runs."""
+    return {r["variant"]: r for r in _compare_json(Path(out))["rows"]}
+
+
+def write_section(folder: str | os.PathLike, text: str) -> str:
+    """Keep a comparison's section of its results page beside it (``section.md``), so the
+    page can be assembled from every comparison that exists, each regenerated on its own."""
+    (Path(folder) / SECTION).write_text(text.rstrip("\n") + "\n")
+    return text
+
+
+def read_section(folder: str | os.PathLike) -> str:
+    path = Path(folder) / SECTION
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: regenerate it with the command in "
+                                f"{Path(folder) / 'compare.json'}")
+    return path.read_text().rstrip("\n")
+
+
+def write_block(path: str | os.PathLike, name: str, text: str) -> bool:
+    """Replace the lines between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in the
+    page at `path` (e.g. docs/results.md) with `text`; the prose around them is kept. Returns
+    False, changing nothing, where the page has no such block."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    page = path.read_text()
+    begin, end = f"<!-- begin {name} -->\n", f"<!-- end {name} -->"
+    i = page.find(begin)
+    j = page.find(end, i + len(begin)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return False
+    path.write_text(page[:i + len(begin)] + text.rstrip("\n") + "\n" + page[j:])
+    return True
 
 
 def _pyplot():
