@@ -43,20 +43,20 @@ def trainer(model, data, epochs, lr, callbacks, seed, batch_size=128):
                    show_progress=False)
 
 
-def train_interleaved(dense: Trainer, demp: Trainer, report=None
-                      ) -> tuple[list[dict], list[dict]]:
-    """Both runs epoch by epoch in turn; `report(epoch, dense_row, demp_row)` after each."""
-    rows = ([], [])
-    for t in (dense, demp):
+def train_interleaved(trainers: list[Trainer], report=None) -> list[list[dict]]:
+    """The runs epoch by epoch in turn; `report(epoch, rows)` after each epoch (one row per
+    run)."""
+    rows: list[list[dict]] = [[] for _ in trainers]
+    for t in trainers:
         t._call("on_fit_start")
     try:
-        while dense.epoch < dense.epochs:
-            for t, r in zip((dense, demp), rows):
+        while trainers[0].epoch < trainers[0].epochs:
+            for t, r in zip(trainers, rows):
                 r.append(t._run_epoch())
             if report is not None:
-                report(dense.epoch, rows[0][-1], rows[1][-1])
+                report(trainers[0].epoch, [r[-1] for r in rows])
     finally:
-        for t in (dense, demp):
+        for t in trainers:
             t._call("on_fit_end")
     return rows
 
@@ -81,6 +81,22 @@ def interleaved(fa, fb, rounds: int, warmup: int = 3, sync: torch.Tensor | None 
             ts.append(time.perf_counter() - t0)
     return (statistics.median(ta), statistics.median(tb),
             statistics.median([u / v for u, v in zip(ta, tb)]))
+
+
+def deployed(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor]:
+    """An inference copy as one would ship it: eval mode, BatchNorm folded into the
+    convolution before it (torch.fx), channels-last memory for 4-d inputs (oneDNN's layout on
+    CPU, tensor cores' on GPU). The dense and the compacted model get the same treatment."""
+    from torch.fx.experimental.optimization import fuse
+    m = copy.deepcopy(model).eval()
+    try:
+        m = fuse(m)
+    except Exception:      # not traceable by torch.fx: keep BatchNorm
+        pass
+    if x.ndim == 4:
+        return m.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    return m, x
 
 
 def latency_ratio(a, b, x, rounds: int = 30) -> tuple[float, float, float]:
@@ -122,6 +138,13 @@ def main() -> None:
     p.add_argument("--span", type=float, default=0.9,
                    help="DemP's death-pressure span, a fraction of the run (the official code: "
                         "0.87 on CIFAR-10, 0.3 on ImageNet)")
+    p.add_argument("--round-to", type=int, default=8,
+                   help="also run DemP with round_to=N (widths kept at multiples of N, the "
+                        "extra units chosen by activity), in the same interleaved run; 1 or 0 "
+                        "skips it")
+    p.add_argument("--pct-start", type=float, default=None,
+                   help="DemP's one-cycle: fraction of its span spent rising to the peak "
+                        "(default 0.3); earlier peaks kill units earlier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="inference batch size")
     p.add_argument("--train-batch", type=int, default=128, help="training batch size")
@@ -135,51 +158,77 @@ def main() -> None:
         p.error("--epochs, --train-batch and --batch must be >= 1")
     if args.width is not None and args.width <= 0:
         p.error("--width must be > 0")
+    if args.round_to < 0:
+        p.error("--round-to must be >= 0 (0 or 1: no rounded run)")
+    if args.pct_start is not None and not 0 < args.pct_start < 1:
+        p.error("--pct-start must be in (0, 1)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     data = load_dataset(args.dataset, **({"train_size": args.train_size}
                                           if args.train_size else {})).to(device)
     options = {} if args.width is None else {"width": args.width}
-    torch.manual_seed(args.seed)
-    dense_model = build_model(args.model, data.input_shape, data.num_classes, **options).to(device)
-    torch.manual_seed(args.seed)
-    demp_model = build_model(args.model, data.input_shape, data.num_classes, **options).to(device)
-    demp = DemP(reg_peak=args.reg_peak, noise_peak=args.noise_peak, prune_every=args.prune_every,
-                span=args.span)
+    def fresh():
+        torch.manual_seed(args.seed)
+        return build_model(args.model, data.input_shape, data.num_classes, **options).to(device)
+    extra = {} if args.pct_start is None else {"pct_start": args.pct_start}
+    variants = {"dense": None, "DemP": DemP(reg_peak=args.reg_peak, noise_peak=args.noise_peak,
+                                            prune_every=args.prune_every, span=args.span,
+                                            **extra)}
+    if args.round_to > 1:
+        variants[f"DemP round_to={args.round_to}"] = DemP(
+            reg_peak=args.reg_peak, noise_peak=args.noise_peak, prune_every=args.prune_every,
+            span=args.span, round_to=args.round_to, **extra)
+    models = {name: fresh() for name in variants}
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
     nb = args.train_batch
     print(f"torch {torch.__version__}, {where}; {args.model}"
           f"{'' if args.width is None else f' width {args.width:g}'} on {args.dataset} "
           f"({len(data.train)} training samples, batch {nb}), {args.epochs} epochs, "
-          f"DemP reg_peak={args.reg_peak} span={args.span:g}")
-    print("epoch  dense s  demp s  ratio  units removed", flush=True)
+          f"DemP reg_peak={args.reg_peak} span={args.span:g}"
+          + ("" if args.pct_start is None else f" pct_start={args.pct_start:g}"))
+    names = list(variants)
+    print("epoch  dense s  demp s  ratio  units removed"
+          + "".join(f"  | {n}: s, ratio, removed" for n in names[2:]), flush=True)
 
-    def report(e, a, b):   # as the epochs finish, so a run cut short still says something
+    def report(e, rows):   # as the epochs finish, so a run cut short still says something
+        a, b = rows[0], rows[1]
         print(f"{e:>5}  {a['train_time']:>7.1f}  {b['train_time']:>6.1f}  "
-              f"{a['train_time'] / b['train_time']:>5.2f}  {100 * b['units_removed']:>5.1f}%",
-              flush=True)
-    rows_dense, rows_demp = train_interleaved(
-        trainer(dense_model, data, args.epochs, args.lr, [], args.seed, nb),
-        trainer(demp_model, data, args.epochs, args.lr, [demp], args.seed, nb), report)
-    t_dense = sum(r["train_time"] for r in rows_dense)
-    t_demp = sum(r["train_time"] for r in rows_demp)
-    last = rows_demp[-1]
-    mac_ratio = 1 / last["macs_ratio"]    # DemP reports its MACs over the dense model's
+              f"{a['train_time'] / b['train_time']:>5.2f}  {100 * b['units_removed']:>5.1f}%"
+              + "".join(f"  | {r['train_time']:.1f} {a['train_time'] / r['train_time']:.2f} "
+                        f"{100 * r['units_removed']:.1f}%" for r in rows[2:]), flush=True)
+    runs = train_interleaved([trainer(models[n], data, args.epochs, args.lr,
+                                      [] if variants[n] is None else [variants[n]], args.seed,
+                                      nb) for n in names], report)
+    rows = dict(zip(names, runs))
+    t_dense = sum(r["train_time"] for r in rows["dense"])
     x = data.test.inputs[:args.batch]
-    la, lb, lat = latency_ratio(dense_model, demp_model, x)
-    sa, sb, step = step_ratio(dense_model, demp_model, data.train.inputs[:nb],
-                              data.train.targets[:nb])
-    print(f"test acc: dense {100 * rows_dense[-1]['test_acc']:.2f}%, DemP {100 * last['test_acc']:.2f}%")
-    print(f"training speed-up (dense time / DemP time): {t_dense / t_demp:.2f}x "
-          f"({t_dense:.0f}s vs {t_demp:.0f}s)")
-    print(f"inference (batch {args.batch}): dense {1e3 * la:.1f} ms, compacted {1e3 * lb:.1f} ms,"
-          f" speed-up {lat:.2f}x; FLOP reduction {mac_ratio:.2f}x; "
-          f"speed-up / FLOP reduction = {lat / mac_ratio:.2f}")
-    print(f"training step (batch {nb}), final widths: dense {1e3 * sa:.1f} ms, compacted "
-          f"{1e3 * sb:.1f} ms, speed-up {step:.2f}x; speed-up / FLOP reduction = "
-          f"{step / mac_ratio:.2f}")
+    xb, yb = data.train.inputs[:nb], data.train.targets[:nb]
+    for name in names[1:]:
+        last = rows[name][-1]
+        t_demp = sum(r["train_time"] for r in rows[name])
+        mac_ratio = 1 / last["macs_ratio"]    # DemP reports its MACs over the dense model's
+        la, lb, lat = latency_ratio(models["dense"], models[name], x)
+        (da, xa), (db, _) = deployed(models["dense"], x), deployed(models[name], x)
+        fa, fb, fold = latency_ratio(da, db, xa)
+        sa, sb, step = step_ratio(models["dense"], models[name], xb, yb)
+        label = "" if name == "DemP" else f"[{name}] "
+        print(f"{label}test acc: dense {100 * rows['dense'][-1]['test_acc']:.2f}%, DemP "
+              f"{100 * last['test_acc']:.2f}%; widths {last.get('width', {})}")
+        print(f"{label}training speed-up (dense time / DemP time): {t_dense / t_demp:.2f}x "
+              f"({t_dense:.0f}s vs {t_demp:.0f}s)")
+        print(f"{label}inference (batch {args.batch}): dense {1e3 * la:.1f} ms, compacted "
+              f"{1e3 * lb:.1f} ms, speed-up {lat:.2f}x; FLOP reduction {mac_ratio:.2f}x; "
+              f"speed-up / FLOP reduction = {lat / mac_ratio:.2f}")
+        print(f"{label}inference deployed, BN folded + channels-last (batch {args.batch}): "
+              f"dense {1e3 * fa:.1f} ms, compacted {1e3 * fb:.1f} ms, speed-up {fold:.2f}x; "
+              f"speed-up / FLOP reduction = {fold / mac_ratio:.2f}")
+        print(f"{label}training step (batch {nb}), final widths: dense {1e3 * sa:.1f} ms, "
+              f"compacted {1e3 * sb:.1f} ms, speed-up {step:.2f}x; speed-up / FLOP reduction = "
+              f"{step / mac_ratio:.2f}")
+        print(f"{label}whole-run training speed-up / FLOP reduction = "
+              f"{t_dense / t_demp / mac_ratio:.2f}", flush=True)
 
 
 if __name__ == "__main__":

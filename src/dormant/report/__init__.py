@@ -40,7 +40,8 @@ def machine() -> str:
     except (OSError, subprocess.SubprocessError):
         rev = ""
     return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads" + (f", code {rev}" if rev else ""))
+            f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+            + (f", code {rev}" if rev else ""))
 
 
 @dataclass
