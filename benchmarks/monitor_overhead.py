@@ -1,11 +1,16 @@
 """Training-step time with the ActivityMonitor attached, as a ratio to the same step without it.
 
-Three variants of each model are timed interleaved in one process (round-robin, same data):
+The variants of each model are timed interleaved in one process (round-robin, same data):
 plain training, the monitor's default training-time mode (sampled: hooks attached on every
-k-th step only), and the exact mode (hooks on every step). Ratios are medians over rounds.
+k-th step only), the exact mode (hooks on every step), the exact mode with its counting
+compiled (`--fused`: ActivityMonitor(fused=True), one pass over each activation), and a
+peer: the per-batch dormant-ratio hook plasticity codebases use (a forward hook on every
+activation module computing ReDo's score, mean |a| per unit over the layer's mean, every
+step; it sees activation modules only, not functional calls). Ratios are medians over
+rounds of the per-round ratio to plain training.
 
     python benchmarks/monitor_overhead.py            # LeNet-300-100, small VGG, tiny ViT
-    python benchmarks/monitor_overhead.py --every 10 --rounds 30
+    python benchmarks/monitor_overhead.py --every 10 --rounds 30 --fused
 """
 from __future__ import annotations
 
@@ -35,20 +40,54 @@ def _steps(model, opt, xs, ys, monitor=None) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, every: int, steps: int, rounds: int, batch: int) -> dict:
+ACTIVATIONS = (torch.nn.ReLU, torch.nn.GELU, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.SiLU,
+               torch.nn.Tanh)
+
+
+class PeerDormantHooks:
+    """The peer: forward hooks on activation modules computing, every step, ReDo's score per
+    unit (mean |a| over the batch and positions, over the layer's mean) and the fraction of
+    units at or below tau -- kept as tensors (no host sync), as a careful codebase would."""
+
+    def __init__(self, model: torch.nn.Module, tau: float = 0.0):
+        self.tau, self.ratios = tau, {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
+                        if isinstance(m, ACTIVATIONS)]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            a = output.detach().abs()
+            dims = (0, 2, 3) if a.ndim == 4 else tuple(range(a.ndim - 1))   # per channel / unit
+            score = a.mean(dims)
+            score = score / score.mean().clamp_min(1e-9)
+            self.ratios[name] = (score <= self.tau).float().mean()
+        return hook
+
+    def step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def bench(name: str, every: int, steps: int, rounds: int, batch: int, fused: bool) -> dict:
     torch.manual_seed(0)
     base = build_model(name, (1, 28, 28), 10, **MODELS[name])
     xs = [torch.randn(batch, 1, 28, 28) for _ in range(steps)]
     ys = [torch.randint(10, (batch,)) for _ in range(steps)]
     sites = find_sites(base, xs[0][:2])
     variants = {}
-    for label in ("plain", "sampled", "exact"):
+    labels = ["plain", "sampled", "exact"] + (["fused"] if fused else []) + ["peer"]
+    for label in labels:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         mon = None
-        if label != "plain":
+        if label == "peer":
+            mon = PeerDormantHooks(model)
+        elif label != "plain":
             mon = ActivityMonitor(model, sites, every=every if label == "sampled" else 1,
-                                  mode="train").__enter__()
+                                  mode="train", fused=label == "fused").__enter__()
         variants[label] = (model, opt, mon)
     times: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants)
@@ -66,9 +105,9 @@ def bench(name: str, every: int, steps: int, rounds: int, batch: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     # ratio per round (paired), then the median: robust to slow phases of the machine
     ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"]))
-             for k in ("sampled", "exact")}
-    return {"model": name, "step_ms": 1000 * med["plain"] / steps,
-            "sampled": ratio["sampled"], "exact": ratio["exact"], "sites": len(sites)}
+             for k in labels[1:]}
+    return {"model": name, "step_ms": 1000 * med["plain"] / steps, "sites": len(sites),
+            "peer_hooks": len(variants["peer"][2].handles), **ratio}
 
 
 def main() -> None:
@@ -79,14 +118,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--fused", action="store_true",
+                   help="also time the exact mode with fused (compiled) counting; compiling "
+                        "takes about a minute per model on a CPU")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, sampled every {args.every} steps")
-    print(f"{'model':<10} {'sites':>5} {'step ms':>8} {'sampled (default)':>18} {'exact (every step)':>19}")
+    cols = ["sampled (default)", "exact (every step)"] + (["exact, fused"] if args.fused
+                                                           else []) + ["peer (per-batch hook)"]
+    print(f"{'model':<10} {'sites':>5} {'step ms':>8} " + " ".join(f"{c:>21}" for c in cols))
     for name in args.models.split(","):
-        r = bench(name, args.every, args.steps, args.rounds, args.batch_size)
-        print(f"{r['model']:<10} {r['sites']:>5} {r['step_ms']:>8.2f} {r['sampled']:>17.3f}x "
-              f"{r['exact']:>18.3f}x", flush=True)
+        r = bench(name, args.every, args.steps, args.rounds, args.batch_size, args.fused)
+        keys = ["sampled", "exact"] + (["fused"] if args.fused else []) + ["peer"]
+        print(f"{r['model']:<10} {r['sites']:>5} {r['step_ms']:>8.2f} "
+              + " ".join(f"{r[k]:>20.3f}x" for k in keys)
+              + f"   (peer hooks: {r['peer_hooks']})", flush=True)
 
 
 if __name__ == "__main__":

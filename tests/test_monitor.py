@@ -44,6 +44,29 @@ def test_counts_are_exact_against_brute_force(name):
         assert st.samples == 15 and st.batches == 3
 
 
+def test_fused_counting_gives_the_same_counters():
+    """fused= compiles the non-negative sites' counting (here with torch.compile's eager
+    backend: the same graph without inductor's minute of compiling); every counter equals
+    the unfused monitor's, on dense, conv and token outputs and a batch of another size."""
+    for name in ("sequential-mlp", "conv-bn-relu-flatten", "timm-mlp-tokens", "reused-relu-residual"):
+        ctor, shape = ZOO[name]
+        torch.manual_seed(0)
+        model = ctor().eval()
+        kill_some(model)
+        xs = [torch.randn(n, *shape) for n in (5, 5, 3)]
+        sites = find_sites(model, xs[0][:2])
+        mons = [ActivityMonitor(model, sites), ActivityMonitor(model, sites, fused="eager")]
+        for mon in mons:
+            with mon, torch.no_grad():
+                for x in xs:
+                    model(x)
+        plain, fused = (m.stats() for m in mons)
+        for n in plain:
+            for f in ("active", "zeros", "silent", "active_batches", "max"):
+                assert torch.equal(getattr(plain[n], f), getattr(fused[n], f)), (name, n, f)
+            assert torch.allclose(plain[n].sum, fused[n].sum, rtol=1e-6), (name, n)
+
+
 def test_killed_units_are_found_dead():
     torch.manual_seed(0)
     model = ZOO["sequential-mlp"][0]()
