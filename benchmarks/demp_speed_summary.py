@@ -23,7 +23,7 @@ INFER = re.compile(r"inference \(batch \d+\): .* speed-up (?P<x>[\d.]+)x; FLOP r
                    r"(?P<flop>[\d.]+)x")
 STEP = re.compile(r"training step \(batch \d+\), final widths: dense (?P<dense>[\d.]+) ms, "
                   r"compacted (?P<demp>[\d.]+) ms, speed-up (?P<x>[\d.]+)x")
-EPOCH = re.compile(r"^\s*\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(?P<removed>[\d.]+)%$", re.M)
+EPOCH = re.compile(r"^\s*\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(?P<removed>[\d.]+)%(?:\s+\|.*)?$", re.M)
 
 
 def parse(path: Path) -> dict:

@@ -77,7 +77,8 @@ def test_demp_speed_output_parses_into_the_summary(tmp_path, monkeypatch, capsys
     """The summary reads what the benchmark prints (the two formats stay in step)."""
     script = ROOT / "benchmarks/demp_speed.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--epochs", "1", "--train-size", "256",
-                                      "--width", "0.25", "--train-batch", "64", "--span", "0.5"])
+                                      "--width", "0.25", "--train-batch", "64", "--span", "0.5",
+                                      "--round-to", "0"])
     runpy.run_path(str(script), run_name="__main__")
     out = tmp_path / "run.txt"
     out.write_text(capsys.readouterr().out)
