@@ -311,3 +311,30 @@ def test_a_tuple_batch_for_a_model_with_more_inputs_warns_instead_of_dropping_si
     report = dormant.diagnose(model, [(x, torch.ones_like(x))],
                               forward=lambda m, b: m(*b))           # both are inputs
     assert report.samples == 8
+
+
+def test_bf16_autocast_and_channels_last_train_and_survive_a_removal():
+    """Trainer(precision="bf16", memory_format="channels_last"): the training forward runs
+    under bf16 autocast (loss in fp32), the 4-d weights stay NHWC after DemP removes units
+    physically, and the losses stay finite; bad values name the option and the valid ones."""
+    data = _data("cnn")
+    model = _model("cnn", data)
+    seen = []
+    model.register_forward_hook(
+        lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+    demp = build("demp", **METHOD_ARGS["demp"])
+    t = Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.05), epochs=EPOCHS,
+                batch_size=BATCH, seed=SEED, callbacks=[demp], show_progress=False,
+                precision="bf16", memory_format="channels_last")
+    hist = t.fit()
+    assert hist[-1]["units_removed"] > 0                    # a removal happened
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert (torch.bfloat16, True) in seen                   # training forwards: autocast
+    assert seen[-1] == (torch.float32, False)               # evaluation: fp32
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in hist)
+    for kw, msg in (({"precision": "fp16"}, "precision must be one of fp32, bf16"),
+                    ({"memory_format": "nhwc"}, "memory_format must be one of contiguous")):
+        with pytest.raises(ValueError, match=msg):
+            Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.05), epochs=1,
+                    batch_size=BATCH, **kw)

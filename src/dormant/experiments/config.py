@@ -13,7 +13,7 @@ from ..methods import METHODS
 from ..models import INITS, MODELS
 from ..monitor import CRITERIA
 from ..schedules import SCHEDULES
-from ..train.loop import OPTIMIZERS
+from ..train.loop import MEMORY_FORMATS, OPTIMIZERS, PRECISIONS
 
 _MAPPINGS = ("model_args", "method_args", "dataset_args", "schedule_args", "activation_args",
              "init_args", "tasks")
@@ -50,6 +50,8 @@ class ExperimentConfig:
     eps: float = 0.0               # an output counts as active when > eps
     criterion: str = "never_active"
     device: str = "cpu"
+    precision: str = "fp32"        # fp32, or bf16: training forwards under bf16 autocast
+    memory_format: str = "contiguous"   # or channels_last: 4-d activations in NHWC
     # continual learning: {kind: permuted | random-labels, epochs_per_task, samples, seed};
     # empty: one task (dormant.data.tasks)
     tasks: Mapping[str, Any] = field(default_factory=dict)
@@ -81,6 +83,10 @@ class ExperimentConfig:
             (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
             (self.device == "cpu" or self.device.startswith(("cuda", "mps")),
              f"device must be cpu, cuda[:N] or mps, got {self.device!r}"),
+            (self.precision in PRECISIONS,
+             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.memory_format in MEMORY_FORMATS, f"memory_format must be one of "
+             f"{', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}"),
         ]
         for ok, msg in checks:
             if not ok:

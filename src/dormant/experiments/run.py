@@ -164,7 +164,8 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
                  *extra, ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
-                      show_progress=show_progress, epoch_log=epoch_log)
+                      show_progress=show_progress, epoch_log=epoch_log,
+                      precision=cfg.precision, memory_format=cfg.memory_format)
     writer = trainer.rank == 0
     resumed = ckpt.restore(trainer)
     if resumed and writer:

@@ -16,6 +16,8 @@ from .callbacks import MethodCallback
 from .progress import progress
 
 OPTIMIZERS = Registry("optimizer")
+PRECISIONS = ("fp32", "bf16")                       # Trainer(precision=...)
+MEMORY_FORMATS = ("contiguous", "channels_last")    # Trainer(memory_format=...)
 OPTIMIZERS.register("sgd", help="SGD with momentum")(
     lambda params, lr, momentum=0.9, weight_decay=0.0: torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -87,9 +89,20 @@ class Trainer:
     def __init__(self, model: nn.Module, data: Dataset, optimizer: torch.optim.Optimizer, *,
                  epochs: int, batch_size: int, seed: int = 0, scheduler=None,
                  callbacks: Sequence = (), show_progress: bool = True, eval_batch_size: int = 1024,
-                 epoch_log: Callable[[str], None] | None = None):
+                 epoch_log: Callable[[str], None] | None = None, precision: str = "fp32",
+                 memory_format: str = "contiguous"):
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{precision!r}")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got "
+                             f"{memory_format!r}")
+        # bf16: the training forward (and loss) under autocast; evaluation stays in fp32.
+        # channels_last: the model's 4-d weights and every 4-d input batch in NHWC (again after
+        # a physical removal), the layout oneDNN and tensor cores run fastest.
+        self.precision, self.memory_format = precision, memory_format
         self.model, self.data, self.optimizer = model, data, optimizer
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.scheduler = scheduler
@@ -113,6 +126,7 @@ class Trainer:
         """A callback removed units physically: let every callback refresh its view (and wrap
         the new parameters for DDP again)."""
         self._ddp = None
+        self._apply_memory_format()
         self._call("on_model_changed")
 
     def set_data(self, data: Dataset) -> None:
@@ -131,6 +145,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train from `self.epoch` (0, or where a checkpoint left off) to `epochs`."""
         history = []
+        self._apply_memory_format()
         self._call("on_fit_start")
         try:
             while self.epoch < self.epochs and not self.stop:
@@ -192,10 +207,18 @@ class Trainer:
         return {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss,
                 "test_acc": test_acc}
 
+    def _apply_memory_format(self) -> None:
+        if self.memory_format == "channels_last":
+            self.model.to(memory_format=torch.channels_last)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._call("on_step_start")
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self._net()(x), y)
+        if self.memory_format == "channels_last" and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = F.cross_entropy(self._net()(x).float(), y)
         extra = [cb.extra_loss(self) for cb in self.callbacks]
         for e in extra:
             if e is not None:
