@@ -69,7 +69,8 @@ def test_comparison_folder_reads_without_its_run_directories(tmp_path):
     after = load_comparison(out)
     assert after.runs == before.runs and after.command == "dormant compare tiny.yaml"
     assert curves(after, "test_acc") == curves(before, "test_acc")
-    assert "dormant compare tiny.yaml" in write_report(out).read_text()
+    page = write_report(out).read_text()
+    assert "dormant compare tiny.yaml" in page and "Machine: " in page and "CPU cores" in page
     (out / "runs.jsonl.gz").write_bytes(gzip.compress(b"{not json")[:20])
     with pytest.raises(ValueError, match="damaged.*delete it"):
         load_comparison(out)

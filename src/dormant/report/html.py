@@ -248,7 +248,8 @@ def write_report(out: str | Path, root: str | Path | None = None) -> Path:
             f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(cmp.spec.get('description', ''))}</p>"
             + (f"<p>Made (and regenerated) with <code>{html.escape(cmp.command)}</code></p>"
-               if cmp.command else "") +
+               if cmp.command else "")
+            + (f"<p>Machine: {html.escape(cmp.machine)}</p>" if cmp.machine else "") +
             f"{_table(cmp)}"
             f"{''.join(parts)}<h2>Runs</h2>{_runs_section(out, root)}</body></html>")
     path = out / "report.html"
