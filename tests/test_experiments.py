@@ -56,8 +56,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
         METHODS._items.pop("_interrupt")
     lines = (rd / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
-    for key in ("train_loss", "test_acc", "dead_fraction", "dynamic_dnr"):
+    for key in ("train_loss", "test_acc", "dead_fraction", "dynamic_dnr",
+                "distance_from_init", "grad_norm"):    # theta_0 comes back with the checkpoint
         assert resumed["final"][key] == pytest.approx(straight["final"][key], rel=1e-6), key
+    assert straight["final"]["distance_from_init"] > 0 and straight["final"]["grad_norm"] > 0
 
 
 def test_config_validation_is_up_front():

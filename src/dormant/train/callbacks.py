@@ -12,7 +12,7 @@ import torch
 
 from ..diagnose import diagnose
 from ..methods.base import Method
-from ..metrics import plasticity
+from ..metrics import distance_from, plasticity
 from ..monitor import ActivityMonitor
 from ..sites import Site, _unwrap, find_sites
 from ..surgery import architecture, resize
@@ -52,6 +52,9 @@ class MonitorCallback(Callback):
       feature_norm/<site>, dormant_<tau>/<site>, weight_magnitude
                                -- plasticity metrics on the first 1024 probe samples
                                   (dormant.metrics, docs/metrics.md)
+      grad_norm                -- mean global gradient L2 norm over the watched steps
+      distance_from_init       -- ||theta - theta_0||_2 over the parameters that still have
+                                  their initial shape (a physical removal changes the others)
     """
 
     def __init__(self, sites: Sequence[Site] | None = None, *, every: int = 10, eps: float = 0.0,
@@ -60,6 +63,8 @@ class MonitorCallback(Callback):
         self.probe_split, self.criterion = probe_split, criterion
         self.monitor: ActivityMonitor | None = None
         self.dead: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, torch.Tensor] = {}    # theta_0 (saved with checkpoints)
+        self._grad = None                             # (sum of norms, watched steps), device
 
     def on_fit_start(self, trainer) -> None:
         if self.sites is None:
@@ -67,9 +72,28 @@ class MonitorCallback(Callback):
         self.monitor = ActivityMonitor(trainer.model, self.sites, eps=self.eps,
                                        every=self.every, mode="train").__enter__()
         self.monitor.set_step(trainer.step)  # same watched steps after a resume
+        if not self.initial:
+            self.initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def on_after_backward(self, trainer) -> None:
+        if trainer.step % self.every:        # the monitor's watched steps
+            return
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        acc = torch.stack([norm.double(), torch.ones((), dtype=torch.float64,
+                                                        device=norm.device)])
+        self._grad = acc if self._grad is None else self._grad + acc   # no host sync
 
     def on_step_end(self, trainer, loss) -> None:
         self.monitor.step()
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial = dict(state.get("initial", {}))
 
     def on_model_changed(self, trainer) -> None:
         """Sites shrank: start a new monitor on them (this epoch's training-batch rates
@@ -94,6 +118,14 @@ class MonitorCallback(Callback):
         # the plasticity metrics (dormant.metrics) on the first 1024 probe samples
         metrics.update(plasticity(trainer.model, trainer.data.split(self.probe_split),
                                   sites=self.sites, max_samples=1024))
+        if self._grad is not None:
+            total, steps = self._grad.tolist()
+            metrics["grad_norm"] = total / steps
+            self._grad = None
+        same = {n: p for n, p in trainer.model.named_parameters()
+                if n in self.initial and self.initial[n].shape == p.shape}
+        metrics["distance_from_init"] = distance_from(
+            trainer.model, {n: self.initial[n] for n in same})
         if epoch == trainer.epochs or trainer.stop:
             test = diagnose(trainer.model, trainer.data.test, sites=self.sites, eps=self.eps)
             metrics["test_sparsity"] = sum(r.sparsity for r in test.rows) / len(test.rows)
