@@ -15,10 +15,10 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.experiments.presets import PLASTICITY_METHODS as METHODS
-from dormant.report import (comparisons, curves, final, load_comparison, plot_series,
+from dormant.report import (Cell, comparisons, curves, final, load_comparison, plot_series,
                             read_section, regenerate, variant_table, window, write_block,
                             write_section)
-from dormant.tables import Column
+from dormant.tables import Column, stat
 
 OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0},
               "adam": {"optimizer": "adam", "lr": 1e-3}}
@@ -33,16 +33,41 @@ def spec(opt: str, tasks: int, samples: int, seeds) -> CompareSpec:
                        name=f"plasticity_{opt}_{tasks}x{samples}")
 
 
+def _windows(hist: list[dict], size: int) -> list[float]:
+    acc = [r["test_acc"] for r in hist]
+    return [sum(acc[i:i + size]) / size for i in range(len(acc) - size + 1)]
+
+
+def best_window(size: int) -> Cell:
+    """Per seed, the best mean test accuracy over `size` consecutive tasks (the peak before
+    any decline); mean ± std over seeds."""
+    return lambda cmp, v: stat((max(_windows(h, size)) for n, h in cmp.runs if n == v), 100)
+
+
+def last_minus_best(size: int) -> Cell:
+    """Per seed, the last `size` tasks' mean minus its best window: the loss of plasticity."""
+    return lambda cmp, v: stat((_windows(h, size)[-1] - max(_windows(h, size))
+                                for n, h in cmp.runs if n == v), 100)
+
+
+def erank_key(cmp) -> str:
+    """The effective rank of the last hidden layer."""
+    return sorted(k for k in cmp.runs[0][1][-1] if k.startswith("erank/"))[-1]
+
+
 def table(cmp):
-    """Per method: test accuracy on the task just trained, mean over the first and the last
-    10% of tasks; dead units % and effective rank of the last hidden layer after the last
-    task (mean ± std over seeds)."""
+    """Per method: test accuracy on the task just trained, mean over the first 10% of tasks,
+    the best 10% window and the last 10%, and the last minus the best (per seed); dead units
+    % and effective rank of the last hidden layer after the last task (mean ± std over
+    seeds)."""
     tasks = len(cmp.runs[0][1])
     tail = max(1, tasks // 10)
-    erank = sorted(k for k in cmp.runs[0][1][-1] if k.startswith("erank/"))[-1]
+    erank = erank_key(cmp)
     return variant_table(cmp, [
         (Column("first 10% of tasks, test acc %"), window("test_acc", 0, tail, 100)),
+        (Column("best 10% window"), best_window(tail)),
         (Column("last 10%"), window("test_acc", -tail, None, 100)),
+        (Column("last − best", sign=True), last_minus_best(tail)),
         (Column("dead units %", fmt="{:.1f}"), final("dead_fraction", 100)),
         (Column("effective rank (last layer)", fmt="{:.1f}"), final(erank))],
         first=Column("method", align="left"))
@@ -68,7 +93,10 @@ def main() -> None:
         cmp = load_comparison(s.folder(out), args.root)
         plot = plot_series([("test accuracy % on the task just trained",
                              curves(cmp, "test_acc")),
-                            ("dead units %", curves(cmp, "dead_fraction"))],
+                            ("dead units %", curves(cmp, "dead_fraction")),
+                            ("effective rank, last hidden layer",   # (the panels' x100)
+                             {v: (x, [a / 100 for a in m], [b / 100 for b in sd])
+                              for v, (x, m, sd) in curves(cmp, erank_key(cmp)).items()})],
                            out / f"{s.name}.png", xlabel="task", scale=100.0)
         write_section(s.folder(out), "\n".join([
             f"## {opt}: {tasks} tasks of {samples} examples", "",
