@@ -129,3 +129,15 @@ def test_a_diverged_run_stops_and_logs_no_activity_statistics(tmp_path):
                                    seeds=[0]), tmp_path, show_progress=False, log=lines.append)
     assert any("diverged" in l for l in lines)
     assert "dead_fraction" not in next(r for r in rows if r["variant"] == "bad")
+
+
+def test_every_preset_is_a_valid_run_or_comparison():
+    from dormant.experiments import PRESETS
+    for name in PRESETS.names():
+        spec = PRESETS.get(name)()
+        if isinstance(spec, CompareSpec):
+            assert len(spec.configs()) == len(spec.variants) * len(spec.seeds), name
+        else:
+            spec.validate()
+    adam = PRESETS.get("plasticity-pfmnist-adam")()
+    assert adam.base.optimizer == "adam" and adam.base.tasks["kind"] == "permuted"

@@ -67,3 +67,14 @@ def plasticity_pfmnist() -> CompareSpec:
                        description="Test accuracy on the current task after each task; dead = "
                                    "never active on the task's validation split.",
                        columns=("task",))
+
+
+@PRESETS.register("plasticity-pfmnist-adam")
+def plasticity_pfmnist_adam() -> CompareSpec:
+    """The same reduced study with Adam (lr 1e-3), where loss of plasticity starts early:
+    units die task after task and the effective rank falls (a few minutes with --jobs 2)."""
+    spec = plasticity_pfmnist()
+    return CompareSpec(spec.base.override(optimizer="adam", lr=1e-3), spec.variants,
+                       spec.seeds, title="Loss of plasticity with Adam on permuted "
+                       "Fashion-MNIST (reduced size)", description=spec.description,
+                       columns=spec.columns)
