@@ -222,8 +222,8 @@ def _write_histories(path: Path, runs: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def save_comparison(spec: CompareSpec, results: list[tuple[str, dict]], rows: list[dict],
-                    cols: Sequence, out: Path, command: str) -> None:
+def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, dict]],
+                    rows: list[dict], cols: Sequence, out: Path, command: str) -> None:
     """compare.md/.csv/.json and runs.jsonl.gz in `out`."""
     from ..jsonl import read_jsonl
     from ..report import machine
@@ -233,7 +233,7 @@ def save_comparison(spec: CompareSpec, results: list[tuple[str, dict]], rows: li
     (out / "compare.md").write_text(header + t.to_markdown() + "\n")
     (out / "compare.csv").write_text(t.to_csv())
     runs = []
-    for (name, res), (_, cfg) in zip(results, spec.configs()):
+    for (name, res), (_, cfg) in zip(results, configs):
         rel = os.path.relpath(os.path.abspath(res["run_dir"]), os.path.abspath(out))
         runs.append({"variant": name, "seed": cfg.seed, "run_dir": rel,
                      "metrics": read_jsonl(Path(res["run_dir"]) / "metrics.jsonl")})
@@ -268,7 +268,7 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
         log(spec.title)
     log(to_markdown(rows, cols))
     if out is not None:
-        save_comparison(spec, results, rows, cols, Path(out),
+        save_comparison(spec, configs, results, rows, cols, Path(out),
                         command if command is not None else invocation())
         log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, {HISTORIES}")
     return rows

@@ -104,6 +104,7 @@ class Trainer:
         # a physical removal), the layout oneDNN and tensor cores run fastest.
         self.precision, self.memory_format = precision, memory_format
         self.model, self.data, self.optimizer = model, data, optimizer
+        self._apply_memory_format()
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.scheduler = scheduler
         self.callbacks = [MethodCallback(cb) if isinstance(cb, Method) else cb for cb in callbacks]
@@ -208,16 +209,20 @@ class Trainer:
                 "test_acc": test_acc}
 
     def _apply_memory_format(self) -> None:
+        """At fit start and after a physical removal: NHWC weights if asked, and the device
+        the autocast context names (looked up here, not in every step)."""
         if self.memory_format == "channels_last":
             self.model.to(memory_format=torch.channels_last)
+        p = next(self.model.parameters(), None)
+        self._device_type = p.device.type if p is not None else "cpu"
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._call("on_step_start")
         self.optimizer.zero_grad(set_to_none=True)
         if self.memory_format == "channels_last" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        device = next(self.model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self._device_type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
             loss = F.cross_entropy(self._net()(x).float(), y)
         extra = [cb.extra_loss(self) for cb in self.callbacks]
         for e in extra:
