@@ -223,7 +223,7 @@ class ActivityMonitor:
             return t.sum(inner, dtype=acc) if inner else t.to(acc)
 
         if self._fast(site):
-            active_ps, sum_u, mx = self._fast_stats(y, inner, d, acc)
+            active_ps, sum_u, mx = self._counting(y, inner, d, acc)
         else:
             sign = y.sign()
             nonzero_ps = per_sample(sign.abs())
@@ -247,7 +247,8 @@ class ActivityMonitor:
         c["batches"] += 1
 
     @property
-    def _fast_stats(self) -> Callable:
+    def _counting(self) -> Callable:
+        """`_fast_stats`, compiled once when `fused` asks for it."""
         if self._compiled is None:
             self._compiled = (_fast_stats if not self.fused else torch.compile(
                 _fast_stats, backend="inductor" if self.fused is True else self.fused,

@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-__all__ = ["mean_std", "Stat", "stat", "paired", "reduction", "Column", "Table", "fmt_cell"]
+__all__ = ["mean_std", "Stat", "stat", "paired", "reduction", "Column", "Table", "fmt_cell",
+           "rows_table"]
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -82,11 +83,11 @@ def fmt_cell(value: Any, fmt: str = "{:.2f}", sign: bool = False) -> str:
     """A cell as text: None -> "–", a Stat -> "m ± s" in `fmt`, a number -> `fmt`, text as is."""
     if value is None:
         return "–"
+    mean = fmt.replace("{:", "{:+") if sign else fmt
     if isinstance(value, Stat):
-        mean = fmt.replace("{:", "{:+") if sign else fmt
         return mean.format(value.mean) + " ± " + fmt.format(value.std)
     if isinstance(value, float):
-        return (fmt.replace("{:", "{:+") if sign else fmt).format(value)
+        return mean.format(value)
     return str(value)
 
 
@@ -139,3 +140,15 @@ def _csv_cells(value: Any, two: bool) -> tuple:
     if value is None:
         return ("", "") if two else ("",)
     return (value, "") if two else (value,)
+
+
+def rows_table(rows: Sequence[dict], columns: Sequence[Column]) -> Table:
+    """The comparison table: a row per variant (``{"variant", "seeds", key: (mean, std)}``,
+    as `dormant compare` summarises and compare.json keeps them), a column per metric in
+    `columns` that any row has."""
+    cols = [c for c in columns if any(c.key in r for r in rows)]
+    t = Table([Column("variant", align="left"), Column("seeds"), *cols])
+    for r in rows:
+        t.add(r["variant"], r["seeds"], *(Stat(*r[c.key], r["seeds"]) if c.key in r else None
+                                          for c in cols))
+    return t

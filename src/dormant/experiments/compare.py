@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..tables import Column, Stat, Table, mean_std
+from ..tables import Column, Table, mean_std, rows_table
 from .config import ConfigError, ExperimentConfig
 from .run import run_experiment
 
@@ -113,13 +113,7 @@ def summarize(results: list[tuple[str, dict]], columns: Sequence = COLUMNS) -> l
 
 def table(rows: list[dict], columns: Sequence = COLUMNS) -> Table:
     """The comparison table of `summarize`'s rows: a column per metric any row has."""
-    cols = [Column(title, key=key, fmt=fmt) for key, title, _, fmt in columns
-            if any(key in r for r in rows)]
-    t = Table([Column("variant", align="left"), Column("seeds", align="right"), *cols])
-    for r in rows:
-        t.add(r["variant"], r["seeds"], *(Stat(*r[c.key], r["seeds"]) if c.key in r else None
-                                          for c in cols))
-    return t
+    return rows_table(rows, [Column(title, key=key, fmt=fmt) for key, title, _, fmt in columns])
 
 
 def to_markdown(rows: list[dict], columns: Sequence = COLUMNS) -> str:
@@ -193,9 +187,6 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=Non
     return out
 
 
-HISTORIES = "runs.jsonl.gz"
-
-
 def invocation() -> str:
     """This process's command line as a user would type it: `dormant compare ...`,
     `python -m dormant ...` or `python reproduce/x.py ...`."""
@@ -226,7 +217,7 @@ def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, d
                     rows: list[dict], cols: Sequence, out: Path, command: str) -> None:
     """compare.md/.csv/.json and runs.jsonl.gz in `out`."""
     from ..jsonl import read_jsonl
-    from ..report import machine
+    from ..report import HISTORIES, machine
     out.mkdir(parents=True, exist_ok=True)
     t = table(rows, cols)
     header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
@@ -270,5 +261,5 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
     if out is not None:
         save_comparison(spec, configs, results, rows, cols, Path(out),
                         command if command is not None else invocation())
-        log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, {HISTORIES}")
+        log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, runs.jsonl.gz")
     return rows

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,8 +17,8 @@ from ..tables import paired as paired_stat
 
 __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
            "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series",
-           "variant_table", "final", "versus", "window", "regenerate", "write_block", "comparisons", "write_section",
-           "read_section", "table_rows"]
+           "variant_table", "final", "versus", "window", "regenerate", "write_block",
+           "comparisons", "write_section", "read_section", "table_rows", "HISTORIES"]
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
 
@@ -62,15 +62,14 @@ class Comparison:
     def select(self, variants: Sequence[str]) -> "Comparison":
         """The runs of these variants only (rows and spec kept), e.g. to plot a few."""
         keep = set(variants)
-        return Comparison(self.spec, self.rows, [r for r in self.runs if r[0] in keep],
-                          self.titles, self.command, self.formats, self.machine)
+        return replace(self, runs=[r for r in self.runs if r[0] in keep])
 
     def __add__(self, other: "Comparison") -> "Comparison":
         """Both comparisons' rows and runs in one (e.g. a baseline run after the method);
         the spec is this one's."""
-        return Comparison(self.spec, self.rows + other.rows, self.runs + other.runs,
-                          {**self.titles, **other.titles}, self.command,
-                          {**self.formats, **other.formats}, self.machine)
+        return replace(self, rows=self.rows + other.rows, runs=self.runs + other.runs,
+                       titles={**self.titles, **other.titles},
+                       formats={**self.formats, **other.formats})
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -160,12 +159,15 @@ def curves(cmp: Comparison, key: str) -> dict[str, tuple[list[int], list[float],
     return out
 
 
-def final_values(cmp: Comparison, key: str) -> dict[str, list[float]]:
-    """Per variant: the last epoch's value of `key` for each seed."""
+def final_values(cmp: Comparison, key: str, default: float | None = None
+                 ) -> dict[str, list[float]]:
+    """Per variant: the last epoch's value of `key` for each seed (`default` where a run
+    lacks it; None: that run is left out)."""
     out: dict[str, list[float]] = {}
     for variant, hist in cmp.runs:
-        if hist and hist[-1].get(key) is not None:
-            out.setdefault(variant, []).append(float(hist[-1][key]))
+        value = hist[-1].get(key, default) if hist else None
+        if value is not None:
+            out.setdefault(variant, []).append(float(value))
     return out
 
 
@@ -211,8 +213,7 @@ Cell = Callable[[Comparison, str], Any]     # (comparison, variant) -> a table c
 def final(key: str, scale: float = 1.0, default: float | None = None) -> Cell:
     """Mean ± std over seeds of `key` at the last epoch (`default` where a run lacks it)."""
     def cell(cmp: Comparison, variant: str) -> Stat | None:
-        vals = [h[-1].get(key, default) for v, h in cmp.runs if v == variant and h]
-        vals = [x for x in vals if x is not None]
+        vals = final_values(cmp, key, default).get(variant)
         return stat(vals, scale) if vals else None
     return cell
 
@@ -233,8 +234,8 @@ def window(key: str, start: int, stop: int | None, scale: float = 1.0) -> Cell:
     def cell(cmp: Comparison, variant: str) -> Stat | None:
         per_seed = []
         for v, h in cmp.runs:
-            xs = [r[key] for r in h[start:stop] if r.get(key) is not None]
-            if v == variant and xs:
+            xs = [r[key] for r in h[start:stop] if r.get(key) is not None] if v == variant else []
+            if xs:
                 per_seed.append(sum(xs) / len(xs))
         return stat(per_seed, scale) if per_seed else None
     return cell

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import Comparison, _pyplot, by_round, curves, load_comparison, run_dirs
-from ..tables import Column, Stat, Table, mean_std
+from ..tables import Column, mean_std, rows_table
 
 __all__ = ["write_report", "FIGURES"]
 
@@ -197,13 +197,9 @@ def _table(cmp: Comparison) -> str:
     """The comparison's table, formatted as `dormant compare` printed it."""
     keys = [k for k in dict.fromkeys(k for r in cmp.rows for k in r) if k not in ("variant",
                                                                               "seeds")]
-    t = Table([Column("variant", align="left"), Column("seeds")] +
-              [Column(cmp.titles.get(k, k), key=k, fmt=cmp.formats.get(k, "{:.4g}"))
-               for k in keys])
-    for r in cmp.rows:
-        t.add(r["variant"], r["seeds"], *(Stat(*r[k], r["seeds"]) if k in r else None
-                                          for k in keys))
-    return t.to_html()
+    return rows_table(cmp.rows, [Column(cmp.titles.get(k, k), key=k,
+                                        fmt=cmp.formats.get(k, "{:.4g}")) for k in keys]
+                      ).to_html()
 
 
 def _runs_section(out: Path, root) -> str:

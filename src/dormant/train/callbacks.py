@@ -64,7 +64,8 @@ class MonitorCallback(Callback):
         self.monitor: ActivityMonitor | None = None
         self.dead: dict[str, torch.Tensor] = {}
         self.initial: dict[str, torch.Tensor] = {}    # theta_0 (saved with checkpoints)
-        self._grad = None                             # (sum of norms, watched steps), device
+        self._grad_sum: torch.Tensor | None = None    # sum of watched steps' norms, device
+        self._grad_steps = 0
 
     def on_fit_start(self, trainer) -> None:
         if self.sites is None:
@@ -81,10 +82,9 @@ class MonitorCallback(Callback):
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        acc = torch.stack([norm.double(), torch.ones((), dtype=torch.float64,
-                                                        device=norm.device)])
-        self._grad = acc if self._grad is None else self._grad + acc   # no host sync
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
+        self._grad_sum = norm if self._grad_sum is None else self._grad_sum + norm  # no sync
+        self._grad_steps += 1
 
     def on_step_end(self, trainer, loss) -> None:
         self.monitor.step()
@@ -118,14 +118,12 @@ class MonitorCallback(Callback):
         # the plasticity metrics (dormant.metrics) on the first 1024 probe samples
         metrics.update(plasticity(trainer.model, trainer.data.split(self.probe_split),
                                   sites=self.sites, max_samples=1024))
-        if self._grad is not None:
-            total, steps = self._grad.tolist()
-            metrics["grad_norm"] = total / steps
-            self._grad = None
-        same = {n: p for n, p in trainer.model.named_parameters()
-                if n in self.initial and self.initial[n].shape == p.shape}
-        metrics["distance_from_init"] = distance_from(
-            trainer.model, {n: self.initial[n] for n in same})
+        if self._grad_steps:
+            metrics["grad_norm"] = self._grad_sum.item() / self._grad_steps
+            self._grad_sum, self._grad_steps = None, 0
+        metrics["distance_from_init"] = distance_from(trainer.model, {
+            n: self.initial[n] for n, p in trainer.model.named_parameters()
+            if n in self.initial and self.initial[n].shape == p.shape})
         if epoch == trainer.epochs or trainer.stop:
             test = diagnose(trainer.model, trainer.data.test, sites=self.sites, eps=self.eps)
             metrics["test_sparsity"] = sum(r.sparsity for r in test.rows) / len(test.rows)
