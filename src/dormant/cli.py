@@ -64,6 +64,14 @@ def _registries() -> dict:
             "criterion": CRITERIA}
 
 
+def _fixed_choices() -> dict[str, tuple]:
+    from .train.loop import MEMORY_FORMATS, PRECISIONS
+    return {"precision": PRECISIONS, "memory_format": MEMORY_FORMATS}
+
+
+_CHOICES = _fixed_choices()
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ExperimentConfig field; only flags given on the command line override."""
     g = p.add_argument_group("experiment config (override the preset/config file)")
@@ -76,7 +84,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                                 f"e.g. {_EXAMPLES.get(f.name, 'key=value')}")
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            choices = f"; one of: {', '.join(regs[f.name].names())}" if f.name in regs else ""
+            names = regs[f.name].names() if f.name in regs else _CHOICES.get(f.name, ())
+            choices = f"; one of: {', '.join(names)}" if names else ""
             g.add_argument(flag, type=typ, default=None,
                            help=f"default: {getattr(defaults, f.name)}{choices}")
 
