@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import (by_round, comparisons, load_comparison, paired, plot_series,
-                            read_section, regenerate, write_section)
+                            read_section, regenerate, write_block, write_section)
 from dormant.tables import Column, Stat, Table
 
 MODELS = {  # model -> (epochs per round, learning rate)
@@ -49,6 +49,23 @@ def diff_table(cmp, min_sparsity: float) -> Table:
     return t
 
 
+def headline(cmp, at=(0.956, 0.982)) -> Table:
+    """The results page's table of one model: at the rounds nearest the sparsities `at`,
+    accuracy of both (mean ± std), AP − IMP paired by seed and the dynamic DNR of both."""
+    t = Table([Column("sparsity", align="left"), Column("IMP acc %"), Column("IMP + AP acc %"),
+               Column("AP − IMP (paired)", sign=True), Column("dynamic DNR IMP → AP")])
+    acc, dnr = by_round(cmp, "test_acc"), by_round(cmp, "dynamic_dnr")
+    diffs = paired(cmp, "test_acc", "IMP", "IMP + AP")
+    for target in at:
+        i = min(range(len(diffs)), key=lambda k: abs(diffs[k][0] - target))
+        sp, d, sd = diffs[i]
+        t.add(f"{100 * sp:.1f}%", Stat(100 * acc["IMP"][1][i], 100 * acc["IMP"][2][i]),
+              Stat(100 * acc["IMP + AP"][1][i], 100 * acc["IMP + AP"][2][i]),
+              Stat(100 * d, 100 * sd),
+              f"{100 * dnr['IMP'][1][i]:.1f} → {100 * dnr['IMP + AP'][1][i]:.1f}%")
+    return t
+
+
 def main() -> None:
     p = reproduce_parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS))
@@ -77,6 +94,11 @@ def main() -> None:
     text = ["# AP (Activate-while-Pruning) vs IMP on Fashion-MNIST", ""]
     for folder, _ in found:
         text += [read_section(folder), ""]
+        try:        # the table of results.md, where the runs (or their copy) are at hand
+            cmp = load_comparison(folder, args.root)
+        except FileNotFoundError:
+            continue
+        write_block(out.parent / "results.md", folder.name, headline(cmp).to_markdown())
     (out / "ap.md").write_text("\n".join(text))
     print(f"wrote {out / 'ap.md'}")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
-                            read_section, regenerate, variant_table, write_section)
-from dormant.tables import Column, mean_std
+                            read_section, regenerate, variant_table, write_block, write_section)
+from dormant.tables import Column, Table, mean_std, stat
 
 MODELS = {"vgg-small": {}, "resnet20": {}}
 REG_PEAKS = (0.003, 0.01, 0.05)
@@ -53,6 +53,28 @@ def table(cmp):
         (Column("units removed %"), final("units_removed", 100, default=0.0)),
         (Column("MACs % of dense"), final("macs_ratio", 100, default=1.0)),
         (Column("params % of dense"), final("params_ratio", 100, default=1.0))])
+
+
+def headline(both) -> Table:
+    """The results page's table: dense, then each DemP peak above the structured baseline
+    pruned to its widths; accuracy mean ± std over seeds, the rest means."""
+    t = Table([Column("variant", align="left"), Column("test acc %"), Column("units removed"),
+               Column("MACs of dense"), Column("params of dense")])
+    mean = lambda key, v, default: stat(final_values(both, key, default)[v]).mean
+    rows = [("dense", "dense")]
+    for v in both.variants:
+        if v.startswith("DemP λ="):
+            peak = v.removeprefix("DemP λ=")
+            rows += [(f"DemP λ = {peak}", v), ("structured, same widths",
+                                               f"structured (as λ={peak})")]
+    for label, v in rows:
+        removed = mean("units_removed", v, 0.0)
+        macs, params = mean("macs_ratio", v, 1.0), mean("params_ratio", v, 1.0)
+        t.add(label, final("test_acc", 100)(both, v),
+              f"{100 * removed:.1f}%" if removed else "0",
+              f"{100 * macs:.1f}%" if macs < 1 else "100%",
+              f"{100 * params:.1f}%" if params < 1 else "100%")
+    return t
 
 
 def main() -> None:
@@ -106,6 +128,12 @@ def main() -> None:
             "cubic schedule from 10% to 70% of the steps, to DemP's final widths.", ""]
     for folder, _ in found:
         text += [read_section(folder), ""]
+        try:        # the table of results.md, where the runs (or their copy) are at hand
+            both = load_comparison(folder, args.root) + load_comparison(
+                folder.with_name(folder.name + "_structured"), args.root)
+        except FileNotFoundError:
+            continue
+        write_block(out.parent / "results.md", folder.name, headline(both).to_markdown())
     (out / "demp.md").write_text("\n".join(text))
     print(f"wrote {out / 'demp.md'}")
 

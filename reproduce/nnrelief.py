@@ -67,8 +67,8 @@ def summary(relief_cmp, imp_cmp) -> str:
 
 
 def headline(relief_cmp, imp_cmp) -> Table:
-    """The results page's table: dense, NNrelief's last iteration and IMP at the same
-    sparsity (mean ± std over seeds)."""
+    """The results page's table: dense, NNrelief's first iteration past 10x compression and
+    its last, and IMP at the same sparsity (mean ± std over seeds)."""
     t = Table([Column("", align="left"), Column("sparsity"), Column("compression"),
                Column("test acc %"), Column("surviving units", align="left"),
                Column("structured FLOPs")])
@@ -76,9 +76,15 @@ def headline(relief_cmp, imp_cmp) -> Table:
     n = min(len(h) for h in relief) - 1
     arch = lambda rows: "-".join(str(round(mean_std([r["arch"][k] for r in rows])[0]))
                                  for k in rows[0]["arch"])
-    for label, rows, std in (("dense (iteration 0)", [h[0] for h in relief], False),
-                             (f"NNrelief, iteration {n}", [h[n] for h in relief], True),
-                             (f"IMP, round {n}", [h[n] for h in imp], False)):
+    # the first iteration past 10x compression (the paper's claim), where it is not the last
+    tenfold = next((i for i in range(1, n) if stat(h[i]["compression"] for h in relief).mean
+                    >= 10), None)
+    lines = [("dense (iteration 0)", [h[0] for h in relief], False),
+             *([(f"NNrelief, iteration {tenfold}", [h[tenfold] for h in relief], False)]
+               if tenfold else []),
+             (f"NNrelief, iteration {n}", [h[n] for h in relief], True),
+             (f"IMP, round {n}", [h[n] for h in imp], False)]
+    for label, rows, std in lines:
         sp, comp = stat(r["sparsity"] for r in rows), stat(r["compression"] for r in rows)
         t.add(label, f"{100 * sp.mean:.1f}%" if sp.mean else "0",
               (f"{comp.mean:.1f}× ± {comp.std:.1f}" if std else f"{comp.mean:.1f}×")
