@@ -88,6 +88,30 @@ def test_every_mlp_block_relu_has_the_right_producer_and_consumers(name):
         assert site.num_units == dormant.sites.out_units(model.get_submodule(producer))
 
 
+@pytest.mark.parametrize("make, act, kind", [
+    (bert, "gelu", "gelu"), (gpt2, "gelu_new", "gelu_tanh"), (gpt2, "relu2", "relu_squared")])
+def test_stock_transformers_activations_are_sites(make, act, kind):
+    """transformers' own activation modules (GPT-2's default gelu_new, BERT's gelu, ...) are
+    sites of their MLP blocks, found without importing transformers in dormant."""
+    model, batch, blocks = make()
+    cfg = model.config
+    cfg.update({"hidden_act": act} if hasattr(cfg, "hidden_act") else
+               {"activation_function": act})
+    torch.manual_seed(0)
+    model = type(model)(cfg)
+    sites = {s.producer: s for s in dormant.find_sites(model, batch)}
+    for producer, consumer in blocks:
+        site = sites[producer]
+        assert site.activation == kind and site.consumers == (consumer,)
+        assert site.consumers_complete and site.proof == "dataflow"
+    assert dormant.sites.is_nonneg(kind) == (kind == "relu_squared")
+    mlp = [sites[producer] for producer, _ in blocks]
+    with dormant.ActivityMonitor(model, mlp) as mon:
+        model(**batch)
+    for s in mon.stats().values():      # every token of every sample counted
+        assert s.positions == B * T and s.samples == B and (s.zeros < s.positions).all()
+
+
 def test_resnet_residual_relu_is_paired_with_the_main_branch_not_the_shortcut():
     model, batch, _ = resnet()
     s = "resnet.encoder.stages"

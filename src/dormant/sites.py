@@ -70,8 +70,20 @@ _ACT_FUNCTIONS: dict[Callable, str] = {
     F.sigmoid: "sigmoid", F.elu: "elu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
     F.mish: "mish", F.hardswish: "hardswish", F.softplus: "softplus", F.hardsigmoid: "hardsigmoid",
 }
+# transformers' own activation modules (ACT2FN: GPT-2's gelu_new, BERT's gelu, ...), known by
+# class name in `transformers.activations`, so that site discovery finds them without
+# importing transformers. LinearActivation is the identity: not a site.
+_HF_ACTIVATIONS = {
+    "GELUActivation": "gelu", "ClippedGELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh", "QuickGELUActivation": "quick_gelu",
+    "SiLUActivation": "silu", "MishActivation": "mish", "LaplaceActivation": "laplace",
+    "ReLUSquaredActivation": "relu_squared", "SqrtSoftplusActivation": "sqrt_softplus",
+    "XIELUActivation": "xielu",
+}
 # Kinds whose output is >= 0 by construction: the monitor counts them with cheaper ops.
-_NONNEG_KINDS: set[str] = {"relu", "relu6", "sigmoid", "softplus", "hardsigmoid"}
+_NONNEG_KINDS: set[str] = {"relu", "relu6", "sigmoid", "softplus", "hardsigmoid",
+                           "relu_squared", "sqrt_softplus"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}
 _METHOD_FN = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
@@ -130,6 +142,15 @@ def register_activation(module_type: type | None = None, kind: str | None = None
     return deco
 
 
+def act_module_kind(m: nn.Module) -> str | None:
+    """The activation kind of module `m` (registered types, then transformers' activation
+    classes by name), or None when it is not an activation."""
+    kind = _ACT_MODULES.get(type(m))
+    if kind is None and type(m).__module__ == "transformers.activations":
+        kind = _HF_ACTIVATIONS.get(type(m).__name__)
+    return kind
+
+
 def is_nonneg(kind: str) -> bool:
     """True when activations of this kind never output negative values."""
     return kind in _NONNEG_KINDS
@@ -137,7 +158,8 @@ def is_nonneg(kind: str) -> bool:
 
 def activation_kinds() -> list[str]:
     """Names of every activation site discovery recognises."""
-    return sorted(set(_ACT_MODULES.values()) | set(_ACT_FUNCTIONS.values()))
+    return sorted(set(_ACT_MODULES.values()) | set(_ACT_FUNCTIONS.values())
+                  | set(_HF_ACTIVATIONS.values()))
 
 
 class NoSitesError(ValueError):
@@ -198,14 +220,14 @@ class Site:
 # fx tracing
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in _ACT_MODULES or is_producer(m) or isinstance(m, NORMS):
+        if act_module_kind(m) or is_producer(m) or isinstance(m, NORMS):
             return True
         return super().is_leaf_module(m, qualname)
 
 
 def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if node.op == "call_module":
-        return _ACT_MODULES.get(type(modules[node.target]))
+        return act_module_kind(modules[node.target])
     if node.op == "call_function":
         return _ACT_FUNCTIONS.get(node.target)
     if node.op == "call_method":
@@ -464,13 +486,13 @@ _FLOW_IGNORE = {"size", "dim", "numel", "__len__", "__get__", "is_floating_point
 
 
 def _recorded(m: nn.Module) -> bool:
-    return (type(m) in _ACT_MODULES or is_producer(m)
+    return (act_module_kind(m) is not None or is_producer(m)
             or isinstance(m, NORMS + PASS_MODULES + POOL_MODULES + (nn.Flatten,)))
 
 
 def _flow_act_kind(ev, modules) -> str | None:
     if ev.module is not None:
-        return _ACT_MODULES.get(type(modules[ev.module]))
+        return act_module_kind(modules[ev.module])
     kind = _ACT_FUNCTIONS.get(ev.func)
     if kind is None and ev.name in _ACT_METHODS and "Tensor" in getattr(ev.func, "__qualname__", ""):
         kind = _ACT_METHODS[ev.name]
@@ -694,7 +716,7 @@ def make_site(model: nn.Module, activation: str, producer: str | None = None, *,
         if qual is not None and qual not in modules:
             raise KeyError(f"no module named {qual!r} in {type(model).__name__}")
     act = modules[activation]
-    kind = _ACT_MODULES.get(type(act), type(act).__name__.lower())
+    kind = act_module_kind(act) or type(act).__name__.lower()
     prod = modules.get(producer) if producer else None
     if num_units is None:
         if prod is None:
