@@ -32,6 +32,7 @@ from dormant.data import load_dataset
 from dormant.methods import DemP
 from dormant.models import build_model
 from dormant.schedules import make_scheduler
+from dormant.tables import Column, Table
 from dormant.train import Trainer
 from dormant.train.loop import synchronize
 
@@ -125,6 +126,26 @@ def step_ratio(a, b, x, y, rounds: int = 20) -> tuple[float, float, float]:
     return interleaved(trainer_step(a), trainer_step(b), rounds, sync=x)
 
 
+def trade_name(pct_start: float | None, prune_every: int) -> str:
+    return f"DemP pct_start={0.3 if pct_start is None else pct_start:g} every={prune_every}"
+
+
+def tradeoff(rows: dict[str, list[dict]], t_dense: float) -> Table:
+    """Every DemP run of this process next to dense: accuracy, what it removed and the
+    whole-run speed-up (the accuracy/speed trade-off of peak position and cadence)."""
+    t = Table([Column("run", align="left"), Column("test acc %"),
+               Column("vs dense (points)", sign=True), Column("units removed %", fmt="{:.1f}"),
+               Column("FLOP reduction", fmt="{:.2f}x"), Column("whole-run speed-up",
+                                                                fmt="{:.2f}x")])
+    dense = rows["dense"][-1]["test_acc"]
+    for name, r in rows.items():
+        if name != "dense":
+            t.add(name, 100 * r[-1]["test_acc"], 100 * (r[-1]["test_acc"] - dense),
+                  100 * r[-1]["units_removed"], 1 / r[-1]["macs_ratio"],
+                  t_dense / sum(x["train_time"] for x in r))
+    return t
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +155,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--reg-peak", type=float, default=0.02)
     p.add_argument("--noise-peak", type=float, default=5e-5)
-    p.add_argument("--prune-every", type=int, default=100)
+    p.add_argument("--prune-every", default="100",
+                   help="steps between DemP's death checks; a comma list (e.g. 50,100,200) "
+                        "adds a DemP run per value to the same interleaved run")
     p.add_argument("--span", type=float, default=0.9,
                    help="DemP's death-pressure span, a fraction of the run (the official code: "
                         "0.87 on CIFAR-10, 0.3 on ImageNet)")
@@ -142,9 +165,11 @@ def main() -> None:
                    help="also run DemP with round_to=N (widths kept at multiples of N, the "
                         "extra units chosen by activity), in the same interleaved run; 1 or 0 "
                         "skips it")
-    p.add_argument("--pct-start", type=float, default=None,
+    p.add_argument("--pct-start", default=None,
                    help="DemP's one-cycle: fraction of its span spent rising to the peak "
-                        "(default 0.3); earlier peaks kill units earlier")
+                        "(default 0.3); earlier peaks kill units earlier. A comma list "
+                        "(e.g. 0.1,0.2,0.3) adds a DemP run per value: with --prune-every "
+                        "lists, the accuracy/speed trade-off in one run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="inference batch size")
     p.add_argument("--train-batch", type=int, default=128, help="training batch size")
@@ -160,8 +185,17 @@ def main() -> None:
         p.error("--width must be > 0")
     if args.round_to < 0:
         p.error("--round-to must be >= 0 (0 or 1: no rounded run)")
-    if args.pct_start is not None and not 0 < args.pct_start < 1:
+    try:
+        pct_starts = [None] if args.pct_start is None else [
+            float(v) for v in args.pct_start.split(",")]
+        cadences = [int(v) for v in args.prune_every.split(",")]
+    except ValueError as e:
+        p.error(f"--pct-start takes numbers and --prune-every whole numbers, comma-separated "
+                f"({e})")
+    if any(v is not None and not 0 < v < 1 for v in pct_starts):
         p.error("--pct-start must be in (0, 1)")
+    if any(v < 1 for v in cadences):
+        p.error("--prune-every must be >= 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
@@ -171,14 +205,19 @@ def main() -> None:
     def fresh():
         torch.manual_seed(args.seed)
         return build_model(args.model, data.input_shape, data.num_classes, **options).to(device)
-    extra = {} if args.pct_start is None else {"pct_start": args.pct_start}
-    variants = {"dense": None, "DemP": DemP(reg_peak=args.reg_peak, noise_peak=args.noise_peak,
-                                            prune_every=args.prune_every, span=args.span,
-                                            **extra)}
+    def demp(pct_start, prune_every, round_to=1):
+        return DemP(reg_peak=args.reg_peak, noise_peak=args.noise_peak, prune_every=prune_every,
+                    span=args.span, round_to=round_to,
+                    **({} if pct_start is None else {"pct_start": pct_start}))
+    # the first value of each list is "DemP"; every other pair is a run of its own
+    variants = {"dense": None, "DemP": demp(pct_starts[0], cadences[0])}
     if args.round_to > 1:
-        variants[f"DemP round_to={args.round_to}"] = DemP(
-            reg_peak=args.reg_peak, noise_peak=args.noise_peak, prune_every=args.prune_every,
-            span=args.span, round_to=args.round_to, **extra)
+        variants[f"DemP round_to={args.round_to}"] = demp(pct_starts[0], cadences[0],
+                                                          args.round_to)
+    for ps in pct_starts:
+        for every in cadences:
+            if (ps, every) != (pct_starts[0], cadences[0]):
+                variants[trade_name(ps, every)] = demp(ps, every)
     models = {name: fresh() for name in variants}
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
@@ -187,7 +226,8 @@ def main() -> None:
           f"{'' if args.width is None else f' width {args.width:g}'} on {args.dataset} "
           f"({len(data.train)} training samples, batch {nb}), {args.epochs} epochs, "
           f"DemP reg_peak={args.reg_peak} span={args.span:g}"
-          + ("" if args.pct_start is None else f" pct_start={args.pct_start:g}"))
+          + ("" if pct_starts[0] is None else f" pct_start={pct_starts[0]:g}")
+          + ("" if cadences[0] == 100 else f" prune_every={cadences[0]}"))
     names = list(variants)
     print("epoch  dense s  demp s  ratio  units removed"
           + "".join(f"  | {n}: s, ratio, removed" for n in names[2:]), flush=True)
@@ -205,7 +245,7 @@ def main() -> None:
     t_dense = sum(r["train_time"] for r in rows["dense"])
     x = data.test.inputs[:args.batch]
     xb, yb = data.train.inputs[:nb], data.train.targets[:nb]
-    for name in names[1:]:
+    for name in [n for n in names[1:] if not n.startswith("DemP pct_start=")]:
         last = rows[name][-1]
         t_demp = sum(r["train_time"] for r in rows[name])
         mac_ratio = 1 / last["macs_ratio"]    # DemP reports its MACs over the dense model's
@@ -229,6 +269,9 @@ def main() -> None:
               f"{step / mac_ratio:.2f}")
         print(f"{label}whole-run training speed-up / FLOP reduction = "
               f"{t_dense / t_demp / mac_ratio:.2f}", flush=True)
+    if len(names) > 2:
+        print("\nTrade-off, every DemP run of this process (same data, seed, batches):")
+        print(tradeoff(rows, t_dense).to_markdown(), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ def test_help(script, monkeypatch, capsys):
     ("reproduce/activations.py", ["--q-star", "-1"], "--q-star must be > 0"),
     ("reproduce/plasticity.py", ["--tasks", "0"], "--tasks and --samples must be >= 1"),
     ("reproduce/plasticity.py", ["--optimizers", "sgd,lamb"], "unknown optimizer(s) ['lamb']"),
+    ("benchmarks/demp_speed.py", ["--pct-start", "0.1,x"], "--pct-start takes numbers"),
+    ("benchmarks/demp_speed.py", ["--pct-start", "0.1,1.5"], "--pct-start must be in (0, 1)"),
+    ("benchmarks/demp_speed.py", ["--prune-every", "50,0"], "--prune-every must be >= 1"),
 ])
 def test_bad_options_refused(script, args, message, monkeypatch, capsys):
     assert run(ROOT / script, *args, monkeypatch=monkeypatch) == 2
