@@ -20,11 +20,14 @@ def test_counts_are_exact_against_brute_force(name):
     kill_some(model)
     xs = [torch.randn(5, *shape) for _ in range(3)]
     sites = find_sites(model, xs[0][:2])
-    with ActivityMonitor(model, sites) as mon:
-        with torch.no_grad():
-            for x in xs:
-                model(x)
+    mon, lean = ActivityMonitor(model, sites, track_max=True), ActivityMonitor(model, sites)
+    with mon, lean, torch.no_grad():
+        for x in xs:
+            model(x)
     stats, dead = mon.stats(), mon.dead_units()
+    for n, s in lean.stats().items():     # without track_max: the same counters, no max
+        assert s.max is None and torch.equal(s.active, stats[n].active)
+        assert torch.equal(s.zeros, stats[n].zeros) and torch.equal(s.silent, stats[n].silent)
     outs = [activation_outputs(model, x) for x in xs]
     for i, s in enumerate(sites):
         ys = [o[i] for o in outs]
@@ -55,7 +58,8 @@ def test_fused_counting_gives_the_same_counters():
         kill_some(model)
         xs = [torch.randn(n, *shape) for n in (5, 5, 3)]
         sites = find_sites(model, xs[0][:2])
-        mons = [ActivityMonitor(model, sites), ActivityMonitor(model, sites, fused="eager")]
+        mons = [ActivityMonitor(model, sites, track_max=True),
+                ActivityMonitor(model, sites, fused="eager", track_max=True)]
         for mon in mons:
             with mon, torch.no_grad():
                 for x in xs:

@@ -11,7 +11,8 @@ and accumulates, on the device of the activations and without any host sync:
     silent[u]       samples in which every output of the unit was <= eps
     active_batches  batches in which the unit was active at least once
     sum/abs_sum[u]  sum of outputs / of |outputs| (float64)
-    max[u]          largest output
+    max[u]          largest output (only with ``track_max=True``: one more pass over each
+                    activation, which nothing in dormant needs)
 
 Counts come from ``sign()`` and float sums, not from comparisons and boolean reductions
 (which are several times slower on CPU): for an output y, #(y > 0) = (sum sign(y) +
@@ -58,7 +59,7 @@ class SiteStats:
     active_batches: torch.Tensor
     sum: torch.Tensor
     abs_sum: torch.Tensor
-    max: torch.Tensor
+    max: torch.Tensor | None          # None unless the monitor tracks it (track_max=True)
     positions: int
     samples: int
     batches: int
@@ -121,15 +122,18 @@ def always_zero(s: SiteStats) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-def _fast_stats(y: torch.Tensor, inner: tuple[int, ...], d: int, acc: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fast_stats(y: torch.Tensor, inner: tuple[int, ...], d: int, acc: torch.dtype,
+                with_max: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Non-negative outputs, eps 0: (active positions per sample and unit, or per unit when a
-    sample has one position; sum per unit; max per unit). Pure tensor code, so that
-    torch.compile can fuse it into one pass over `y`."""
+    sample has one position; sum per unit; max per unit, or None without `with_max`). Pure
+    tensor code, so that torch.compile can fuse it into one pass over `y`."""
     if not inner:
-        return y.sign().sum(0, dtype=acc), y.sum(0, dtype=acc), y.amax(0)
+        return (y.sign().sum(0, dtype=acc), y.sum(0, dtype=acc),
+                y.amax(0) if with_max else None)
     active_ps = y.sign().sum(inner, dtype=acc)                       # (N, units)
-    return active_ps, y.sum((0, *inner), dtype=acc), _unit_max(y, d)
+    return (active_ps, y.sum((0, *inner), dtype=acc),
+            _unit_max(y, d) if with_max else None)
 
 
 def _unit_max(y: torch.Tensor, d: int) -> torch.Tensor:
@@ -159,11 +163,14 @@ class ActivityMonitor:
             mode (``every=1``) on large activations. The first watched step compiles (about a
             minute on a CPU, a new batch shape a few seconds); the counts are the same. True
             uses inductor; a string names another ``torch.compile`` backend.
+        track_max: also keep each unit's largest output (`SiteStats.max`; None without it).
+            Off by default: it is one more pass over every activation and no criterion or
+            method of dormant reads it.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, *,
                  example_input=None, eps: float = 0.0, every: int = 1, mode: str = "any",
-                 fused: bool | str = False):
+                 fused: bool | str = False, track_max: bool = False):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if mode not in ("train", "eval", "any"):
@@ -179,7 +186,7 @@ class ActivityMonitor:
         if len(self.sites) != len(sites):
             raise ValueError("site names must be unique")
         self.eps, self.every, self.mode = float(eps), int(every), mode
-        self.fused = fused
+        self.fused, self.track_max = fused, bool(track_max)
         self._compiled: Callable | None = None
         self._handles: list = []
         self._calls: dict[tuple[str, str], int] = {}
@@ -223,7 +230,7 @@ class ActivityMonitor:
             return t.sum(inner, dtype=acc) if inner else t.to(acc)
 
         if self._fast(site):
-            active_ps, sum_u, mx = self._counting(y, inner, d, acc)
+            active_ps, sum_u, mx = self._counting(y, inner, d, acc, self.track_max)
         else:
             sign = y.sign()
             nonzero_ps = per_sample(sign.abs())
@@ -234,14 +241,15 @@ class ActivityMonitor:
             sum_u = per_sample(y).sum(0)
             c["nonzero"] += nonzero_ps.sum(0)
             c["abs_sum"] += per_sample(y.abs()).sum(0)
-            mx = _unit_max(y, d)
+            mx = _unit_max(y, d) if self.track_max else None
         active = active_ps.sum(0) if active_ps.ndim == 2 else active_ps
         c["active"] += active
         c["active_batches"] += active > 0
         c["sum"] += sum_u
         if inner:  # per sample: the unit said nothing at any token/position
             c["silent"] += (active_ps == 0).sum(0)
-        torch.maximum(c["max"], mx.to(c["max"].dtype), out=c["max"])
+        if mx is not None:
+            torch.maximum(c["max"], mx.to(c["max"].dtype), out=c["max"])
         c["positions"] += per_unit
         c["samples"] += y.shape[0]
         c["batches"] += 1
@@ -387,7 +395,8 @@ class ActivityMonitor:
                 silent = c["samples"] - active
             out[name] = SiteStats(site, active, c["positions"] - nonzero, silent,
                                   count(c["active_batches"]), c["sum"].clone(), abs_sum.clone(),
-                                  c["max"].clone(), c["positions"], c["samples"], c["batches"],
+                                  c["max"].clone() if self.track_max else None,
+                                  c["positions"], c["samples"], c["batches"],
                                   self.eps, self.mode, self.every)
         return out
 
