@@ -157,6 +157,14 @@ def _run_quiet(cfg: ExperimentConfig, root: str, threads: int, tensorboard=None)
                           tensorboard=tensorboard)
 
 
+def run_threads(jobs: int) -> int:
+    """Threads each run gets: this process's own with one job, else the cores shared out."""
+    if jobs <= 1:
+        import torch
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=None) -> list[dict]:
     """Run configs in order (jobs=1) or in a pool of `jobs` processes, one thread each."""
     def done(i: int, name: str, cfg, res: dict) -> None:
@@ -175,7 +183,7 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=Non
         return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = run_threads(jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_die_with,
                              initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_run_quiet, cfg, str(root), threads, tensorboard)
@@ -214,8 +222,9 @@ def _write_histories(path: Path, runs: list[dict]) -> None:
 
 
 def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, dict]],
-                    rows: list[dict], cols: Sequence, out: Path, command: str) -> None:
-    """compare.md/.csv/.json and runs.jsonl.gz in `out`."""
+                    rows: list[dict], cols: Sequence, out: Path, command: str,
+                    threads: int | None = None) -> None:
+    """compare.md/.csv/.json and runs.jsonl.gz in `out`; `threads`: what each run had."""
     from ..jsonl import read_jsonl
     from ..report import HISTORIES, machine
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +239,7 @@ def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, d
                      "metrics": read_jsonl(Path(res["run_dir"]) / "metrics.jsonl")})
     _write_histories(out / HISTORIES, runs)
     (out / "compare.json").write_text(json.dumps(
-        {"spec": spec.to_dict(), "command": command, "machine": machine(),
+        {"spec": spec.to_dict(), "command": command, "machine": machine(threads),
          "rows": rows, "titles": {c[0]: c[1] for c in cols},
          "formats": {c[0]: c[3] for c in cols},
          # relative to this folder, so the comparison reads from any working directory
@@ -260,6 +269,6 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
     log(to_markdown(rows, cols))
     if out is not None:
         save_comparison(spec, configs, results, rows, cols, Path(out),
-                        command if command is not None else invocation())
+                        command if command is not None else invocation(), run_threads(jobs))
         log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, runs.jsonl.gz")
     return rows

@@ -23,8 +23,9 @@ __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves",
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
 
 
-def machine() -> str:
-    """One line naming the machine, torch and the code version, for results files."""
+def machine(threads: int | None = None) -> str:
+    """One line naming the machine, torch, the threads each run had (default: this
+    process's) and the code version, for results files."""
     import platform
     import subprocess
     import torch
@@ -39,8 +40,9 @@ def machine() -> str:
                              text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
+    threads = threads or torch.get_num_threads()
     return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+            f"{threads} thread{'s' if threads > 1 else ''}"
             + (f", code {rev}" if rev else ""))
 
 
