@@ -126,10 +126,6 @@ def step_ratio(a, b, x, y, rounds: int = 20) -> tuple[float, float, float]:
     return interleaved(trainer_step(a), trainer_step(b), rounds, sync=x)
 
 
-def trade_name(pct_start: float | None, prune_every: int) -> str:
-    return f"DemP pct_start={0.3 if pct_start is None else pct_start:g} every={prune_every}"
-
-
 def tradeoff(rows: dict[str, list[dict]], t_dense: float) -> Table:
     """Every DemP run of this process next to dense: accuracy, what it removed and the
     whole-run speed-up (the accuracy/speed trade-off of peak position and cadence)."""
@@ -214,10 +210,13 @@ def main() -> None:
     if args.round_to > 1:
         variants[f"DemP round_to={args.round_to}"] = demp(pct_starts[0], cadences[0],
                                                           args.round_to)
+    trade = {}          # the other pairs: in the trade-off table only
     for ps in pct_starts:
         for every in cadences:
             if (ps, every) != (pct_starts[0], cadences[0]):
-                variants[trade_name(ps, every)] = demp(ps, every)
+                m = demp(ps, every)
+                trade[f"DemP pct_start={m.opts.pct_start:g} every={every}"] = m
+    variants.update(trade)
     models = {name: fresh() for name in variants}
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
@@ -245,7 +244,7 @@ def main() -> None:
     t_dense = sum(r["train_time"] for r in rows["dense"])
     x = data.test.inputs[:args.batch]
     xb, yb = data.train.inputs[:nb], data.train.targets[:nb]
-    for name in [n for n in names[1:] if not n.startswith("DemP pct_start=")]:
+    for name in [n for n in names[1:] if n not in trade]:
         last = rows[name][-1]
         t_demp = sum(r["train_time"] for r in rows[name])
         mac_ratio = 1 / last["macs_ratio"]    # DemP reports its MACs over the dense model's

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import (by_round, comparisons, load_comparison, paired, plot_series,
-                            read_section, regenerate, write_block, write_section)
+                            read_section, regenerate, results_block, write_section)
 from dormant.tables import Column, Stat, Table
 
 MODELS = {  # model -> (epochs per round, learning rate)
@@ -94,11 +94,7 @@ def main() -> None:
     text = ["# AP (Activate-while-Pruning) vs IMP on Fashion-MNIST", ""]
     for folder, _ in found:
         text += [read_section(folder), ""]
-        try:        # the table of results.md, where the runs (or their copy) are at hand
-            cmp = load_comparison(folder, args.root)
-        except FileNotFoundError:
-            continue
-        write_block(out.parent / "results.md", folder.name, headline(cmp).to_markdown())
+        results_block(out.parent / "results.md", folder, args.root, headline)
     (out / "ap.md").write_text("\n".join(text))
     print(f"wrote {out / 'ap.md'}")
 

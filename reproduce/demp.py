@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
-                            read_section, regenerate, variant_table, write_block, write_section)
+                            read_section, regenerate, variant_table, results_block, write_section)
 from dormant.tables import Column, Table, mean_std, stat
 
 MODELS = {"vgg-small": {}, "resnet20": {}}
@@ -128,12 +128,8 @@ def main() -> None:
             "cubic schedule from 10% to 70% of the steps, to DemP's final widths.", ""]
     for folder, _ in found:
         text += [read_section(folder), ""]
-        try:        # the table of results.md, where the runs (or their copy) are at hand
-            both = load_comparison(folder, args.root) + load_comparison(
-                folder.with_name(folder.name + "_structured"), args.root)
-        except FileNotFoundError:
-            continue
-        write_block(out.parent / "results.md", folder.name, headline(both).to_markdown())
+        results_block(out.parent / "results.md", folder, args.root,
+                      lambda demp, structured: headline(demp + structured), "_structured")
     (out / "demp.md").write_text("\n".join(text))
     print(f"wrote {out / 'demp.md'}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.report import (by_round, comparisons, load_comparison, paired,
-                            read_section, regenerate, round_ends, write_block, write_section)
+                            read_section, regenerate, round_ends, results_block, write_section)
 from dormant.tables import Column, Table, mean_std, stat
 
 MODELS = {  # model -> (pruning iterations, epochs per iteration, relief options)
@@ -138,13 +138,7 @@ def main() -> None:
             "Iteration 0 is the dense pre-trained network.", ""]
     for folder, _ in found:
         text += [read_section(folder), ""]
-        try:        # the table of results.md, where the runs (or their copy) are at hand
-            relief_cmp = load_comparison(folder, args.root)
-            imp_cmp = load_comparison(folder.with_name(folder.name + "_imp"), args.root)
-        except FileNotFoundError:
-            continue
-        write_block(out.parent / "results.md", folder.name,
-                    headline(relief_cmp, imp_cmp).to_markdown())
+        results_block(out.parent / "results.md", folder, args.root, headline, "_imp")
     (out / "nnrelief.md").write_text("\n".join(text))
     print(f"wrote {out / 'nnrelief.md'}")
 

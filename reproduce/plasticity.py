@@ -16,7 +16,7 @@ from pathlib import Path
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.experiments.presets import PLASTICITY_METHODS as METHODS
 from dormant.report import (Cell, comparisons, curves, final, load_comparison, plot_series,
-                            read_section, regenerate, variant_table, window, write_block,
+                            read_section, regenerate, variant_table, window, results_block,
                             write_section)
 from dormant.tables import Column, stat
 
@@ -107,11 +107,7 @@ def main() -> None:
             "trained.", ""]
     for folder, _ in comparisons(out, "plasticity_"):
         text += [read_section(folder), ""]
-        try:
-            cmp = load_comparison(folder, args.root)
-        except FileNotFoundError:
-            continue
-        write_block(out.parent / "results.md", folder.name, table(cmp).to_markdown())
+        results_block(out.parent / "results.md", folder, args.root, table)
     (out / "plasticity.md").write_text("\n".join(text))
     print(f"wrote {out / 'plasticity.md'}")
 

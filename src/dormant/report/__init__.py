@@ -18,7 +18,8 @@ from ..tables import paired as paired_stat
 __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves", "final_values",
            "machine", "mean_std", "round_ends", "by_round", "paired", "plot_series",
            "variant_table", "final", "versus", "window", "regenerate", "write_block",
-           "comparisons", "write_section", "read_section", "table_rows", "HISTORIES"]
+           "comparisons", "write_section", "read_section", "table_rows", "HISTORIES",
+           "results_block"]
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
 
@@ -308,6 +309,22 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> bool:
         return False
     path.write_text(page[:i + len(begin)] + text.rstrip("\n") + "\n" + page[j:])
     return True
+
+
+def results_block(page: str | os.PathLike, folder: str | os.PathLike,
+                  root: str | os.PathLike | None, make: Callable[..., Any],
+                  *companions: str) -> bool:
+    """Write `make(comparison, *companion comparisons)` (a Table) into the block of `page`
+    (e.g. docs/results.md) named after `folder`, where the runs (or their copy) of `folder`
+    and of each ``folder + suffix`` in `companions` are at hand; False, changing nothing,
+    where they are not (a comparison made before its metrics were archived)."""
+    folder = Path(folder)
+    try:
+        cmps = [load_comparison(folder.with_name(folder.name + suffix), root)
+                for suffix in ("", *companions)]
+    except FileNotFoundError:
+        return False
+    return write_block(page, folder.name, make(*cmps).to_markdown())
 
 
 def _pyplot():
