@@ -46,8 +46,10 @@ def best_window(size: int) -> Cell:
 
 def last_minus_best(size: int) -> Cell:
     """Per seed, the last `size` tasks' mean minus its best window: the loss of plasticity."""
-    return lambda cmp, v: stat((_windows(h, size)[-1] - max(_windows(h, size))
-                                for n, h in cmp.runs if n == v), 100)
+    def gap(hist: list[dict]) -> float:
+        means = _windows(hist, size)
+        return means[-1] - max(means)
+    return lambda cmp, v: stat((gap(h) for n, h in cmp.runs if n == v), 100)
 
 
 def erank_key(cmp) -> str:

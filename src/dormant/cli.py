@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from .experiments.config import _MAPPINGS, ConfigError, ExperimentConfig, load_config_file
+from .train.loop import MEMORY_FORMATS, PRECISIONS
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
@@ -64,12 +65,7 @@ def _registries() -> dict:
             "criterion": CRITERIA}
 
 
-def _fixed_choices() -> dict[str, tuple]:
-    from .train.loop import MEMORY_FORMATS, PRECISIONS
-    return {"precision": PRECISIONS, "memory_format": MEMORY_FORMATS}
-
-
-_CHOICES = _fixed_choices()
+_CHOICES = {"precision": PRECISIONS, "memory_format": MEMORY_FORMATS}   # fixed value sets
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:

@@ -366,9 +366,10 @@ class ActivityMonitor:
         sums = torch.cat([torch.cat([counters[n][f] for f in _FIELDS] + [torch.tensor(
             [float(counters[n][f]) for f in _COUNT_FIELDS], dtype=torch.float64, device=dev)])
             for n in names])
-        maxes = torch.cat([counters[n]["max"] for n in names])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        if self.track_max:      # untracked maxima stay -inf: nothing to send
+            maxes = torch.cat([counters[n]["max"] for n in names])
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
         i = m = 0
         for n in names:
             u = self.sites[n].num_units
@@ -377,7 +378,8 @@ class ActivityMonitor:
                 c[fld], i = sums[i:i + u], i + u
             for fld in _COUNT_FIELDS:
                 c[fld], i = int(sums[i]), i + 1
-            c["max"], m = maxes[m:m + u], m + u
+            if self.track_max:
+                c["max"], m = maxes[m:m + u], m + u
         return counters
 
     def stats(self) -> dict[str, SiteStats]:

@@ -77,7 +77,7 @@ class MonitorCallback(Callback):
             self.initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
     def on_after_backward(self, trainer) -> None:
-        if trainer.step % self.every:        # the monitor's watched steps
+        if not self.monitor.attached:        # the monitor's watched steps only
             return
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         if not grads:
