@@ -18,8 +18,8 @@ matter.
 
     python benchmarks/demp_speed.py --model vgg-small --epochs 8 --reg-peak 0.02
     python benchmarks/demp_speed.py --device cuda --width 4 --epochs 10
-    python benchmarks/demp_speed.py --epochs 6 --train-size 15000 --round-to 0 \
-        --pct-start 0.3,0.15 --prune-every 100,50      # peak/cadence trade-off, one run
+    python benchmarks/demp_speed.py --round-to 0 --pct-start 0.3,0.15 --prune-every 100,50
+                                        # the peak/cadence trade-off, in one run
 """
 from __future__ import annotations
 
