@@ -36,7 +36,8 @@ from dormant.data import load_dataset
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.models import build_model
 from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
-                            read_section, regenerate, variant_table, versus, write_section)
+                            read_section, regenerate, results_block, variant_table, versus,
+                            write_section)
 from dormant.tables import Column, Table
 
 SPARSITIES = (0.6, 0.7, 0.8, 0.85, 0.9)
@@ -44,6 +45,8 @@ V_PRIMES = (0.5, 0.7, 0.9)
 
 
 CLIPPED = {"crelu": "CReLU", "cst": "CST"}
+# comparisons whose whole table is a table of docs/results.md
+RESULTS_BLOCKS = ("activations_mlp", "activations_mlp_20ep", "activations_mlp_unclipped")
 
 
 def variants(sparsities, v_primes=V_PRIMES, clipped=tuple(CLIPPED),
@@ -79,18 +82,48 @@ def spec(depth: int, width: int, epochs: int, seeds, sparsities, v_primes=V_PRIM
                        name="activations_mlp" + (f"_{name}" if name else ""))
 
 
+def diverged(cmp, variant: str) -> str:
+    """How many of the variant's runs diverged, of how many: "3/3"."""
+    div = final_values(cmp, "diverged", 0.0).get(variant, [])
+    return f"{int(sum(div))}/{sum(1 for name, _ in cmp.runs if name == variant)}"
+
+
 def results_table(cmp) -> Table:
     """Accuracy over all seeds and its gap to ReLU paired by seed; sparsities over the seeds
     that did not diverge (a diverged run records no activity statistics)."""
-    div = final_values(cmp, "diverged")
-    diverged = lambda c, v: (f"{int(sum(div.get(v, [])))}/"
-                             f"{sum(1 for name, _ in c.runs if name == v)}")
     return variant_table(cmp, [
         (Column("test acc %"), final("test_acc", 100)),
         (Column("vs ReLU (paired)", sign=True), versus("test_acc", "ReLU s=0.5", 100)),
         (Column("train sparsity %", fmt="{:.1f}"), final("dynamic_dnr", 100)),
         (Column("test sparsity %", fmt="{:.1f}"), final("test_sparsity", 100)),
         (Column("diverged"), diverged)], first=Column("activation", align="left"))
+
+
+def criterion_table(*cmps) -> Table:
+    """The results page's table of the clipped activations near and above s = 0.85: for each
+    comparison (a budget and q*), its ReLU baseline (once per budget) and every clipped
+    variant, with its gap to that ReLU paired by seed and whether the unclipped ones at the
+    same target diverged."""
+    t = Table([Column("budget", align="left"), Column("activation", align="left"),
+               Column("q*", fmt="{:g}"), Column("test acc %"),
+               Column("vs ReLU (paired)", sign=True), Column("test sparsity %", fmt="{:.1f}"),
+               Column("ReLU_tau / ST_tau diverged", align="left")])
+    acc, vs = final("test_acc", 100), versus("test_acc", "ReLU s=0.5", 100)
+    sparsity, seen = final("test_sparsity", 100), set()
+    for cmp in cmps:
+        budget, variants = f"{cmp.spec['base']['epochs']} epochs", cmp.spec["variants"]
+        for v in cmp.variants:
+            if v == "ReLU s=0.5" and budget not in seen:
+                seen.add(budget)
+                t.add(budget, v, None, acc(cmp, v), None, sparsity(cmp, v), None)
+            elif v.startswith(tuple(CLIPPED.values())):
+                init = variants[v]["init_args"]
+                same = [u for u in cmp.variants if u.startswith(("ReLU_tau", "ST_tau"))
+                        and variants[u]["init_args"]["sparsity"] == init["sparsity"]]
+                t.add(budget, v, init.get("q_star", 1.0), acc(cmp, v), vs(cmp, v),
+                      sparsity(cmp, v),
+                      " / ".join(diverged(cmp, u) for u in same))
+    return t
 
 
 def depth_profile(depth: int, width: int, out: Path) -> str:
@@ -175,8 +208,14 @@ def main() -> None:
             "last epoch (sampled every 10th step); test sparsity: exact zeros on the whole "
             "test split after training. 'vs ReLU': test accuracy minus the ReLU baseline's, "
             "same seed, mean ± std over seeds.", ""]
+    page = out.parent / "results.md"
     for folder, _ in comparisons(out, "activations_mlp"):
         text += [read_section(folder), ""]
+        if folder.name in RESULTS_BLOCKS:
+            results_block(page, folder, args.root, results_table)
+    results_block(page, out / "activations_mlp_20ep_fine", args.root, criterion_table,
+                  out / "activations_mlp_20ep_q2", out / "activations_mlp_30ep",
+                  block="activations_mlp_criterion")
     text += [profile.read_text()]
     (out / "activations.md").write_text("\n".join(text))
     print(f"wrote {out / 'activations.md'}")

@@ -313,18 +313,19 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> bool:
 
 def results_block(page: str | os.PathLike, folder: str | os.PathLike,
                   root: str | os.PathLike | None, make: Callable[..., Any],
-                  *companions: str) -> bool:
+                  *companions: str | os.PathLike, block: str = "") -> bool:
     """Write `make(comparison, *companion comparisons)` (a Table) into the block of `page`
-    (e.g. docs/results.md) named after `folder`, where the runs (or their copy) of `folder`
-    and of each ``folder + suffix`` in `companions` are at hand; False, changing nothing,
+    (e.g. docs/results.md) named `block` (default: after `folder`), where the runs (or their
+    copy) of `folder` and of each companion are at hand: a text companion is a suffix of
+    `folder`'s name (``"_imp"``), a path another comparison's folder. False, changing nothing,
     where they are not (a comparison made before its metrics were archived)."""
     folder = Path(folder)
+    where = lambda c: folder.with_name(folder.name + c) if isinstance(c, str) else Path(c)
     try:
-        cmps = [load_comparison(folder.with_name(folder.name + suffix), root)
-                for suffix in ("", *companions)]
+        cmps = [load_comparison(where(c), root) for c in ("", *companions)]
     except FileNotFoundError:
         return False
-    return write_block(page, folder.name, make(*cmps).to_markdown())
+    return write_block(page, block or folder.name, make(*cmps).to_markdown())
 
 
 def _pyplot():
