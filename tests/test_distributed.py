@@ -31,6 +31,7 @@ def _worker(rank, world, init_file, out_dir):
         sites = find_sites(model, shard[:2])
         with ActivityMonitor(model, sites, every=1) as mon, torch.no_grad():
             model(shard)
+        mon._flush()                                # this rank's counters, not reduced
         local = {n: (c["active"] == 0) for n, c in mon._counters.items()}
         torch.save({"dead": mon.dead_units(), "local": local, "dnr": mon.dynamic_dnr(),
                     "samples": mon.stats()["1"].samples},

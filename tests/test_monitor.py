@@ -47,6 +47,42 @@ def test_counts_are_exact_against_brute_force(name):
         assert st.samples == 15 and st.batches == 3
 
 
+@pytest.mark.parametrize("name", ["conv-bn-relu-flatten", "tanh-sigmoid-silu", "vit-tiny"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_pending_steps_sum_to_the_brute_force_counts(name, eps):
+    """Steps wait in a short list and are summed in every FLUSH_EVERY steps and when read:
+    across several flushes every counter is the brute-force one, and the list stays short."""
+    from dormant.monitor import FLUSH_EVERY
+    ctor, shape = ZOO[name]
+    torch.manual_seed(1)
+    model = ctor().eval()
+    kill_some(model)
+    n = 2 * FLUSH_EVERY + 3
+    xs = [torch.randn(2 + i % 3, *shape) for i in range(n)]
+    sites = find_sites(model, xs[0][:2])
+    with ActivityMonitor(model, sites, eps=eps) as mon, torch.no_grad():
+        for x in xs:
+            model(x)
+            assert all(len(p["active"]) < FLUSH_EVERY for p in mon._pending.values())
+    stats = mon.stats()
+    outs = [activation_outputs(model, x) for x in xs]
+    for i, s in enumerate(sites):
+        ys, st = [o[i] for o in outs], stats[s.name]
+        dims = reduce_dims(ys[0], s.unit_dim)
+        inner = tuple(k for k in dims if k != 0)
+        act = [(y > eps).sum(dims) for y in ys]
+        assert torch.equal(st.active, sum(act)), s.name
+        assert torch.equal(st.zeros, sum((y == 0).sum(dims) for y in ys)), s.name
+        assert torch.equal(st.active_batches, sum((a > 0).long() for a in act)), s.name
+        silent = sum(((y > eps).sum(inner) == 0).sum(0) if inner else (y <= eps).sum(0)
+                     for y in ys)
+        assert torch.equal(st.silent, silent), s.name
+        assert torch.allclose(st.sum, sum(y.sum(dims).double() for y in ys), atol=1e-3)
+        assert torch.allclose(st.abs_sum, sum(y.abs().sum(dims).double() for y in ys),
+                              atol=1e-3)
+        assert st.batches == n
+
+
 def test_fused_counting_gives_the_same_counters():
     """fused= compiles the non-negative sites' counting (here with torch.compile's eager
     backend: the same graph without inductor's minute of compiling); every counter equals

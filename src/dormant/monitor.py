@@ -15,10 +15,12 @@ and accumulates, on the device of the activations and without any host sync:
                     activation, which nothing in dormant needs)
 
 Counts come from ``sign()`` and float sums, not from comparisons and boolean reductions
-(which are several times slower on CPU): for an output y, #(y > 0) = (sum sign(y) +
-sum |sign(y)|) / 2 and #(y != 0) = sum |sign(y)|; for non-negative activations (ReLU family)
-#(y > 0) = sum sign(y) and |y| = y. Outputs are first reduced to per-sample ``(N, units)``
-sums, which keeps conv and token tensors cheap and gives the per-sample "silent" count.
+(which are several times slower on CPU): for an output y, #(y > 0) = sum max(sign(y), 0) and
+#(y != 0) = sum |sign(y)|; for non-negative activations (ReLU family) #(y > 0) = sum sign(y)
+and |y| = y. Active counts are first reduced to per-sample ``(N, units)`` sums, which keeps
+conv and token tensors cheap and gives the per-sample "silent" count. A step's per-unit
+results wait in a short list and are summed into the counters every 32 steps and whenever
+the counters are read (one stacked sum instead of several small updates per step).
 
 Training-time cost: hooks are attached only on watched steps. With ``every=k`` and a call of
 `step()` after each optimizer step, the monitor attaches its hooks for every k-th step and
@@ -47,6 +49,10 @@ __all__ = ["ActivityMonitor", "SiteStats", "CRITERIA", "register_criterion"]
 # not for outputs with one position per sample (it is `samples - active` there).
 _FIELDS = ("active", "nonzero", "silent", "active_batches", "sum", "abs_sum")
 _COUNT_FIELDS = ("positions", "samples", "batches")
+# what one watched step leaves per unit until `_flush` sums it in (active_batches is counted
+# from the pending `active`)
+_PENDING_FIELDS = ("active", "nonzero", "silent", "sum", "abs_sum")
+FLUSH_EVERY = 32
 
 
 @dataclass
@@ -193,6 +199,7 @@ class ActivityMonitor:
         self._entered = False
         self._step = 0
         self._counters: dict[str, dict] = {}
+        self._pending: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.reset()
 
     # -- counters ------------------------------------------------------------------------
@@ -209,15 +216,19 @@ class ActivityMonitor:
             c["max"] = torch.full((u,), float("-inf"), device=dev)
             c.update({f: 0 for f in _COUNT_FIELDS})
             self._counters[name] = c
+            self._pending[name] = {f: [] for f in _PENDING_FIELDS}
 
     def _fast(self, site: Site) -> bool:
         """Non-negative outputs and eps == 0: active == nonzero and |y| == y."""
         return self.eps == 0.0 and is_nonneg(site.activation)
 
-    @torch.no_grad()
     def _observe(self, site: Site, y: torch.Tensor) -> None:
-        # Runs inside the forward: device ops only, no .item(), no branching on values.
-        c = self._counters[site.name]
+        # Runs inside the forward: device ops only, no .item(), no branching on values; on
+        # `y.detach()`, so nothing joins the autograd graph (no no_grad context: entering one
+        # costs as much as a small reduction). Each
+        # step's per-unit vectors wait in `_pending` and are summed into the counters by
+        # `_flush` (every FLUSH_EVERY steps and before anything reads them): one stacked sum
+        # instead of an add, a comparison and another add per counter and step.
         y = y.detach()
         if y.ndim == 1:
             y = y.unsqueeze(0)
@@ -225,34 +236,49 @@ class ActivityMonitor:
         inner = tuple(i for i in range(1, y.ndim) if i != d)
         per_unit = y.numel() // site.num_units
         acc = torch.float32 if per_unit < 2 ** 24 else torch.float64   # exact integer sums
-
-        def per_sample(t: torch.Tensor) -> torch.Tensor:           # -> (N, units)
-            return t.sum(inner, dtype=acc) if inner else t.to(acc)
-
+        pend = self._pending[site.name]
         if self._fast(site):
             active_ps, sum_u, mx = self._counting(y, inner, d, acc, self.track_max)
         else:
+            reduce_all = (0, *inner)
             sign = y.sign()
-            nonzero_ps = per_sample(sign.abs())
-            if self.eps == 0.0:
-                active_ps = (per_sample(sign) + nonzero_ps) * 0.5
-            else:
-                active_ps = per_sample((y - self.eps).clamp_min(0).sign())
-            sum_u = per_sample(y).sum(0)
-            c["nonzero"] += nonzero_ps.sum(0)
-            c["abs_sum"] += per_sample(y.abs()).sum(0)
+            act = sign.clamp_min(0) if self.eps == 0.0 else (y - self.eps).clamp_min(0).sign()
+            active_ps = act.sum(inner or 0, dtype=acc)
+            sum_u = y.sum(reduce_all, dtype=acc)
+            pend["nonzero"].append(sign.abs().sum(reduce_all, dtype=acc))
+            pend["abs_sum"].append(y.abs().sum(reduce_all, dtype=acc))
             mx = _unit_max(y, d) if self.track_max else None
-        active = active_ps.sum(0) if active_ps.ndim == 2 else active_ps
-        c["active"] += active
-        c["active_batches"] += active > 0
-        c["sum"] += sum_u
         if inner:  # per sample: the unit said nothing at any token/position
-            c["silent"] += (active_ps == 0).sum(0)
+            pend["silent"].append((active_ps == 0).sum(0))
+            active_ps = active_ps.sum(0)
+        pend["active"].append(active_ps)
+        pend["sum"].append(sum_u)
+        c = self._counters[site.name]
         if mx is not None:
             torch.maximum(c["max"], mx.to(c["max"].dtype), out=c["max"])
         c["positions"] += per_unit
         c["samples"] += y.shape[0]
         c["batches"] += 1
+        if len(pend["active"]) >= FLUSH_EVERY:
+            self._flush_site(site.name)
+
+    def _flush_site(self, name: str) -> None:
+        pend, c = self._pending[name], self._counters[name]
+        if not pend["active"]:
+            return
+        active = torch.stack(pend["active"])            # (steps, units): exact integers
+        c["active"] += active.sum(0, dtype=torch.float64)
+        c["active_batches"] += active.sign().sum(0, dtype=torch.float64)
+        for f, vs in pend.items():
+            if f != "active" and vs:
+                c[f] += torch.stack(vs).sum(0, dtype=torch.float64)
+        for vs in pend.values():
+            vs.clear()
+
+    def _flush(self) -> None:
+        """Sum every pending step into the counters."""
+        for name in self._pending:
+            self._flush_site(name)
 
     @property
     def _counting(self) -> Callable:
@@ -358,6 +384,7 @@ class ActivityMonitor:
     def _gathered(self) -> dict[str, dict]:
         """Counters, summed (max-ed) over ranks when torch.distributed is initialised.
         Local counters are never modified, so asking twice does not double-count."""
+        self._flush()
         counters = {n: dict(c) for n, c in self._counters.items()}
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return counters
@@ -455,6 +482,7 @@ class ActivityMonitor:
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Counters as tensors and ints (loads with ``torch.load(weights_only=True)``)."""
+        self._flush()
         return {"eps": self.eps, "mode": self.mode, "every": self.every, "step": self._step,
                 "sites": {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c.items()}
                           for n, c in self._counters.items()}}
@@ -475,4 +503,5 @@ class ActivityMonitor:
                 raise KeyError(f"site {n}: state lacks counters {sorted(missing)}")
             self._counters[n] = {k: (v.to(dev) if torch.is_tensor(v) else int(v))
                                  for k, v in c.items()}
+            self._pending[n] = {f: [] for f in _PENDING_FIELDS}
         self._step = int(state.get("step", 0))
