@@ -1,6 +1,7 @@
 """How the monitor's cost grows with the model: a ResNet-50-sized CNN and a GPT-2-small-sized
-transformer (ReLU in its MLP blocks), both built from their `transformers` config (random
-weights, nothing downloaded), at two batch sizes each.
+transformer (the stock config: tanh-approximated GELU in its MLP blocks, counted on the
+monitor's signed path; `--gpt2-activation relu` for the non-negative one), both built from
+their `transformers` config (random weights, nothing downloaded), at two batch sizes each.
 
 Per model and batch size, printed as ratios measured in one process:
 
@@ -44,9 +45,8 @@ def build(name: str, args) -> tuple[torch.nn.Module, callable, callable]:
             return {"pixel_values": torch.randn(n, 3, size, size),
                     "labels": torch.randint(1000, (n,))}
     else:
-        # ReLU in the MLP blocks (GPT-2's own is tanh-approximated GELU, not an activation
-        # dormant knows by name): the same sizes and the same number of sites
-        cfg = tf.GPT2Config(n_positions=max(args.seq_len, 64), activation_function="relu")
+        cfg = tf.GPT2Config(n_positions=max(args.seq_len, 64),
+                            activation_function=args.gpt2_activation)
         model = tf.GPT2LMHeadModel(cfg)
         seq = args.seq_len
 
@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--batches", default="2,8", help="two (or more) batch sizes")
     p.add_argument("--image-size", type=int, default=128, help="ResNet-50 input side")
     p.add_argument("--seq-len", type=int, default=128, help="GPT-2 tokens per sample")
+    p.add_argument("--gpt2-activation", default="gelu_new", choices=("gelu_new", "relu"),
+                   help="GPT-2's MLP activation: gelu_new (the stock config) or relu")
     p.add_argument("--steps", type=int, default=2, help="training steps per timed block")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
@@ -132,7 +134,7 @@ def main() -> None:
         p.error("--batches, --steps, --rounds, --image-size and --seq-len must be >= 1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} rounds x "
           f"{args.steps} steps; ResNet-50 at {args.image_size}px, GPT-2 small at "
-          f"{args.seq_len} tokens")
+          f"{args.seq_len} tokens ({args.gpt2_activation})")
     print(f"{'model':<9} {'params':>7} {'sites':>5} {'units':>6} {'batch':>5} {'step s':>7} "
           f"{'sampled':>8} {'exact':>7} {'eval/s':>8} {'diagnose/s':>10} {'diag/eval':>9}")
     for name in names:
