@@ -224,3 +224,40 @@ def test_round_to_keeps_widths_at_multiples(method):
     widths = [s.num_units for s in m.sites]
     assert all(w % 4 == 0 or w == 30 for w in widths), widths
     assert any(w < 30 for w in widths)
+
+
+def test_compiled_training_matches_eager_and_compiles_again_after_each_removal(monkeypatch):
+    """Trainer(compile=...): the training forward goes through torch.compile (here its eager
+    backend: dynamo's capture, guards and recompiles without inductor's compile time), with
+    the monitor's hooks inside it; each physical removal compiles the new model afresh, and
+    the run is the eager run."""
+    from dormant.train import MonitorCallback
+    compiled = []
+    real = torch.compile
+
+    def eager_compile(model, mode=None):
+        compiled.append(mode)
+        return real(model, backend="eager")
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    runs = {}
+    for mode in ("off", "reduce-overhead"):
+        data, model = _vgg()
+        rows, mon = Rows(), MonitorCallback(every=2)
+        demp = DemP(reg_peak=1.0, noise_peak=0.0, prune_every=20, span=1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        trainer = Trainer(model, data, opt, epochs=2, batch_size=64, show_progress=False,
+                          callbacks=[mon, demp, rows], compile=mode)
+        changes = []
+        monkeypatch.setattr(trainer, "model_changed",
+                            lambda c=changes, f=trainer.model_changed: (c.append(1), f()))
+        trainer.fit()
+        runs[mode] = (rows.rows, len(changes))
+    (eager, n_eager), (comp, n_comp) = runs["off"], runs["reduce-overhead"]
+    # compiled at the start and again after removals (one may come after the last step)
+    assert n_eager == n_comp > 0 and set(compiled) == {"reduce-overhead"}
+    assert 2 <= len(compiled) <= 1 + n_comp
+    for a, b in zip(eager, comp):
+        assert a["width"] == b["width"] and a["dead_fraction"] == b["dead_fraction"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="compile must be one of off, default"):
+        Trainer(model, data, opt, epochs=1, batch_size=8, compile="fast")

@@ -10,7 +10,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from .experiments.config import _MAPPINGS, ConfigError, ExperimentConfig, load_config_file
-from .train.loop import MEMORY_FORMATS, PRECISIONS
+from .train.loop import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
@@ -65,7 +65,8 @@ def _registries() -> dict:
             "criterion": CRITERIA}
 
 
-_CHOICES = {"precision": PRECISIONS, "memory_format": MEMORY_FORMATS}   # fixed value sets
+_CHOICES = {"precision": PRECISIONS, "memory_format": MEMORY_FORMATS,   # fixed value sets
+            "compile": COMPILE_MODES}
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from ..methods import METHODS
 from ..models import INITS, MODELS
 from ..monitor import CRITERIA
 from ..schedules import SCHEDULES
-from ..train.loop import MEMORY_FORMATS, OPTIMIZERS, PRECISIONS
+from ..train.loop import COMPILE_MODES, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS
 
 _MAPPINGS = ("model_args", "method_args", "dataset_args", "schedule_args", "activation_args",
              "init_args", "tasks")
@@ -52,6 +52,7 @@ class ExperimentConfig:
     device: str = "cpu"
     precision: str = "fp32"        # fp32, or bf16: training forwards under bf16 autocast
     memory_format: str = "contiguous"   # or channels_last: 4-d activations in NHWC
+    compile: str = "off"           # or a torch.compile mode for the training forward
     # continual learning: {kind: permuted | random-labels, epochs_per_task, samples, seed};
     # empty: one task (dormant.data.tasks)
     tasks: Mapping[str, Any] = field(default_factory=dict)
@@ -87,6 +88,8 @@ class ExperimentConfig:
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.memory_format in MEMORY_FORMATS, f"memory_format must be one of "
              f"{', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}"),
+            (self.compile in COMPILE_MODES, f"compile must be one of "
+             f"{', '.join(COMPILE_MODES)}, got {self.compile!r}"),
         ]
         for ok, msg in checks:
             if not ok:

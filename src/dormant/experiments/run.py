@@ -165,7 +165,8 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
                       show_progress=show_progress, epoch_log=epoch_log,
-                      precision=cfg.precision, memory_format=cfg.memory_format)
+                      precision=cfg.precision, memory_format=cfg.memory_format,
+                      compile=cfg.compile)
     writer = trainer.rank == 0
     resumed = ckpt.restore(trainer)
     if resumed and writer:

@@ -18,6 +18,8 @@ from .progress import progress
 OPTIMIZERS = Registry("optimizer")
 PRECISIONS = ("fp32", "bf16")                       # Trainer(precision=...)
 MEMORY_FORMATS = ("contiguous", "channels_last")    # Trainer(memory_format=...)
+# Trainer(compile=...): off, or a torch.compile mode (reduce-overhead: CUDA graphs on a GPU)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 OPTIMIZERS.register("sgd", help="SGD with momentum")(
     lambda params, lr, momentum=0.9, weight_decay=0.0: torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -90,7 +92,7 @@ class Trainer:
                  epochs: int, batch_size: int, seed: int = 0, scheduler=None,
                  callbacks: Sequence = (), show_progress: bool = True, eval_batch_size: int = 1024,
                  epoch_log: Callable[[str], None] | None = None, precision: str = "fp32",
-                 memory_format: str = "contiguous"):
+                 memory_format: str = "contiguous", compile: str = "off"):
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         if precision not in PRECISIONS:
@@ -99,10 +101,16 @@ class Trainer:
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got "
                              f"{memory_format!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got "
+                             f"{compile!r}")
         # bf16: the training forward (and loss) under autocast; evaluation stays in fp32.
         # channels_last: the model's 4-d weights and every 4-d input batch in NHWC (again after
         # a physical removal), the layout oneDNN and tensor cores run fastest.
-        self.precision, self.memory_format = precision, memory_format
+        # compile: the training forward through torch.compile in that mode, compiled again
+        # (from a clean cache) after each physical removal; evaluation stays eager.
+        self.precision, self.memory_format, self.compile = precision, memory_format, compile
+        self._compiled: nn.Module | None = None
         self.model, self.data, self.optimizer = model, data, optimizer
         self._apply_memory_format()
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -127,6 +135,9 @@ class Trainer:
         """A callback removed units physically: let every callback refresh its view (and wrap
         the new parameters for DDP again)."""
         self._ddp = None
+        if self._compiled is not None:   # the old graphs hold the old parameters' shapes
+            self._compiled = None
+            torch.compiler.reset()
         self._apply_memory_format()
         self._call("on_model_changed")
 
@@ -136,12 +147,19 @@ class Trainer:
         self._call("on_data_changed")
 
     def _net(self) -> nn.Module:
-        """What the training step calls: the model, or its DDP wrapper on several ranks."""
-        if self.world == 1:
-            return self.model
-        if self._ddp is None:
-            self._ddp = nn.parallel.DistributedDataParallel(self.model)
-        return self._ddp
+        """What the training step calls: the model, or its DDP wrapper on several ranks,
+        compiled when `compile` asks for it."""
+        net = self.model
+        if self.world > 1:
+            if self._ddp is None:
+                self._ddp = nn.parallel.DistributedDataParallel(self.model)
+            net = self._ddp
+        if self.compile == "off":
+            return net
+        if self._compiled is None:
+            self._compiled = torch.compile(
+                net, mode=None if self.compile == "default" else self.compile)
+        return self._compiled
 
     def fit(self) -> list[dict]:
         """Train from `self.epoch` (0, or where a checkpoint left off) to `epochs`."""
