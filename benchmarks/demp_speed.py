@@ -20,6 +20,11 @@ matter.
     python benchmarks/demp_speed.py --device cuda --width 4 --epochs 10
     python benchmarks/demp_speed.py --round-to 0 --pct-start 0.3,0.15 --prune-every 100,50
                                         # the peak/cadence trade-off, in one run
+    python benchmarks/demp_speed.py --device cuda --width 8 --precision bf16 \
+        --memory-format channels_last --compile reduce-overhead    # compiled, CUDA graphs
+
+--precision, --memory-format and --compile apply to every run alike (the Trainer's options);
+with --compile the deployed models are also timed compiled.
 """
 from __future__ import annotations
 
@@ -36,14 +41,16 @@ from dormant.models import build_model
 from dormant.schedules import make_scheduler
 from dormant.tables import Column, Table
 from dormant.train import Trainer
-from dormant.train.loop import synchronize
+from dormant.train.loop import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, synchronize
 
 
-def trainer(model, data, epochs, lr, callbacks, seed, batch_size=128):
+def trainer(model, data, epochs, lr, callbacks, seed, batch_size=128, **execution):
+    """`execution`: the Trainer's precision, memory_format and compile, the same for every
+    run of the benchmark."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     return Trainer(model, data, opt, epochs=epochs, batch_size=batch_size, seed=seed,
                    scheduler=make_scheduler("cosine", opt, epochs), callbacks=callbacks,
-                   show_progress=False)
+                   show_progress=False, **execution)
 
 
 def train_interleaved(trainers: list[Trainer], report=None) -> list[list[dict]]:
@@ -176,6 +183,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--train-size", type=int, default=None,
                    help="train on this many training samples (default: all)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="every run's training forwards (bf16: under autocast)")
+    p.add_argument("--memory-format", default="contiguous", choices=MEMORY_FORMATS,
+                   help="every run's training layout (channels_last: NHWC)")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="every run's training forward through torch.compile in this mode "
+                        "(compiled again after each removal; reduce-overhead: CUDA graphs), "
+                        "and a compiled inference line")
     args = p.parse_args()
     if args.epochs < 1 or args.train_batch < 1 or args.batch < 1:
         p.error("--epochs, --train-batch and --batch must be >= 1")
@@ -223,12 +238,16 @@ def main() -> None:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
     nb = args.train_batch
+    execution = {"precision": args.precision, "memory_format": args.memory_format,
+                 "compile": args.compile}
+    default_execution = {"precision": "fp32", "memory_format": "contiguous", "compile": "off"}
     print(f"torch {torch.__version__}, {where}; {args.model}"
           f"{'' if args.width is None else f' width {args.width:g}'} on {args.dataset} "
           f"({len(data.train)} training samples, batch {nb}), {args.epochs} epochs, "
           f"DemP reg_peak={args.reg_peak} span={args.span:g}"
           + ("" if pct_starts[0] is None else f" pct_start={pct_starts[0]:g}")
-          + ("" if cadences[0] == 100 else f" prune_every={cadences[0]}"))
+          + ("" if cadences[0] == 100 else f" prune_every={cadences[0]}")
+          + "".join(f"; {k} {v}" for k, v in execution.items() if v != default_execution[k]))
     names = list(variants)
     print("epoch  dense s  demp s  ratio  units removed"
           + "".join(f"  | {n}: s, ratio, removed" for n in names[2:]), flush=True)
@@ -241,7 +260,7 @@ def main() -> None:
                         f"{100 * r['units_removed']:.1f}%" for r in rows[2:]), flush=True)
     runs = train_interleaved([trainer(models[n], data, args.epochs, args.lr,
                                       [] if variants[n] is None else [variants[n]], args.seed,
-                                      nb) for n in names], report)
+                                      nb, **execution) for n in names], report)
     rows = dict(zip(names, runs))
     t_dense = sum(r["train_time"] for r in rows["dense"])
     x = data.test.inputs[:args.batch]
@@ -254,6 +273,10 @@ def main() -> None:
         (da, xa), (db, _) = deployed(models["dense"], x), deployed(models[name], x)
         fa, fb, fold = latency_ratio(da, db, xa)
         sa, sb, step = step_ratio(models["dense"], models[name], xb, yb)
+        if args.compile != "off":     # the deployed models, compiled in the same mode
+            mode = None if args.compile == "default" else args.compile
+            ca, cb, comp = latency_ratio(torch.compile(da, mode=mode),
+                                         torch.compile(db, mode=mode), xa)
         label = "" if name == "DemP" else f"[{name}] "
         print(f"{label}test acc: dense {100 * rows['dense'][-1]['test_acc']:.2f}%, DemP "
               f"{100 * last['test_acc']:.2f}%; widths {last.get('width', {})}")
@@ -265,6 +288,10 @@ def main() -> None:
         print(f"{label}inference deployed, BN folded + channels-last (batch {args.batch}): "
               f"dense {1e3 * fa:.1f} ms, compacted {1e3 * fb:.1f} ms, speed-up {fold:.2f}x; "
               f"speed-up / FLOP reduction = {fold / mac_ratio:.2f}")
+        if args.compile != "off":
+            print(f"{label}inference deployed and compiled ({args.compile}, batch "
+                  f"{args.batch}): dense {1e3 * ca:.1f} ms, compacted {1e3 * cb:.1f} ms, "
+                  f"speed-up {comp:.2f}x; speed-up / FLOP reduction = {comp / mac_ratio:.2f}")
         print(f"{label}training step (batch {nb}), final widths: dense {1e3 * sa:.1f} ms, "
               f"compacted {1e3 * sb:.1f} ms, speed-up {step:.2f}x; speed-up / FLOP reduction = "
               f"{step / mac_ratio:.2f}")

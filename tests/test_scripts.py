@@ -44,6 +44,7 @@ def test_help(script, monkeypatch, capsys):
     ("benchmarks/demp_speed.py", ["--pct-start", "0.1,x"], "--pct-start takes numbers"),
     ("benchmarks/demp_speed.py", ["--pct-start", "0.1,1.5"], "--pct-start must be in (0, 1)"),
     ("benchmarks/demp_speed.py", ["--prune-every", "50,0"], "--prune-every must be >= 1"),
+    ("benchmarks/demp_speed.py", ["--compile", "fast"], "invalid choice: 'fast'"),
 ])
 def test_bad_options_refused(script, args, message, monkeypatch, capsys):
     assert run(ROOT / script, *args, monkeypatch=monkeypatch) == 2
