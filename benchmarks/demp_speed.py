@@ -35,8 +35,10 @@ import time
 
 import torch
 
+from dormant import find_sites
 from dormant.data import load_dataset
 from dormant.methods import DemP
+from dormant.methods.demp import add_masked_noise, live_masks, regulariser_grad
 from dormant.models import build_model
 from dormant.schedules import make_scheduler
 from dormant.tables import Column, Table
@@ -133,6 +135,30 @@ def step_ratio(a, b, x, y, rounds: int = 20) -> tuple[float, float, float]:
             opt.step()
         return step
     return interleaved(trainer_step(a), trainer_step(b), rounds, sync=x)
+
+
+def bookkeeping_ratio(model, demp: DemP, x, y, rounds: int = 20) -> tuple[float, float, float]:
+    """DemP's per-step work next to the training step, on a copy of `model`: one AdamW step
+    with and without the live masks, the regulariser's gradient and the masked noise (what
+    DemP adds to every step while its schedule is on)."""
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    sites, reg = find_sites(m, x[:2]), demp._reg_params(m)
+
+    def step(book: bool):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            if book:
+                with torch.no_grad():
+                    params, live = live_masks(m, sites)
+                    for p in reg:
+                        p.grad.add_(regulariser_grad(p, demp.opts.regulariser), alpha=1e-3)
+            opt.step()
+            if book:
+                add_masked_noise(params, live, 1e-6)
+        return run
+    return interleaved(step(True), step(False), rounds, sync=x)
 
 
 def tradeoff(rows: dict[str, list[dict]], t_dense: float) -> Table:
@@ -297,6 +323,10 @@ def main() -> None:
               f"{step / mac_ratio:.2f}")
         print(f"{label}whole-run training speed-up / FLOP reduction = "
               f"{t_dense / t_demp / mac_ratio:.2f}", flush=True)
+    ba, bb, book = bookkeeping_ratio(models["dense"], variants["DemP"], xb, yb)
+    print(f"DemP's per-step bookkeeping (live masks, regulariser, noise) on the dense model: "
+          f"{1e3 * (ba - bb):.2f} ms, a training step with it {book:.3f}x one without "
+          f"(batch {nb}, {1e3 * bb:.1f} ms)", flush=True)
     if len(names) > 2:
         print("\nTrade-off, every DemP run of this process (same data, seed, batches):")
         print(tradeoff(rows, t_dense).to_markdown(), flush=True)
