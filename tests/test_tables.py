@@ -76,6 +76,18 @@ def test_comparison_folder_reads_without_its_run_directories(tmp_path):
         load_comparison(out)
 
 
+def test_the_machine_line_is_taken_when_the_runs_start(tmp_path, monkeypatch):
+    """A comparison's machine line (with the code version) is the one of when its runs
+    started, not of when it was saved (a long reproduction can span commits)."""
+    import dormant.report as report
+    lines = iter(["at start, code aaaaaaa", "at save, code bbbbbbb"])
+    monkeypatch.setattr(report, "machine", lambda threads=None: next(lines))
+    spec = CompareSpec(TINY, {"a": {}}, seeds=[0], title="t", name="tiny")
+    run_compare(spec, tmp_path / "runs", spec.folder(tmp_path), **QUIET)
+    data = json.loads((spec.folder(tmp_path) / "compare.json").read_text())
+    assert data["machine"] == "at start, code aaaaaaa"
+
+
 def test_a_spec_without_a_name_has_no_folder(tmp_path):
     from dormant.experiments.config import ConfigError
     with pytest.raises(ConfigError, match="no name"):

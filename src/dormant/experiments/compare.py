@@ -223,8 +223,9 @@ def _write_histories(path: Path, runs: list[dict]) -> None:
 
 def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, dict]],
                     rows: list[dict], cols: Sequence, out: Path, command: str,
-                    threads: int | None = None) -> None:
-    """compare.md/.csv/.json and runs.jsonl.gz in `out`; `threads`: what each run had."""
+                    threads: int | None = None, where: str | None = None) -> None:
+    """compare.md/.csv/.json and runs.jsonl.gz in `out`; `threads`: what each run had;
+    `where`: the machine line taken when the runs started (default: now)."""
     from ..jsonl import read_jsonl
     from ..report import HISTORIES, machine
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,7 @@ def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, d
                      "metrics": read_jsonl(Path(res["run_dir"]) / "metrics.jsonl")})
     _write_histories(out / HISTORIES, runs)
     (out / "compare.json").write_text(json.dumps(
-        {"spec": spec.to_dict(), "command": command, "machine": machine(threads),
+        {"spec": spec.to_dict(), "command": command, "machine": where or machine(threads),
          "rows": rows, "titles": {c[0]: c[1] for c in cols},
          "formats": {c[0]: c[3] for c in cols},
          # relative to this folder, so the comparison reads from any working directory
@@ -259,6 +260,8 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
     configs = spec.configs()
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    from ..report import machine
+    where = machine(run_threads(jobs))   # the code the runs start with, not what HEAD is later
     results = list(zip([n for n, _ in configs],
                        _run_all(configs, root, jobs, show_progress, log, tensorboard)))
     cols = columns_for(spec.columns)
@@ -269,6 +272,7 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
     log(to_markdown(rows, cols))
     if out is not None:
         save_comparison(spec, configs, results, rows, cols, Path(out),
-                        command if command is not None else invocation(), run_threads(jobs))
+                        command if command is not None else invocation(), run_threads(jobs),
+                        where)
         log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, runs.jsonl.gz")
     return rows
