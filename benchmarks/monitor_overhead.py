@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from dormant import ActivityMonitor, find_sites
 from dormant.experiments import ExperimentConfig
 from dormant.models import build_model
+from dormant.train.loop import synchronize
 
 MODELS = {"lenet300": {}, "vgg-small": {}, "vit-tiny": {}}
 
 
 def _steps(model, opt, xs, ys, monitor=None) -> float:
+    synchronize(xs[0])         # on a GPU: time the work, not its queueing
     t0 = time.perf_counter()
     for x, y in zip(xs, ys):
         opt.zero_grad(set_to_none=True)
@@ -37,6 +39,7 @@ def _steps(model, opt, xs, ys, monitor=None) -> float:
         opt.step()
         if monitor is not None:
             monitor.step()
+    synchronize(xs[0])
     return time.perf_counter() - t0
 
 
@@ -71,11 +74,12 @@ class PeerDormantHooks:
             h.remove()
 
 
-def bench(name: str, every: int, steps: int, rounds: int, batch: int, fused: bool) -> dict:
+def bench(name: str, every: int, steps: int, rounds: int, batch: int, fused: bool,
+          device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    base = build_model(name, (1, 28, 28), 10, **MODELS[name])
-    xs = [torch.randn(batch, 1, 28, 28) for _ in range(steps)]
-    ys = [torch.randint(10, (batch,)) for _ in range(steps)]
+    base = build_model(name, (1, 28, 28), 10, **MODELS[name]).to(device)
+    xs = [torch.randn(batch, 1, 28, 28, device=device) for _ in range(steps)]
+    ys = [torch.randint(10, (batch,), device=device) for _ in range(steps)]
     sites = find_sites(base, xs[0][:2])
     variants = {}
     labels = ["plain", "sampled", "exact"] + (["fused"] if fused else []) + ["peer"]
@@ -118,17 +122,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--fused", action="store_true",
                    help="also time the exact mode with fused (compiled) counting; compiling "
                         "takes about a minute per model on a CPU")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, sampled every {args.every} steps")
     cols = ["sampled (default)", "exact (every step)"] + (["exact, fused"] if args.fused
                                                            else []) + ["peer (per-batch hook)"]
     print(f"{'model':<10} {'sites':>5} {'step ms':>8} " + " ".join(f"{c:>21}" for c in cols))
     for name in args.models.split(","):
-        r = bench(name, args.every, args.steps, args.rounds, args.batch_size, args.fused)
+        r = bench(name, args.every, args.steps, args.rounds, args.batch_size, args.fused,
+                  args.device)
         keys = ["sampled", "exact"] + (["fused"] if args.fused else []) + ["peer"]
         print(f"{r['model']:<10} {r['sites']:>5} {r['step_ms']:>8.2f} "
               + " ".join(f"{r[k]:>20.3f}x" for k in keys)
