@@ -261,3 +261,32 @@ def test_compiled_training_matches_eager_and_compiles_again_after_each_removal(m
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     with pytest.raises(ValueError, match="compile must be one of off, default"):
         Trainer(model, data, opt, epochs=1, batch_size=8, compile="fast")
+
+
+def test_a_compiled_model_stays_compiled_through_many_removals(monkeypatch):
+    """Twelve removals, one unit each: the model is compiled once per width and stays
+    compiled past dynamo's recompile limit (8 graphs per function), which would otherwise
+    send it back to eager."""
+    from torch._dynamo.utils import counters
+    from dormant.surgery import remove_units
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: real(m, backend="eager"))
+    torch.manual_seed(0)
+    data = load_dataset("synthetic", num_train=256)
+    model = build_model("mlp", data.input_shape, data.num_classes, depth=2, width=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = Trainer(model, data, opt, epochs=1, batch_size=32, show_progress=False,
+                      compile="default")
+    x, y = data.train.inputs[:32], data.train.targets[:32]
+    counters.clear()
+    for _ in range(12):
+        trainer.train_step(x, y)
+        site = find_sites(model, x[:2])[0]
+        drop = torch.zeros(site.num_units, dtype=torch.bool)
+        drop[0] = True
+        remove_units(model, [site], {site.name: drop}, x[:2], opt)
+        trainer.model_changed()
+    trainer.train_step(x, y)
+    assert find_sites(model, x[:2])[0].num_units == 32 - 12
+    assert counters["frames"]["total"] == counters["frames"]["ok"] > 0   # none left eager
+    assert counters["stats"]["unique_graphs"] == 13    # one per width, no more

@@ -225,10 +225,10 @@ class ActivityMonitor:
     def _observe(self, site: Site, y: torch.Tensor) -> None:
         # Runs inside the forward: device ops only, no .item(), no branching on values; on
         # `y.detach()`, so nothing joins the autograd graph (no no_grad context: entering one
-        # costs as much as a small reduction). Each
-        # step's per-unit vectors wait in `_pending` and are summed into the counters by
-        # `_flush` (every FLUSH_EVERY steps and before anything reads them): one stacked sum
-        # instead of an add, a comparison and another add per counter and step.
+        # costs as much as a small reduction). Each step's per-unit vectors wait in
+        # `_pending` and are summed into the counters by `_flush` (every FLUSH_EVERY steps and
+        # before anything reads them): one stacked sum instead of an add, a comparison and
+        # another add per counter and step.
         y = y.detach()
         if y.ndim == 1:
             y = y.unsqueeze(0)
@@ -307,7 +307,16 @@ class ActivityMonitor:
             else:
                 y = output
             self._observe(site, y)
-        return hook
+        # Inside a torch.compile'd model the counting runs eagerly behind a graph break: its
+        # Python bookkeeping (call counters, pending lists) would otherwise become guards
+        # that recompile the graph at every step. Eager models call `hook` directly.
+        outside = torch.compiler.disable(hook)
+
+        def dispatch(module, inputs, output=None):
+            if torch.compiler.is_compiling():
+                return outside(module, inputs, output)
+            return hook(module, inputs, output)
+        return dispatch
 
     def _attach(self) -> None:
         if self._handles:

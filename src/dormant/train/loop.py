@@ -1,6 +1,7 @@
 """The training loop: batches -> loss -> step, with callbacks at fixed points."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Sequence
@@ -108,9 +109,10 @@ class Trainer:
         # channels_last: the model's 4-d weights and every 4-d input batch in NHWC (again after
         # a physical removal), the layout oneDNN and tensor cores run fastest.
         # compile: the training forward through torch.compile in that mode, compiled again
-        # (from a clean cache) after each physical removal; evaluation stays eager.
+        # for each new architecture (a physical removal); evaluation stays eager.
         self.precision, self.memory_format, self.compile = precision, memory_format, compile
         self._compiled: nn.Module | None = None
+        self._removals = 0      # physical removals so far (model_changed calls)
         self.model, self.data, self.optimizer = model, data, optimizer
         self._apply_memory_format()
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -135,9 +137,8 @@ class Trainer:
         """A callback removed units physically: let every callback refresh its view (and wrap
         the new parameters for DDP again)."""
         self._ddp = None
-        if self._compiled is not None:   # the old graphs hold the old parameters' shapes
-            self._compiled = None
-            torch.compiler.reset()
+        self._compiled = None   # wrapped again around the new model (or its new DDP wrapper)
+        self._removals += 1
         self._apply_memory_format()
         self._call("on_model_changed")
 
@@ -160,6 +161,16 @@ class Trainer:
             self._compiled = torch.compile(
                 net, mode=None if self.compile == "default" else self.compile)
         return self._compiled
+
+    def _compiling(self):
+        """Around the compiled forward: each physical removal gives the model new shapes and
+        dynamo a new graph to compile; its recompile limit grows by 4 per removal for this
+        call, so that the model is not sent back to eager after 8 widths. Dynamo's global
+        settings are left as they are."""
+        if self.compile == "off":
+            return contextlib.nullcontext()
+        limit = torch._dynamo.config.recompile_limit + 4 * self._removals
+        return torch._dynamo.config.patch(recompile_limit=limit)
 
     def fit(self) -> list[dict]:
         """Train from `self.epoch` (0, or where a checkpoint left off) to `epochs`."""
@@ -240,7 +251,7 @@ class Trainer:
         if self.memory_format == "channels_last" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self._device_type, dtype=torch.bfloat16,
-                            enabled=self.precision == "bf16"):
+                            enabled=self.precision == "bf16"), self._compiling():
             loss = F.cross_entropy(self._net()(x).float(), y)
         extra = [cb.extra_loss(self) for cb in self.callbacks]
         for e in extra:
