@@ -35,10 +35,8 @@ import time
 
 import torch
 
-from dormant import find_sites
 from dormant.data import load_dataset
 from dormant.methods import DemP
-from dormant.methods.demp import add_masked_noise, live_masks, regulariser_grad
 from dormant.models import build_model
 from dormant.schedules import make_scheduler
 from dormant.tables import Column, Table
@@ -139,24 +137,22 @@ def step_ratio(a, b, x, y, rounds: int = 20) -> tuple[float, float, float]:
 
 def bookkeeping_ratio(model, demp: DemP, x, y, rounds: int = 20) -> tuple[float, float, float]:
     """DemP's per-step work next to the training step, on a copy of `model`: one AdamW step
-    with and without the live masks, the regulariser's gradient and the masked noise (what
-    DemP adds to every step while its schedule is on)."""
+    with and without a DemP of the same options (its `after_backward` and `after_step`: the
+    live masks, the regulariser's gradient, the masked noise), its death checks left out."""
     m = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    sites, reg = find_sites(m, x[:2]), demp._reg_params(m)
+    method = DemP(**{**demp.opts.changed(), "prune_after": 2 ** 62}).prepare(
+        m, opt, probe=x, total_steps=2 ** 62)
 
     def step(book: bool):
         def run():
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(m(x), y).backward()
             if book:
-                with torch.no_grad():
-                    params, live = live_masks(m, sites)
-                    for p in reg:
-                        p.grad.add_(regulariser_grad(p, demp.opts.regulariser), alpha=1e-3)
+                method.after_backward()
             opt.step()
             if book:
-                add_masked_noise(params, live, 1e-6)
+                method.after_step()
         return run
     return interleaved(step(True), step(False), rounds, sync=x)
 
@@ -266,14 +262,13 @@ def main() -> None:
     nb = args.train_batch
     execution = {"precision": args.precision, "memory_format": args.memory_format,
                  "compile": args.compile}
-    default_execution = {"precision": "fp32", "memory_format": "contiguous", "compile": "off"}
     print(f"torch {torch.__version__}, {where}; {args.model}"
           f"{'' if args.width is None else f' width {args.width:g}'} on {args.dataset} "
           f"({len(data.train)} training samples, batch {nb}), {args.epochs} epochs, "
           f"DemP reg_peak={args.reg_peak} span={args.span:g}"
           + ("" if pct_starts[0] is None else f" pct_start={pct_starts[0]:g}")
           + ("" if cadences[0] == 100 else f" prune_every={cadences[0]}")
-          + "".join(f"; {k} {v}" for k, v in execution.items() if v != default_execution[k]))
+          + "".join(f"; {k} {v}" for k, v in execution.items() if v != p.get_default(k)))
     names = list(variants)
     print("epoch  dense s  demp s  ratio  units removed"
           + "".join(f"  | {n}: s, ratio, removed" for n in names[2:]), flush=True)
