@@ -41,7 +41,8 @@ from dormant.models import build_model
 from dormant.schedules import make_scheduler
 from dormant.tables import Column, Table
 from dormant.train import Trainer
-from dormant.train.loop import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, synchronize
+from dormant.train.loop import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compiled,
+                                 synchronize)
 
 
 def trainer(model, data, epochs, lr, callbacks, seed, batch_size=128, **execution):
@@ -295,9 +296,8 @@ def main() -> None:
         fa, fb, fold = latency_ratio(da, db, xa)
         sa, sb, step = step_ratio(models["dense"], models[name], xb, yb)
         if args.compile != "off":     # the deployed models, compiled in the same mode
-            mode = None if args.compile == "default" else args.compile
-            ca, cb, comp = latency_ratio(torch.compile(da, mode=mode),
-                                         torch.compile(db, mode=mode), xa)
+            ca, cb, comp = latency_ratio(compiled(da, args.compile), compiled(db, args.compile),
+                                         xa)
         label = "" if name == "DemP" else f"[{name}] "
         print(f"{label}test acc: dense {100 * rows['dense'][-1]['test_acc']:.2f}%, DemP "
               f"{100 * last['test_acc']:.2f}%; widths {last.get('width', {})}")

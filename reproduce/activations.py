@@ -45,6 +45,7 @@ V_PRIMES = (0.5, 0.7, 0.9)
 
 
 CLIPPED = {"crelu": "CReLU", "cst": "CST"}
+UNCLIPPED = {"shifted_relu": "ReLU_tau", "soft_threshold": "ST_tau"}
 # comparisons whose whole table is a table of docs/results.md
 RESULTS_BLOCKS = ("activations_mlp", "activations_mlp_20ep", "activations_mlp_unclipped")
 
@@ -57,7 +58,7 @@ def variants(sparsities, v_primes=V_PRIMES, clipped=tuple(CLIPPED),
     out = {"ReLU s=0.5": {"activation": "relu", "init_args": {"sparsity": 0.5}}}
     q = {} if q_star == 1.0 else {"q_star": q_star}
     for s in sparsities:
-        for kind, label in (("shifted_relu", "ReLU_tau"), ("soft_threshold", "ST_tau")):
+        for kind, label in UNCLIPPED.items():
             out[f"{label} s={s}"] = {"activation": kind, "init_args": {"sparsity": s, **q}}
         for kind in clipped:
             label = CLIPPED[kind]
@@ -116,9 +117,9 @@ def criterion_table(*cmps) -> Table:
             if v == "ReLU s=0.5" and budget not in seen:
                 seen.add(budget)
                 t.add(budget, v, None, acc(cmp, v), None, sparsity(cmp, v), None)
-            elif v.startswith(tuple(CLIPPED.values())):
+            elif variants[v]["activation"] in CLIPPED:
                 init = variants[v]["init_args"]
-                same = [u for u in cmp.variants if u.startswith(("ReLU_tau", "ST_tau"))
+                same = [u for u in cmp.variants if variants[u]["activation"] in UNCLIPPED
                         and variants[u]["init_args"]["sparsity"] == init["sparsity"]]
                 t.add(budget, v, init.get("q_star", 1.0), acc(cmp, v), vs(cmp, v),
                       sparsity(cmp, v),
