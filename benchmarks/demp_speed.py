@@ -20,8 +20,9 @@ matter.
     python benchmarks/demp_speed.py --device cuda --width 4 --epochs 10
     python benchmarks/demp_speed.py --round-to 0 --pct-start 0.3,0.15 --prune-every 100,50
                                         # the peak/cadence trade-off, in one run
-    python benchmarks/demp_speed.py --device cuda --width 8 --precision bf16 \
-        --memory-format channels_last --compile reduce-overhead    # compiled, CUDA graphs
+    python benchmarks/demp_speed.py --device cuda --width 8 --compile reduce-overhead
+                                        # compiled, CUDA graphs (also --precision bf16,
+                                        # --memory-format channels_last)
 
 --precision, --memory-format and --compile apply to every run alike (the Trainer's options);
 with --compile the deployed models are also timed compiled.
