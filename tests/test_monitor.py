@@ -49,9 +49,11 @@ def test_counts_are_exact_against_brute_force(name):
 
 @pytest.mark.parametrize("name", ["conv-bn-relu-flatten", "tanh-sigmoid-silu", "vit-tiny"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_pending_steps_sum_to_the_brute_force_counts(name, eps):
+@pytest.mark.parametrize("grad", [False, True])
+def test_pending_steps_sum_to_the_brute_force_counts(name, eps, grad):
     """Steps wait in a short list and are summed in every FLUSH_EVERY steps and when read:
-    across several flushes every counter is the brute-force one, and the list stays short."""
+    across several flushes and batch sizes, with autograd off and on (a backward after each
+    forward), every counter is the brute-force one, and the list stays short."""
     from dormant.monitor import FLUSH_EVERY
     ctor, shape = ZOO[name]
     torch.manual_seed(1)
@@ -60,12 +62,15 @@ def test_pending_steps_sum_to_the_brute_force_counts(name, eps):
     n = 2 * FLUSH_EVERY + 3
     xs = [torch.randn(2 + i % 3, *shape) for i in range(n)]
     sites = find_sites(model, xs[0][:2])
-    with ActivityMonitor(model, sites, eps=eps) as mon, torch.no_grad():
+    with ActivityMonitor(model, sites, eps=eps, track_max=True) as mon, torch.set_grad_enabled(grad):
         for x in xs:
-            model(x)
+            out = model(x)
+            if grad:
+                out.square().mean().backward()
             assert all(len(p["active"]) < FLUSH_EVERY for p in mon._pending.values())
     stats = mon.stats()
-    outs = [activation_outputs(model, x) for x in xs]
+    with torch.no_grad():
+        outs = [activation_outputs(model, x) for x in xs]
     for i, s in enumerate(sites):
         ys, st = [o[i] for o in outs], stats[s.name]
         dims = reduce_dims(ys[0], s.unit_dim)
@@ -80,7 +85,41 @@ def test_pending_steps_sum_to_the_brute_force_counts(name, eps):
         assert torch.allclose(st.sum, sum(y.sum(dims).double() for y in ys), atol=1e-3)
         assert torch.allclose(st.abs_sum, sum(y.abs().sum(dims).double() for y in ys),
                               atol=1e-3)
-        assert st.batches == n
+        assert torch.equal(st.max, torch.stack([y.amax(dims) for y in ys]).amax(0)), s.name
+        assert st.batches == n and st.samples == sum(len(x) for x in xs)
+
+
+def test_small_cpu_outputs_are_counted_on_one_thread(monkeypatch):
+    """Below SERIAL_NUMEL elements a CPU output is counted on one thread (waking the OpenMP
+    team costs more than it saves) and the caller's thread count comes back, also when the
+    counting fails; larger outputs keep every thread."""
+    from dormant import monitor as M
+    if not M._openmp():
+        pytest.skip("the intra-op pool is not OpenMP")
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    before = torch.get_num_threads()
+    real(2)
+    try:
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        sites = find_sites(model, torch.randn(2, 4))
+        with ActivityMonitor(model, sites) as mon, torch.no_grad():
+            model(torch.randn(3, 4))
+            assert calls == [1, 2]
+            count = M.ActivityMonitor._count
+            monkeypatch.setattr(M.ActivityMonitor, "_count", lambda *a: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                model(torch.randn(3, 4))
+            assert calls == [1, 2, 1, 2] and torch.get_num_threads() == 2
+            monkeypatch.setattr(M.ActivityMonitor, "_count", count)
+            monkeypatch.setattr(M, "SERIAL_NUMEL", 0)       # as if the output were large
+            model(torch.randn(5, 4))                          # a new shape: a new plan
+            assert calls == [1, 2, 1, 2]
+        st = next(iter(mon.stats().values()))
+        assert st.batches == 2 and st.samples == 8       # the failed forward counted nothing
+    finally:
+        real(before)
 
 
 def test_fused_counting_gives_the_same_counters():
