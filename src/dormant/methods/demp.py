@@ -106,8 +106,9 @@ def live_masks(model: nn.Module, sites) -> tuple[list[torch.Tensor], list[torch.
 def add_masked_noise(params: list[torch.Tensor], masks: list[torch.Tensor], sigma: float,
                      generator: torch.Generator | None = None) -> None:
     """p += sigma * N(0, 1) * mask for every parameter: one normal draw per (device, dtype)
-    group, split into the parameters' shapes, then two multi-tensor ops. `generator` (on the
-    parameters' device) makes the draw independent of the global random state."""
+    group, split into the parameters' shapes, then one multi-tensor p += sigma * noise * mask.
+    `generator` (on the parameters' device) makes the draw independent of the global random
+    state."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)
@@ -115,8 +116,8 @@ def add_masked_noise(params: list[torch.Tensor], masks: list[torch.Tensor], sigm
         sizes = [params[i].numel() for i in idx]
         flat = torch.randn(sum(sizes), device=device, dtype=dtype, generator=generator)
         noise = [c.view_as(params[i]) for c, i in zip(flat.split(sizes), idx)]
-        torch._foreach_mul_(noise, [masks[i] for i in idx])
-        torch._foreach_add_([params[i] for i in idx], noise, alpha=sigma)
+        torch._foreach_addcmul_([params[i] for i in idx], noise, [masks[i] for i in idx],
+                                value=sigma)
 
 
 class DemP(Structural):
