@@ -90,9 +90,9 @@ def test_pending_steps_sum_to_the_brute_force_counts(name, eps, grad):
 
 
 def test_small_cpu_outputs_are_counted_on_one_thread(monkeypatch):
-    """Below SERIAL_NUMEL elements a CPU output is counted on one thread (waking the OpenMP
-    team costs more than it saves) and the caller's thread count comes back, also when the
-    counting fails; larger outputs keep every thread."""
+    """A small CPU output of one position per sample is counted on one thread (waking the
+    OpenMP team costs more than it saves) and the caller's thread count comes back, also
+    when the counting fails; larger outputs and outputs with positions keep every thread."""
     from dormant import monitor as M
     if not M._openmp():
         pytest.skip("the intra-op pool is not OpenMP")
@@ -107,6 +107,12 @@ def test_small_cpu_outputs_are_counted_on_one_thread(monkeypatch):
         with ActivityMonitor(model, sites) as mon, torch.no_grad():
             model(torch.randn(3, 4))
             assert calls == [1, 2]
+        ctor, shape = ZOO["timm-mlp-tokens"]                 # outputs with positions
+        tokens = ctor()
+        with ActivityMonitor(tokens, find_sites(tokens, torch.randn(2, *shape))), torch.no_grad():
+            tokens(torch.randn(3, *shape))
+        assert calls == [1, 2]
+        with ActivityMonitor(model, sites) as mon, torch.no_grad():
             count = M.ActivityMonitor._count
             monkeypatch.setattr(M.ActivityMonitor, "_count", lambda *a: 1 / 0)
             with pytest.raises(ZeroDivisionError):
@@ -117,7 +123,7 @@ def test_small_cpu_outputs_are_counted_on_one_thread(monkeypatch):
             model(torch.randn(5, 4))                          # a new shape: a new plan
             assert calls == [1, 2, 1, 2]
         st = next(iter(mon.stats().values()))
-        assert st.batches == 2 and st.samples == 8       # the failed forward counted nothing
+        assert st.batches == 1 and st.samples == 5       # the failed forward counted nothing
     finally:
         real(before)
 

@@ -54,10 +54,12 @@ _COUNT_FIELDS = ("positions", "samples", "batches")
 # from the pending `active`)
 _PENDING_FIELDS = ("active", "nonzero", "silent", "sum", "abs_sum")
 FLUSH_EVERY = 32
-# A CPU activation smaller than this is counted on one thread: below it, waking the OpenMP
-# team costs more than it saves (2-core CPU: 24 vs 38 us for a (128, 300) ReLU output; the
-# two cross between 2**17 and 2**19 elements).
-SERIAL_NUMEL = 2 ** 18
+# A CPU output with one position per sample (batch, units) smaller than this is counted on
+# one thread: waking the OpenMP team for its batch reductions costs more than it saves
+# (2-core CPU: 16 vs 30 us for a (128, 300) ReLU output, 41 vs 54 us at 2**17 elements).
+# Outputs with positions (tokens, pixels) keep every thread: their per-sample reductions
+# split well (a (128, 17, 64) token output: 90 us on 2 threads, 122 us on one).
+SERIAL_NUMEL = 2 ** 17
 
 
 class _Plan(NamedTuple):
@@ -245,9 +247,10 @@ class ActivityMonitor:
     def _plan(self, site: Site, y: torch.Tensor) -> _Plan:
         d = site.unit_dim % y.ndim
         per_unit = y.numel() // site.num_units
-        return _Plan(d, tuple(i for i in range(1, y.ndim) if i != d), per_unit,
-                     torch.float32 if per_unit < 2 ** 24 else torch.float64,
-                     y.device.type == "cpu" and y.numel() < SERIAL_NUMEL and _openmp())
+        inner = tuple(i for i in range(1, y.ndim) if i != d)
+        return _Plan(d, inner, per_unit, torch.float32 if per_unit < 2 ** 24 else torch.float64,
+                     not inner and y.device.type == "cpu" and y.numel() < SERIAL_NUMEL
+                     and _openmp())
 
     def _observe(self, site: Site, y: torch.Tensor) -> None:
         # Runs inside the forward: device ops only, no .item(), no branching on values; on
