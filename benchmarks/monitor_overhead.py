@@ -11,12 +11,16 @@ rounds of the per-round ratio to plain training.
 
     python benchmarks/monitor_overhead.py            # LeNet-300-100, small VGG, tiny ViT
     python benchmarks/monitor_overhead.py --every 10 --rounds 30 --fused
+    git show REV:src/dormant/monitor.py > /tmp/old_monitor.py
+    python benchmarks/monitor_overhead.py --models lenet300 --rounds 41 --against /tmp/old_monitor.py
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
+import sys
 import time
 
 import torch
@@ -74,21 +78,37 @@ class PeerDormantHooks:
             h.remove()
 
 
+def load_monitor(path: str):
+    """Another version of dormant/monitor.py (e.g. from `git show REV:...`), imported as its
+    own module next to the installed one, for an A/B in one process."""
+    spec = importlib.util.spec_from_file_location("dormant._monitor_against", path)
+    if spec is None:
+        raise SystemExit(f"--against {path}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "dormant"               # its relative imports resolve in the package
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.ActivityMonitor
+
+
 def bench(name: str, every: int, steps: int, rounds: int, batch: int, fused: bool,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", against=None) -> dict:
     torch.manual_seed(0)
     base = build_model(name, (1, 28, 28), 10, **MODELS[name]).to(device)
     xs = [torch.randn(batch, 1, 28, 28, device=device) for _ in range(steps)]
     ys = [torch.randint(10, (batch,), device=device) for _ in range(steps)]
     sites = find_sites(base, xs[0][:2])
     variants = {}
-    labels = ["plain", "sampled", "exact"] + (["fused"] if fused else []) + ["peer"]
+    labels = (["plain", "sampled", "exact"] + (["fused"] if fused else []) + ["peer"]
+              + (["against"] if against else []))
     for label in labels:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         mon = None
         if label == "peer":
             mon = PeerDormantHooks(model)
+        elif label == "against":
+            mon = against(model, sites, every=1, mode="train").__enter__()
         elif label != "plain":
             mon = ActivityMonitor(model, sites, every=every if label == "sampled" else 1,
                                   mode="train", fused=label == "fused").__enter__()
@@ -110,6 +130,9 @@ def bench(name: str, every: int, steps: int, rounds: int, batch: int, fused: boo
     # ratio per round (paired), then the median: robust to slow phases of the machine
     ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"]))
              for k in labels[1:]}
+    if against:
+        ratio["exact/against"] = statistics.median(
+            a / b for a, b in zip(times["exact"], times["against"]))
     return {"model": name, "step_ms": 1000 * med["plain"] / steps, "sites": len(sites),
             "peer_hooks": len(variants["peer"][2].handles), **ratio}
 
@@ -123,12 +146,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--against", metavar="MONITOR_PY",
+                   help="also time the exact mode of another monitor.py (e.g. an older "
+                        "version from git show) and print this one's step time over it")
     p.add_argument("--fused", action="store_true",
                    help="also time the exact mode with fused (compiled) counting; compiling "
                         "takes about a minute per model on a CPU")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    against = load_monitor(args.against) if args.against else None
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {where}, batch {args.batch_size}, "
@@ -138,11 +165,13 @@ def main() -> None:
     print(f"{'model':<10} {'sites':>5} {'step ms':>8} " + " ".join(f"{c:>21}" for c in cols))
     for name in args.models.split(","):
         r = bench(name, args.every, args.steps, args.rounds, args.batch_size, args.fused,
-                  args.device)
+                  args.device, against)
         keys = ["sampled", "exact"] + (["fused"] if args.fused else []) + ["peer"]
         print(f"{r['model']:<10} {r['sites']:>5} {r['step_ms']:>8.2f} "
               + " ".join(f"{r[k]:>20.3f}x" for k in keys)
-              + f"   (peer hooks: {r['peer_hooks']})", flush=True)
+              + f"   (peer hooks: {r['peer_hooks']})"
+              + (f"; exact, {args.against}: {r['against']:.3f}x, this exact / that one "
+                 f"{r['exact/against']:.3f}x" if against else ""), flush=True)
 
 
 if __name__ == "__main__":
