@@ -265,9 +265,12 @@ class ActivityMonitor:
         if y.ndim == 1:
             y = y.unsqueeze(0)
         name = site.name
-        plan = self._plans[name].get(y.shape)
+        plans = self._plans[name]
+        plan = plans.get(y.shape)
         if plan is None:
-            plan = self._plans[name][y.shape] = self._plan(site, y)
+            if len(plans) >= 64:        # many shapes (e.g. padded to each batch's length)
+                plans.clear()
+            plan = plans[y.shape] = self._plan(site, y)
         threads = torch.get_num_threads() if plan.serial else 1
         if threads > 1:
             torch.set_num_threads(1)
