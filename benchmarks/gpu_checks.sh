@@ -2,7 +2,7 @@
 # The GPU measurements of the speed work (issue #21) in one go, for a lent GPU machine.
 #
 # The machine has torch but not this package or the data. Here, once:
-#   mkdir -p .gpu && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/ && echo /.gpu/ >> .git/info/exclude
+#   mkdir -p .gpu && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/     (.gitignore has /.gpu/)
 # then run `bash benchmarks/gpu_checks.sh` there with `.gpu` carried. Not yet run: eager, each
 # DemP run took 1-1.5 min on an H100; compiling adds its own minutes, so give the call the
 # full 10 minutes. Logs go to $OUT (or ./gpu_checks), one file per benchmark, as they run.
