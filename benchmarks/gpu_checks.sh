@@ -1,8 +1,10 @@
 #!/bin/bash
 # The GPU measurements of the speed work (issue #21) in one go, for a lent GPU machine.
 #
-# The machine has torch but not this package or the data. Here, once:
-#   mkdir -p .gpu && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/     (.gitignore has /.gpu/)
+# The machine has torch but not this package, Torch-Pruning (pure Python) or the data. Here, once
+# (.gitignore has /.gpu/):
+#   mkdir -p .gpu/site && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/ &&
+#   cp -r "$(.venv/bin/python -c 'import torch_pruning, os; print(os.path.dirname(torch_pruning.__file__))')" .gpu/site/
 # then run `bash benchmarks/gpu_checks.sh` there with `.gpu` carried. Not yet run: eager, each
 # DemP run took 1-1.5 min on an H100; compiling adds its own minutes, so give the call the
 # full 10 minutes. Logs go to $OUT (or ./gpu_checks), one file per benchmark, as they run.
@@ -10,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_checks}
 mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1 DORMANT_DATA=${DORMANT_DATA:-$PWD/.gpu}
+export PYTHONPATH=src:.gpu/site PYTHONUNBUFFERED=1 DORMANT_DATA=${DORMANT_DATA:-$PWD/.gpu}
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
