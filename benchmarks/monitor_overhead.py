@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -155,6 +156,9 @@ def main() -> None:
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    if args.against and not os.path.isfile(args.against):
+        p.error(f"--against {args.against}: no such file (e.g. git show "
+                "REV:src/dormant/monitor.py > old_monitor.py)")
     against = load_monitor(args.against) if args.against else None
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{torch.get_num_threads()} threads")
