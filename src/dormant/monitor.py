@@ -71,6 +71,7 @@ class _Plan(NamedTuple):
     per_unit: int               # outputs per unit in one batch
     acc: torch.dtype            # dtype of per-step sums (exact integers)
     serial: bool                # count on one CPU thread
+    fast: bool                  # non-negative outputs, eps 0 (see `ActivityMonitor._fast`)
 
 
 @cache
@@ -252,7 +253,7 @@ class ActivityMonitor:
         inner = tuple(i for i in range(1, y.ndim) if i != d)
         return _Plan(d, inner, per_unit, torch.float32 if per_unit < 2 ** 24 else torch.float64,
                      not inner and y.device.type == "cpu" and y.numel() < SERIAL_NUMEL
-                     and _openmp())
+                     and _openmp(), self._fast(site))
 
     def _observe(self, site: Site, y: torch.Tensor) -> None:
         # Runs inside the forward: device ops only, no .item(), no branching on values; on
@@ -290,7 +291,7 @@ class ActivityMonitor:
         """Reduce one output to per-unit vectors, left in `_pending`."""
         inner, d, acc = plan.inner, plan.d, plan.acc
         pend = self._pending[site.name]
-        if self._fast(site):
+        if plan.fast:
             active_ps, sum_u, mx = self._counting(y, inner, d, acc, self.track_max)
         else:
             reduce_all = (0, *inner)
