@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dormant.models import build_model
-from dormant.sites import _Tracer, _act_kind
+from dormant.sites import _ACT_FUNCTIONS, _ACT_METHODS, _Tracer, act_module_kind
 
 
 class ConvBN(nn.Module):
@@ -126,6 +126,12 @@ def kill_some(model: nn.Module, every: int = 3) -> None:
                 m.bias[::every] = -1e4
 
 
+def _is_activation(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return ((n.op == "call_module" and act_module_kind(modules[n.target]) is not None)
+            or (n.op == "call_function" and n.target in _ACT_FUNCTIONS)
+            or (n.op == "call_method" and n.target in _ACT_METHODS))
+
+
 def activation_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Brute force: every activation node's output, in graph order, from an fx Interpreter
     (no hooks involved)."""
@@ -137,7 +143,7 @@ def activation_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     class Capture(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if _act_kind(n, modules) is not None:
+            if _is_activation(n, modules):
                 outs.append(out.detach().clone())
             return out
 

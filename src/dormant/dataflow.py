@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,9 @@ from .batching import eval_mode
 
 __all__ = ["no_fastpath", "trace_dataflow", "Event", "Dataflow"]
 
-Key = tuple[int, int]            # (id(tensor), tensor._version)
+# a tensor value: (id(tensor), tensor._version) when recorded here; sites.py reads an fx graph
+# into the same structure with its nodes as keys
+Key = Hashable
 
 
 @contextlib.contextmanager
@@ -72,12 +74,21 @@ class Dataflow:
     readers: dict[Key, list[Event]]    # which events read it, in call order
     calls: dict[str, int]              # calls per recorded module
 
+    def add(self, ev: Event) -> None:
+        self.events.append(ev)
+        for k in ev.inputs:
+            if k not in ev.outputs:
+                self.readers.setdefault(k, []).append(ev)
+        for k in ev.outputs:
+            if k not in ev.inputs:      # an op that returns its input unchanged (x.to(x.dtype))
+                self.producer[k] = ev
+
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
 
-def _key(t: torch.Tensor) -> Key:
+def _key(t: torch.Tensor) -> tuple[int, int]:
     return id(t), t._version
 
 
@@ -96,20 +107,10 @@ class _Recorder(TorchFunctionMode):
         outs = _tensors(out)
         if outs:
             self.keep.extend(ins + outs)
-            _add(self.flow, Event(len(self.flow.events), in_keys, [_key(t) for t in outs],
+            self.flow.add(Event(len(self.flow.events), in_keys, [_key(t) for t in outs],
                                   func=func, name=getattr(func, "__name__", str(func)),
                                   args=args, kwargs=kwargs, shape=tuple(outs[0].shape)))
         return out
-
-
-def _add(flow: Dataflow, ev: Event) -> None:
-    flow.events.append(ev)
-    for k in ev.inputs:
-        if k not in ev.outputs:
-            flow.readers.setdefault(k, []).append(ev)
-    for k in ev.outputs:
-        if k not in ev.inputs:      # an op that returns its input unchanged (x.to(x.dtype))
-            flow.producer[k] = ev
 
 
 def trace_dataflow(model: nn.Module, example: Any, recorded: Callable[[nn.Module], bool]
@@ -138,7 +139,7 @@ def trace_dataflow(model: nn.Module, example: Any, recorded: Callable[[nn.Module
             keep.extend(outs)
             idx = flow.calls.get(name, 0)
             flow.calls[name] = idx + 1
-            _add(flow, Event(len(flow.events), pending[id(mod)].pop(), [_key(t) for t in outs],
+            flow.add(Event(len(flow.events), pending[id(mod)].pop(), [_key(t) for t in outs],
                              module=name, call_index=idx,
                              shape=tuple(outs[0].shape) if outs else ()))
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))

@@ -6,8 +6,10 @@ A *site* is the place where units live::
     producer (Linear/ConvNd) -> [norm] -> activation -> consumers
 
 `find_sites` traces the model with torch.fx (so functional ``F.relu`` calls, a ReLU module
-reused at two places, residual additions and flatten->Linear are all seen) and falls back to a
-runtime trace of module calls for models fx cannot trace. Every site also says how the
+reused at two places, residual additions and flatten->Linear are all seen) and falls back to
+recording the data flow of one forward (`dormant.dataflow`) for models fx cannot trace. Both
+give the same structure of calls (`Dataflow`: which call made a value, which calls read it),
+and one set of walkers reads the wiring of every site from it. Every site also says how the
 monitor can *observe* it without changing the model (its `Tap`): a hook on the activation
 module, a pre-hook on the module that consumes the activation output, or a hook on the
 module that feeds a functional activation (the activation is then recomputed on the copy).
@@ -23,9 +25,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .batching import eval_mode
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .batching import eval_mode
+from .dataflow import Dataflow, Event, trace_dataflow
 
 __all__ = [
     "Site",
@@ -49,11 +53,6 @@ POOL_MODULES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
-PASS_FUNCTIONS = {F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
-                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-PASS_METHODS = {"contiguous", "clone", "detach"}
-FLATTEN_FUNCTIONS = {torch.flatten}
-FLATTEN_METHODS = {"flatten", "view", "reshape"}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 # Activation modules (type -> kind) and functions (callable -> kind). `register_activation`
@@ -225,109 +224,30 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module":
-        return act_module_kind(modules[node.target])
-    if node.op == "call_function":
-        return _ACT_FUNCTIONS.get(node.target)
-    if node.op == "call_method":
-        return _ACT_METHODS.get(node.target)
-    return None
-
-
-def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-
-
-def _is_add(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
-            or (node.op == "call_method" and node.target in ("add", "add_")))
-
-
-def _is_pass(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], PASS_MODULES)
-    if node.op == "call_function":
-        return node.target in (F.dropout,)
-    return node.op == "call_method" and node.target in PASS_METHODS
-
-
-def _walk_back(node: fx.Node, modules) -> tuple[str | None, str | None, bool]:
-    """From an activation's input, find (producer, norm, residual)."""
-    norm = None
-    cur = node
-    while isinstance(cur, fx.Node):
-        if cur.op == "call_module":
-            m = modules[cur.target]
-            if is_producer(m):
-                return cur.target, norm, False
-            if isinstance(m, NORMS) and norm is None:
-                norm, cur = cur.target, cur.args[0]
-                continue
-        if _is_pass(cur, modules):
-            cur = cur.args[0]
+def _fx_dataflow(gm: fx.GraphModule) -> Dataflow:
+    """The traced graph as the structure a recorded forward gives (`dormant.dataflow`), with
+    its nodes as the tensor keys, so that one set of walkers reads both. A module call reads
+    its first input only, as a recorded layer does."""
+    flow = Dataflow([], {}, {}, {})
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if _is_add(cur):
-            for arg in cur.args:  # the first branch with a producer is the main branch
-                if isinstance(arg, fx.Node):
-                    p, n, _ = _walk_back(arg, modules)
-                    if p is not None:
-                        return p, norm or n, True
-            return None, norm, True
-        return None, norm, False
-    return None, norm, False
-
-
-def _walk_forward(node: fx.Node, modules, udim: int, ndim: int
-                  ) -> tuple[list[str], list[str], bool]:
-    """From an activation's output, the Linear/ConvNd modules that read its units, and
-    whether every reader was understood (see `Site.consumers_complete`). Past a residual
-    addition, the activation that reads the sum starts the next site."""
-    consumers: list[str] = []
-    flat: list[str] = []
-    complete = True
-    frontier = [(u, False, False) for u in node.users]
-    seen: set[fx.Node] = set()
-    while frontier:
-        u, flattened, summed = frontier.pop()
-        if u in seen:
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(meta.shape) if meta is not None else ()
+        if node.op == "call_module":
+            idx = flow.calls.get(node.target, 0)
+            flow.calls[node.target] = idx + 1
+            flow.add(Event(len(flow.events), node.all_input_nodes[:1], [node],
+                           module=node.target, call_index=idx, shape=shape))
             continue
-        seen.add(u)
-        nxt = None
-        if u.op == "call_module":
-            m = modules[u.target]
-            if is_producer(m):
-                (flat if flattened else consumers).append(u.target)
-            elif isinstance(m, nn.Flatten):
-                nxt = True
-            elif isinstance(m, PASS_MODULES + POOL_MODULES + CHANNEL_NORMS):
-                nxt = flattened
-            elif not summed:     # past a residual sum, the stream goes on elsewhere
-                complete = False
-        elif _is_add(u):
-            summed, nxt = True, flattened
-        elif u.op in ("call_function", "call_method") and _name(u) in _REDUCE and \
-                _keeps_units(u.args, u.kwargs, udim, ndim):
-            nxt = flattened
-        elif summed:
-            pass
-        elif u.op == "call_function":
-            if u.target in FLATTEN_FUNCTIONS:
-                nxt = True
-            elif u.target in PASS_FUNCTIONS:
-                nxt = flattened
-            elif u.target is not getattr:
-                complete = False
-        elif u.op == "call_method":
-            if u.target in FLATTEN_METHODS:
-                nxt = True
-            elif u.target in PASS_METHODS:
-                nxt = flattened
-            elif u.target not in ("size", "dim"):
-                complete = False
-        if nxt is not None:
-            frontier.extend((v, nxt, summed) for v in u.users)
-    return sorted(set(consumers)), sorted(set(flat)), complete
+        if node.op == "call_function":
+            func = node.target
+            name = "add" if func in ADD_FUNCTIONS else getattr(func, "__name__", "")
+        else:
+            func, name = getattr(torch.Tensor, node.target, None), node.target
+        flow.add(Event(len(flow.events), list(node.all_input_nodes), [node], func=func,
+                       name=name, args=node.args, kwargs=dict(node.kwargs), shape=shape))
+    return flow
 
 
 def _keeps_units(args: tuple, kwargs: dict, udim: int, ndim: int) -> bool:
@@ -355,35 +275,6 @@ def _unit_dim(producer: nn.Module | None, norm: nn.Module | None, ndim: int) -> 
     return 1 if ndim >= 4 else -1
 
 
-def _module_calls(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    calls: dict[str, list[fx.Node]] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(n.target, []).append(n)
-    return calls
-
-
-def _choose_tap(node: fx.Node, kind: str, calls: dict[str, list[fx.Node]]) -> Tap | None:
-    if node.op == "call_module":
-        lst = calls[node.target]
-        return Tap("output", node.target, lst.index(node), len(lst))
-    # functional activation: prefer a module that reads its output as first input (exact,
-    # no recompute), else the module whose output feeds it (recompute the activation).
-    for user in node.users:
-        if user.op == "call_module" and user.args and user.args[0] is node:
-            lst = calls[user.target]
-            return Tap("input", user.target, lst.index(user), len(lst))
-    src = node.args[0] if node.args else None
-    if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
-        fn = node.target if node.op == "call_function" else _METHOD_FN[node.target]
-        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-        extra = tuple(a for a in node.args[1:] if not isinstance(a, fx.Node))
-        lst = calls[src.target]
-        return Tap("recompute", src.target, lst.index(src), len(lst),
-                   fn=_bind(fn, extra, kwargs))
-    return None
-
-
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> Callable:
     if not args and not kwargs:
         return fn
@@ -394,41 +285,7 @@ def _trace_sites(model: nn.Module, example: torch.Tensor) -> list[Site]:
     graph = _Tracer().trace(model, concrete_args=_concrete_args(model, example))
     gm = fx.GraphModule(model, graph)
     _propagate_shapes(gm, example)
-    modules = dict(model.named_modules())
-    calls = _module_calls(graph)
-    sites, skipped = [], []
-    for node in graph.nodes:
-        kind = _act_kind(node, modules)
-        if kind is None:
-            continue
-        meta = node.meta.get("tensor_meta")
-        tap = _choose_tap(node, kind, calls)
-        if meta is None or tap is None:
-            skipped.append(node.name)
-            continue
-        producer, norm, residual = _walk_back(node.args[0], modules)
-        shape = tuple(meta.shape)
-        udim = _unit_dim(modules.get(producer), modules.get(norm), len(shape))
-        consumers, flat, complete = _walk_forward(node, modules, udim, len(shape))
-        act_module = node.target if node.op == "call_module" else None
-        sites.append(Site(
-            name=_site_name(node, act_module, tap, producer, norm), activation=kind,
-            num_units=int(shape[udim]), unit_dim=udim, tap=tap, producer=producer,
-            norm=norm, act_module=act_module, consumers=tuple(consumers),
-            flatten_consumers=tuple(flat), residual=residual, consumers_complete=complete))
-    if skipped:
-        warnings.warn(f"dormant: cannot observe activation(s) {skipped} without editing the "
-                      "model (no module reads or feeds them); use an activation module there "
-                      "or pass sites explicitly", stacklevel=3)
-    return sites
-
-
-def _site_name(node, act_module, tap, producer, norm) -> str:
-    if act_module is not None:
-        return act_module if tap.call_index == 0 else f"{act_module}#{tap.call_index}"
-    anchor = norm or producer
-    fn = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "act")
-    return f"{anchor}.{fn.rstrip('_')}" if anchor else node.name
+    return _flow_sites(_fx_dataflow(gm), dict(model.named_modules()), "fx")
 
 
 class _ShapeProp(fx.Interpreter):
@@ -482,7 +339,8 @@ _FLOW_PASS = {"dropout", "contiguous", "clone", "detach", "to", "type", "float",
               "bfloat16", "alpha_dropout", "feature_alpha_dropout"}
 _FLOW_ADD = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 _FLOW_FLATTEN = {"flatten", "view", "reshape"}
-_FLOW_IGNORE = {"size", "dim", "numel", "__len__", "__get__", "is_floating_point", "get_device"}
+_FLOW_IGNORE = {"size", "dim", "numel", "__len__", "__get__", "getattr", "is_floating_point",
+                "get_device"}
 
 
 def _recorded(m: nn.Module) -> bool:
@@ -578,7 +436,7 @@ def _flow_tap(flow, ev, kind) -> Tap | None:
     src = flow.producer.get(ev.inputs[0]) if ev.inputs else None
     if src is not None and src.module is not None and len(flow.readers[ev.inputs[0]]) == 1:
         fn = _METHOD_FN.get(ev.name, ev.func) if ev.func not in _ACT_FUNCTIONS else ev.func
-        extra = tuple(a for a in ev.args[1:] if not isinstance(a, torch.Tensor))
+        extra = tuple(a for a in ev.args[1:] if not isinstance(a, (torch.Tensor, fx.Node)))
         kwargs = {k: v for k, v in ev.kwargs.items() if k != "inplace"}
         return Tap("recompute", src.module, src.call_index, flow.calls[src.module],
                    fn=_bind(fn, extra, kwargs))
@@ -586,15 +444,18 @@ def _flow_tap(flow, ev, kind) -> Tap | None:
 
 
 def _dataflow_sites(model: nn.Module, example) -> list[Site]:
-    from .dataflow import trace_dataflow
     flow = trace_dataflow(model, example, _recorded)
-    modules = dict(model.named_modules())
+    return _flow_sites(flow, dict(model.named_modules()), "dataflow")
+
+
+def _flow_sites(flow: Dataflow, modules: dict[str, nn.Module], proof: str) -> list[Site]:
+    """Every activation of `flow` that can be observed, as a Site wired along the flow."""
     sites, skipped = [], []
     for ev in flow.events:
         kind = _flow_act_kind(ev, modules)
         if kind is None or not ev.inputs or not ev.outputs:
             continue
-        tap = _flow_tap(flow, ev, kind)
+        tap = _flow_tap(flow, ev, kind) if ev.shape else None
         if tap is None:
             skipped.append(ev.module or ev.name)
             continue
@@ -611,11 +472,11 @@ def _dataflow_sites(model: nn.Module, example) -> list[Site]:
                 name += f"#{tap.call_index}"
         sites.append(Site(name, kind, int(ev.shape[udim]), udim, tap, producer, norm,
                           ev.module, tuple(consumers), tuple(flat), residual,
-                          proof="dataflow", consumers_complete=complete))
+                          proof=proof, consumers_complete=complete))
     if skipped:
         warnings.warn(f"dormant: cannot observe activation(s) {skipped} without editing the "
                       "model (no layer reads or feeds them); use an activation module there "
-                      "or pass sites explicitly", stacklevel=3)
+                      "or pass sites explicitly", stacklevel=4)
     return sites
 
 
