@@ -12,9 +12,10 @@ Per model and batch size, printed as ratios measured in one process:
   site counted) over a plain eval forward of the same batches.
 
 Needs the `hf` extra (`pip install 'dormant[hf]'`). On 2 CPU cores the defaults take about
-10 minutes; `--image-size` and `--seq-len` trade size for time.
+5 minutes, but three rounds are noise there (±0.1); the table in docs/monitor.md used
+`--rounds 15` (18 minutes). `--image-size` and `--seq-len` trade size for time.
 
-    python benchmarks/monitor_scaling.py
+    python benchmarks/monitor_scaling.py --rounds 15
     python benchmarks/monitor_scaling.py --models gpt2 --batches 2,8 --seq-len 128
 """
 from __future__ import annotations
