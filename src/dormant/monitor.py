@@ -15,9 +15,10 @@ and accumulates, on the device of the activations and without any host sync:
                     activation, which nothing in dormant needs)
 
 Counts come from ``sign()`` and float sums, not from comparisons and boolean reductions
-(which are several times slower on CPU): for an output y, #(y > 0) = sum max(sign(y), 0) and
-#(y != 0) = sum |sign(y)|; for non-negative activations (ReLU family) #(y > 0) = sum sign(y)
-and |y| = y. Active counts are first reduced to per-sample ``(N, units)`` sums, which keeps
+(which are several times slower on CPU): for an output y, #(y > 0) = sum max(sign(y), 0) and,
+with eps == 0, #(y != 0) = 2 #(y > 0) - sum sign(y) and sum |y| = 2 sum max(y, 0) - sum y
+(no abs() pass; the two combinations are made when pending steps are summed in); for
+non-negative activations (ReLU family) #(y > 0) = sum sign(y) and |y| = y. Active counts are first reduced to per-sample ``(N, units)`` sums, which keeps
 conv and token tensors cheap and gives the per-sample "silent" count. A step's per-unit
 results wait in a short list and are summed into the counters every 32 steps and whenever
 the counters are read (one stacked sum instead of several small updates per step). Small
@@ -54,7 +55,9 @@ _FIELDS = ("active", "nonzero", "silent", "active_batches", "sum", "abs_sum")
 _COUNT_FIELDS = ("positions", "samples", "batches")
 # what one watched step leaves per unit until `_flush` sums it in (active_batches is counted
 # from the pending `active`)
-_PENDING_FIELDS = ("active", "nonzero", "silent", "sum", "abs_sum")
+# (a signed site with eps == 0 leaves `sign_sum` and `relu_sum` instead of `nonzero` and
+# `abs_sum`, see the module's docstring)
+_PENDING_FIELDS = ("active", "nonzero", "silent", "sum", "abs_sum", "sign_sum", "relu_sum")
 FLUSH_EVERY = 32
 # A CPU output with one position per sample (batch, units) smaller than this is counted on
 # one thread: waking the OpenMP team for its batch reductions costs more than it saves
@@ -296,11 +299,15 @@ class ActivityMonitor:
         else:
             reduce_all = (0, *inner)
             sign = y.sign()
-            act = sign.clamp_min(0) if self.eps == 0.0 else (y - self.eps).clamp_min(0).sign()
-            active_ps = act.sum(inner or 0, dtype=acc)
             sum_u = y.sum(reduce_all, dtype=acc)
-            pend["nonzero"].append(sign.abs().sum(reduce_all, dtype=acc))
-            pend["abs_sum"].append(y.abs().sum(reduce_all, dtype=acc))
+            if self.eps == 0.0:     # nonzero and abs_sum are made from these in `_flush`
+                active_ps = sign.clamp_min(0).sum(inner or 0, dtype=acc)
+                pend["sign_sum"].append(sign.sum(reduce_all, dtype=acc))
+                pend["relu_sum"].append(y.clamp_min(0).sum(reduce_all, dtype=acc))
+            else:
+                active_ps = (y - self.eps).clamp_min(0).sign().sum(inner or 0, dtype=acc)
+                pend["nonzero"].append(sign.abs().sum(reduce_all, dtype=acc))
+                pend["abs_sum"].append(y.abs().sum(reduce_all, dtype=acc))
             mx = _unit_max(y, d) if self.track_max else None
         if inner:  # per sample: the unit said nothing at any token/position
             pend["silent"].append((active_ps == 0).sum(0))
@@ -316,11 +323,16 @@ class ActivityMonitor:
         if not pend["active"]:
             return
         active = torch.stack(pend["active"])            # (steps, units): exact integers
-        c["active"] += active.sum(0, dtype=torch.float64)
+        total = {"active": active.sum(0, dtype=torch.float64)}
         c["active_batches"] += active.sign().sum(0, dtype=torch.float64)
         for f, vs in pend.items():
             if f != "active" and vs:
-                c[f] += torch.stack(vs).sum(0, dtype=torch.float64)
+                total[f] = torch.stack(vs).sum(0, dtype=torch.float64)
+        if "sign_sum" in total:     # signed, eps == 0: #(y != 0) and sum |y| from these
+            total["nonzero"] = 2 * total["active"] - total.pop("sign_sum")
+            total["abs_sum"] = 2 * total.pop("relu_sum") - total["sum"]
+        for f, v in total.items():
+            c[f] += v
         for vs in pend.values():
             vs.clear()
 
