@@ -108,8 +108,8 @@ class _Recorder(TorchFunctionMode):
         if outs:
             self.keep.extend(ins + outs)
             self.flow.add(Event(len(self.flow.events), in_keys, [_key(t) for t in outs],
-                                  func=func, name=getattr(func, "__name__", str(func)),
-                                  args=args, kwargs=kwargs, shape=tuple(outs[0].shape)))
+                                func=func, name=getattr(func, "__name__", str(func)),
+                                args=args, kwargs=kwargs, shape=tuple(outs[0].shape)))
         return out
 
 
@@ -140,8 +140,8 @@ def trace_dataflow(model: nn.Module, example: Any, recorded: Callable[[nn.Module
             idx = flow.calls.get(name, 0)
             flow.calls[name] = idx + 1
             flow.add(Event(len(flow.events), pending[id(mod)].pop(), [_key(t) for t in outs],
-                             module=name, call_index=idx,
-                             shape=tuple(outs[0].shape) if outs else ()))
+                           module=name, call_index=idx,
+                           shape=tuple(outs[0].shape) if outs else ()))
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     try:

@@ -18,12 +18,13 @@ Counts come from ``sign()`` and float sums, not from comparisons and boolean red
 (which are several times slower on CPU): for an output y, #(y > 0) = sum max(sign(y), 0) and,
 with eps == 0, #(y != 0) = 2 #(y > 0) - sum sign(y) and sum |y| = 2 sum max(y, 0) - sum y
 (no abs() pass; the two combinations are made when pending steps are summed in); for
-non-negative activations (ReLU family) #(y > 0) = sum sign(y) and |y| = y. Active counts are first reduced to per-sample ``(N, units)`` sums, which keeps
-conv and token tensors cheap and gives the per-sample "silent" count. A step's per-unit
-results wait in a short list and are summed into the counters every 32 steps and whenever
-the counters are read (one stacked sum instead of several small updates per step). Small
-CPU outputs of one position per sample (an MLP's (batch, units)) are counted on one thread:
-for them, waking the OpenMP team costs more than the reductions.
+non-negative activations (ReLU family) #(y > 0) = sum sign(y) and |y| = y. Active counts
+are first reduced to per-sample ``(N, units)`` sums, which keeps conv and token tensors cheap
+and gives the per-sample "silent" count. A step's per-unit results wait in a short list and
+are summed into the counters every 32 steps and whenever the counters are read (one stacked
+sum instead of several small updates per step). Small CPU outputs of one position per sample
+(an MLP's (batch, units)) are counted on one thread: for them, waking the OpenMP team costs
+more than the reductions.
 
 Training-time cost: hooks are attached only on watched steps. With ``every=k`` and a call of
 `step()` after each optimizer step, the monitor attaches its hooks for every k-th step and
