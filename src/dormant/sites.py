@@ -17,7 +17,6 @@ module that feeds a functional activation (the activation is then recomputed on 
 from __future__ import annotations
 
 import inspect
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -53,7 +52,6 @@ POOL_MODULES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 # Activation modules (type -> kind) and functions (callable -> kind). `register_activation`
 # adds the project's own or a user's activations; fx treats registered modules as leaves.
@@ -242,7 +240,7 @@ def _fx_dataflow(gm: fx.GraphModule) -> Dataflow:
             continue
         if node.op == "call_function":
             func = node.target
-            name = "add" if func in ADD_FUNCTIONS else getattr(func, "__name__", "")
+            name = getattr(func, "__name__", "")
         else:
             func, name = getattr(torch.Tensor, node.target, None), node.target
         flow.add(Event(len(flow.events), list(node.all_input_nodes), [node], func=func,
@@ -334,10 +332,11 @@ def _propagate_shapes(gm: fx.GraphModule, example) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# data-flow discovery for models fx cannot trace (dormant.dataflow records the real calls)
+# the walkers, over a Dataflow: recorded by dormant.dataflow (models fx cannot trace) or read
+# from the fx graph (`_fx_dataflow`); call names are matched (operator.iadd is "iadd")
 _FLOW_PASS = {"dropout", "contiguous", "clone", "detach", "to", "type", "float", "half",
               "bfloat16", "alpha_dropout", "feature_alpha_dropout"}
-_FLOW_ADD = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+_FLOW_ADD = {"add", "add_", "iadd", "__add__", "__iadd__", "__radd__"}
 _FLOW_FLATTEN = {"flatten", "view", "reshape"}
 _FLOW_IGNORE = {"size", "dim", "numel", "__len__", "__get__", "getattr", "is_floating_point",
                 "get_device"}
@@ -424,7 +423,7 @@ def _flow_forward(flow, key, modules, udim: int, ndim: int) -> tuple[list[str], 
     return sorted(consumers), sorted(flat), complete
 
 
-def _flow_tap(flow, ev, kind) -> Tap | None:
+def _flow_tap(flow, ev) -> Tap | None:
     """Observe a module activation at its output; a functional one at the input of the layer
     that reads it, else by recomputing it on the output of the layer that feeds it."""
     if ev.module is not None:
@@ -455,7 +454,7 @@ def _flow_sites(flow: Dataflow, modules: dict[str, nn.Module], proof: str) -> li
         kind = _flow_act_kind(ev, modules)
         if kind is None or not ev.inputs or not ev.outputs:
             continue
-        tap = _flow_tap(flow, ev, kind) if ev.shape else None
+        tap = _flow_tap(flow, ev) if ev.shape else None
         if tap is None:
             skipped.append(ev.module or ev.name)
             continue
