@@ -257,8 +257,9 @@ def test_a_wiring_that_cannot_be_proven_is_refused(trace):
     assert site.producer == "conv" and not site.consumers_complete and site.consumers == ()
     assert " ?" in dormant.format_sites([site])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert site.readers == ("permute",)          # the refusal names the reading operation
     with pytest.raises(ValueError, match=r"redo rewrites the outgoing weights .* site\(s\) "
-                                         r"\['act'\] \(a permute, an index, a matmul\)"):
+                                         r"act \(read by permute\)"):
         build("redo").prepare(model, opt, probe=x)
     build("synaptic-stripping").prepare(model, opt, probe=x)   # incoming only: allowed
 
@@ -275,15 +276,21 @@ class NoProducer(nn.Module):
         return self.head(self.act(x @ self.w))
 
 
-def test_a_site_without_a_producer_is_left_alone_with_a_warning():
+def test_a_site_without_a_producer_is_left_alone_and_a_method_with_no_site_refuses():
     model = NoProducer()
     x = torch.randn(4, 6)
     (site,) = dormant.find_sites(model, x)
     assert site.producer is None and site.consumers == ("head",)
-    with pytest.warns(UserWarning, match=r"synaptic-stripping: site\(s\) \['act'\] are left "
+    # the only site has no producer: the method would do nothing, so it refuses
+    with pytest.raises(ValueError, match=r"synaptic-stripping: no site of NoProducer has a "
+                                         r"Linear/Conv layer feeding it .*\['act'\]"):
+        build("synaptic-stripping").prepare(model, None, probe=x)
+    # beside a site it can act on, the producer-less one is left alone with a warning
+    both = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), NoProducer())
+    with pytest.warns(UserWarning, match=r"synaptic-stripping: site\(s\) \['2.act'\] are left "
                                          "alone: no Linear/Conv layer feeds them"):
-        method = build("synaptic-stripping").prepare(model, None, probe=x)
-    assert method.sites == []
+        method = build("synaptic-stripping").prepare(both, None, probe=x)
+    assert [s.name for s in method.sites] == ["1"]
 
 
 def test_unknown_activation_kinds_are_listed():

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .registry import Registry
-from .sites import Site, _unwrap, find_sites, is_nonneg
+from .sites import Site, _unwrap, find_sites
 
 __all__ = ["ActivityMonitor", "SiteStats", "CRITERIA", "register_criterion"]
 
@@ -249,7 +249,7 @@ class ActivityMonitor:
 
     def _fast(self, site: Site) -> bool:
         """Non-negative outputs and eps == 0: active == nonzero and |y| == y."""
-        return self.eps == 0.0 and is_nonneg(site.activation)
+        return self.eps == 0.0 and site.observes_nonneg
 
     def _plan(self, site: Site, y: torch.Tensor) -> _Plan:
         d = site.unit_dim % y.ndim
@@ -513,7 +513,7 @@ class ActivityMonitor:
         if empty:
             raise RuntimeError(f"no activations were observed at sites {empty}: run data "
                                "through the model inside the monitor first")
-        signed = {n for n, site in self.sites.items() if not is_nonneg(site.activation)}
+        signed = {n for n, site in self.sites.items() if not site.observes_nonneg}
         if criterion == "never_active" and signed:
             return {n: always_zero(s) if n in signed else fn(s, **params)
                     for n, s in stats.items()}

@@ -206,11 +206,37 @@ class Site:
     residual: bool = False
     proof: str = "fx"                 # how the wiring was found: fx | dataflow | explicit
     consumers_complete: bool = True   # every reader of the units is a consumer listed here
+    up: str | None = None             # gated unit: the up projection (u = act(gate) * up)
+    gate_half: int | None = None      # fused gate/up (producer == up): which half is the gate
+    readers: tuple[str, ...] = ()     # the operations that read the units and are not known
+
+    @property
+    def gated(self) -> bool:
+        """A gated unit (``act(gate(x)) * up(x) -> down``): two incoming rows (`producer`, the
+        gate, and `up`), one outgoing column; the monitor observes the product."""
+        return self.up is not None
+
+    @property
+    def fused(self) -> bool:
+        """Gate and up are the two halves of one layer's output (``gate_up_proj``)."""
+        return self.gate_half is not None
+
+    @property
+    def observes_nonneg(self) -> bool:
+        """The observed outputs are >= 0 by construction (a gated unit's product is signed)."""
+        return is_nonneg(self.activation) and not self.gated
 
     def describe(self) -> str:
         chain = " -> ".join(x for x in (self.producer, self.norm) if x) or "?"
         res = " (+residual)" if self.residual else ""
-        return f"{self.name}: {chain}{res} -> {self.activation} [{self.num_units} units]"
+        gate = f" * {_up_label(self)}" if self.gated else ""
+        return f"{self.name}: {chain}{res} -> {self.activation}{gate} [{self.num_units} units]"
+
+
+def _up_label(site: Site) -> str:
+    if not site.fused:
+        return site.up
+    return f"{site.up}[{'second' if site.gate_half == 0 else 'first'} half]"
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,41 +382,107 @@ def _flow_act_kind(ev, modules) -> str | None:
     return kind
 
 
-def _flow_back(flow, key, modules) -> tuple[str | None, str | None, bool]:
-    """From an activation's input value, (producer, norm, residual) along real data flow."""
+def _flow_back(flow, key, modules) -> tuple[str | None, str | None, bool, tuple | None]:
+    """From an activation's input value, (producer, norm, residual, part) along real data
+    flow; `part` is ``(index, parts)`` when the value is one part of the producer's output
+    split along its last dim (``gate_up_proj(x).chunk(2, -1)``), else None."""
     norm = None
     while True:
         ev = flow.producer.get(key)
         if ev is None or not ev.inputs:
-            return None, norm, False
+            return None, norm, False, None
         if ev.module is not None:
             m = modules[ev.module]
             if is_producer(m):
-                return ev.module, norm, False
+                return ev.module, norm, False, None
             if isinstance(m, NORMS) and norm is None:
                 norm, key = ev.module, ev.inputs[0]
                 continue
             if isinstance(m, PASS_MODULES):
                 key = ev.inputs[0]
                 continue
-            return None, norm, False
+            return None, norm, False, None
         if ev.name in _FLOW_PASS:
             key = ev.inputs[0]
             continue
         if ev.name in _FLOW_ADD:
             for k in ev.inputs:   # the first branch with a producer is the main branch
-                p, n, _ = _flow_back(flow, k, modules)
-                if p is not None:
-                    return p, norm or n, True
-            return None, norm, True
-        return None, norm, False
+                p, n, _, part = _flow_back(flow, k, modules)
+                if p is not None and part is None:
+                    return p, norm or n, True, None
+            return None, norm, True, None
+        split = _split_part(flow, ev, key)
+        if split is not None and norm is None:
+            p, n, residual, inner = _flow_back(flow, split[0], modules)
+            if p is not None and n is None and not residual and inner is None:
+                return p, None, False, split[1:]
+        return None, norm, False, None
 
 
-def _flow_forward(flow, key, modules, udim: int, ndim: int) -> tuple[list[str], list[str], bool]:
-    """From an activation's output value, the layers that read its units, and whether every
-    reader was understood (a permute, an index or a matmul makes it False). Past a residual
-    addition, the activation that reads the sum starts the next site: the units go on there."""
-    consumers, flat, complete = set(), set(), True
+_FLOW_SPLIT = {"chunk", "split"}
+_FLOW_MUL = {"mul", "mul_", "imul", "__mul__", "__rmul__", "__imul__"}
+
+
+def _split_parts(ev, shape: tuple) -> int | None:
+    """Equal parts of a ``chunk``/``split`` along the last dim (`shape`: a part's), or None."""
+    dim = ev.kwargs.get("dim", ev.args[2] if len(ev.args) > 2 else 0)
+    if not shape or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
+        return None
+    arg = ev.kwargs.get("chunks", ev.kwargs.get("split_size_or_sections",
+                                                 ev.args[1] if len(ev.args) > 1 else None))
+    if ev.name == "chunk" and isinstance(arg, int):
+        return arg
+    if ev.name == "split" and len(ev.outputs) > 1 and (
+            arg == shape[-1] or (isinstance(arg, (list, tuple)) and len(set(arg)) == 1)):
+        return len(ev.outputs)
+    return None
+
+
+def _split_part(flow, ev, key) -> tuple | None:
+    """(the value split, index, parts) when `key`, made by `ev`, is one of the equal parts of
+    a split along the last dim: an output of the split (recorded data flow) or a ``getitem``
+    of it (fx)."""
+    if ev.name == "getitem" and len(ev.args) > 1 and isinstance(ev.args[1], int):
+        src = flow.producer.get(ev.inputs[0])
+        parts = (_split_parts(src, ev.shape) if src is not None and src.name in _FLOW_SPLIT
+                 else None)
+        return (src.inputs[0], ev.args[1] % parts, parts) if parts else None
+    if ev.name in _FLOW_SPLIT and len(ev.outputs) > 1 and key in ev.outputs:
+        parts = _split_parts(ev, ev.shape)
+        return (ev.inputs[0], ev.outputs.index(key), parts) if parts == len(ev.outputs) else None
+    return None
+
+
+def _flow_gate(flow, key, modules, producer: str | None, part, units: int):
+    """When the activation output `key` goes straight into a product with the output of
+    another layer of as many units (the up projection), or with the other half of the gate's
+    own fused layer: ``(the product's event, up, gate_half)``; else None."""
+    readers = flow.readers.get(key, [])
+    if producer is None or len(readers) != 1:
+        return None
+    ev = readers[0]
+    if ev.module is not None or ev.name not in _FLOW_MUL or len(ev.inputs) != 2:
+        return None
+    other = ev.inputs[1] if ev.inputs[0] == key else ev.inputs[0]
+    up, norm, residual, up_part = _flow_back(flow, other, modules)
+    if up is None or norm is not None or residual:
+        return None
+    if part is None and up_part is None and up != producer and out_units(modules[up]) == units:
+        return ev, up, None
+    if (part is not None and up_part is not None and up == producer and part[1] == 2
+            and up_part[1] == 2 and part[0] != up_part[0]):
+        return ev, up, part[0]
+    return None
+
+
+def _flow_forward(flow, key, modules, udim: int, ndim: int
+                  ) -> tuple[list[str], list[str], list[str]]:
+    """From an activation's output value, the layers that read its units, and the operations
+    that read them in a way not understood (a permute, an index, a matmul: then the
+    consumers are not all known). Channel-preserving operations (dropout, identity, ``.to()``,
+    padding of other axes, a product with a scalar) are followed. Past a residual addition,
+    the activation that reads the sum starts the next site: the units go on there."""
+    consumers, flat, unknown = set(), set(), set()
     frontier, seen = [(key, False, False)], set()
     while frontier:
         k, flattened, summed = frontier.pop()
@@ -408,19 +500,32 @@ def _flow_forward(flow, key, modules, udim: int, ndim: int) -> tuple[list[str], 
                 elif isinstance(m, PASS_MODULES + POOL_MODULES + CHANNEL_NORMS):
                     nxt = flattened
                 elif not summed:     # past a residual sum, the stream goes on elsewhere
-                    complete = False
+                    unknown.add(f"{ev.module} ({type(m).__name__})")
             elif ev.name in _FLOW_FLATTEN:
                 nxt = True
             elif ev.name in _FLOW_ADD:
                 summed, nxt = True, flattened
-            elif ev.name in _FLOW_PASS or "pool" in ev.name or (
-                    ev.name in _REDUCE and _keeps_units(ev.args, ev.kwargs, udim, ndim)):
+            elif ev.name in _FLOW_PASS or "pool" in ev.name or _keeps_axis(ev, udim, ndim):
                 nxt = flattened
             elif not summed and ev.name not in _FLOW_IGNORE:
-                complete = False
+                unknown.add(ev.name)
             if nxt is not None:
                 frontier.extend((o, nxt, summed) for o in ev.outputs)
-    return sorted(consumers), sorted(flat), complete
+    return sorted(consumers), sorted(flat), sorted(unknown)
+
+
+def _keeps_axis(ev, udim: int, ndim: int) -> bool:
+    """An operation that keeps every unit a feature of its own: a reduction over other axes
+    (global pooling), padding of other axes, a product or quotient with a scalar."""
+    if ev.name in _REDUCE:
+        return _keeps_units(ev.args, ev.kwargs, udim, ndim)
+    if ev.name == "pad":
+        pad = ev.kwargs.get("pad", ev.args[1] if len(ev.args) > 1 else None)
+        if not isinstance(pad, (list, tuple)) or not ndim:
+            return False
+        axis = ndim - 1 - udim % ndim            # pad pairs run from the last axis backwards
+        return len(pad) <= 2 * axis or not any(pad[2 * axis:2 * axis + 2])
+    return ev.name in _FLOW_MUL | {"div", "truediv", "__truediv__"} and len(ev.inputs) == 1
 
 
 def _flow_tap(flow, ev) -> Tap | None:
@@ -454,29 +559,48 @@ def _flow_sites(flow: Dataflow, modules: dict[str, nn.Module], proof: str) -> li
         kind = _flow_act_kind(ev, modules)
         if kind is None or not ev.inputs or not ev.outputs:
             continue
-        tap = _flow_tap(flow, ev) if ev.shape else None
-        if tap is None:
+        site = _flow_site(flow, ev, kind, modules, proof)
+        if site is None:
             skipped.append(ev.module or ev.name)
-            continue
-        producer, norm, residual = _flow_back(flow, ev.inputs[0], modules)
-        udim = _unit_dim(modules.get(producer), modules.get(norm), len(ev.shape))
-        consumers, flat, complete = _flow_forward(flow, ev.outputs[0], modules, udim,
-                                                  len(ev.shape))
-        if ev.module is not None:
-            name = ev.module if ev.call_index == 0 else f"{ev.module}#{ev.call_index}"
         else:
-            anchor = norm or producer or tap.module
-            name = f"{anchor}.{ev.name.rstrip('_')}"
-            if tap.call_index:
-                name += f"#{tap.call_index}"
-        sites.append(Site(name, kind, int(ev.shape[udim]), udim, tap, producer, norm,
-                          ev.module, tuple(consumers), tuple(flat), residual,
-                          proof=proof, consumers_complete=complete))
+            sites.append(site)
     if skipped:
         warnings.warn(f"dormant: cannot observe activation(s) {skipped} without editing the "
                       "model (no layer reads or feeds them); use an activation module there "
                       "or pass sites explicitly", stacklevel=4)
     return sites
+
+
+def _flow_site(flow: Dataflow, ev, kind: str, modules, proof: str) -> Site | None:
+    """The site of activation event `ev` (None when it cannot be observed). A gated unit
+    (the activation's output times an up projection) is observed at the product, where its
+    consumers start."""
+    tap = _flow_tap(flow, ev) if ev.shape else None
+    producer, norm, residual, part = _flow_back(flow, ev.inputs[0], modules)
+    udim = _unit_dim(modules.get(producer), modules.get(norm), len(ev.shape))
+    units = int(ev.shape[udim]) if ev.shape else 0
+    gate = _flow_gate(flow, ev.outputs[0], modules, producer, part, units) if ev.shape else None
+    up = gate_half = None
+    out = ev.outputs[0]
+    if gate is not None:
+        gate_tap = _flow_tap(flow, gate[0])
+        if gate_tap is not None and gate_tap.kind == "input" and gate[0].shape == ev.shape:
+            tap, out, (_, up, gate_half) = gate_tap, gate[0].outputs[0], gate
+    if part is not None and up is None:
+        producer = None          # one part of a layer's output: its rows are not the units'
+    if tap is None:
+        return None
+    consumers, flat, unknown = _flow_forward(flow, out, modules, udim, len(ev.shape))
+    if ev.module is not None:
+        name = ev.module if ev.call_index == 0 else f"{ev.module}#{ev.call_index}"
+    else:
+        anchor = norm or producer or tap.module
+        name = f"{anchor}.{ev.name.rstrip('_')}"
+        if tap.call_index:
+            name += f"#{tap.call_index}"
+    return Site(name, kind, units, udim, tap, producer, norm, ev.module, tuple(consumers),
+                tuple(flat), residual, proof=proof, consumers_complete=not unknown, up=up,
+                gate_half=gate_half, readers=tuple(unknown))
 
 
 # ----------------------------------------------------------------------------------------
@@ -535,14 +659,18 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
 def format_sites(sites: Sequence[Site]) -> str:
     """The sites as a table to check the wiring at a glance: producer -> norm -> activation
     -> consumers, units, and how the pairing was proven (fx graph, recorded data flow, or
-    explicit); ``+res`` marks a residual stream, ``?`` consumers not all known."""
+    explicit); ``+res`` marks a residual stream, ``* up`` a gated unit's up projection (the
+    gate is the producer), ``?`` consumers not all known (the unknown readers follow)."""
     head = ("site", "producer -> norm -> act", "consumers", "units", "proof")
     rows = [head]
     for s in sites:
         chain = " -> ".join([s.producer or "(none)"] + ([s.norm] if s.norm else [])
                             + [s.activation + (" +res" if s.residual else "")])
+        if s.gated:
+            chain += f" * {_up_label(s)}"
         cons = ", ".join(list(s.consumers) + [f"{c} (flat)" for c in s.flatten_consumers])
-        cons = (cons or "(none)") + ("" if s.consumers_complete else " ?")
+        cons = (cons or "(none)") + ("" if s.consumers_complete else
+                                     f" ? (read by {', '.join(s.readers) or 'unknown'})")
         rows.append((s.name, chain, cons, str(s.num_units), s.proof))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i == 3 else c.ljust(w)

@@ -4,6 +4,8 @@ For a site ``producer -> [norm] -> act -> consumers`` unit ``u`` owns
 
     incoming: producer.weight[u] (a Linear row or a Conv filter), producer.bias[u],
               norm.weight[u], norm.bias[u] (and the norm's running statistics)
+    gated:    gate.weight[u] and up.weight[u] (and biases); a fused gate/up layer's rows
+              u and F + u (the site records which half is the gate)
     outgoing: consumer.weight[:, u] (a Linear column, a Conv input channel), or, for a Linear
               that reads the units after a flatten, the block of columns of unit u
               (channels-first ``(C, H, W)`` flattening) or the tiled columns (units last).
@@ -21,8 +23,8 @@ import torch.nn as nn
 
 from .sites import CHANNEL_NORMS, CONVS, Site, _unwrap, in_units, is_conv1d
 
-__all__ = ["Slice", "incoming", "outgoing", "unit_mask_for", "fan_in_rows", "as_rows",
-           "from_rows"]
+__all__ = ["Slice", "incoming", "outgoing", "unit_mask_for", "fan_in_rows", "site_rows",
+           "rows_to_weight", "as_rows", "from_rows"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,18 @@ class Slice:
     layout: str = "block"
     kind: str = "weight"     # weight | bias | norm | stat
     conv_groups: int = 1     # a grouped convolution consumer: filters read their group only
+    offset: int = 0          # a fused gate/up layer: the units' rows start here ...
+    size: int = 0            # ... along a dim of this size (0: the units fill the dim)
 
     def index(self, units: torch.Tensor, num_units: int) -> torch.Tensor:
         """Boolean mask along `dim` selecting the entries of the units in `units` (bool[U])."""
         units = units.bool()
         if units.numel() != num_units:
             raise ValueError(f"{self.name}: expected {num_units} unit flags, got {units.numel()}")
+        if self.size:
+            full = units.new_zeros(self.size)
+            full[self.offset:self.offset + num_units] = units
+            return full
         if self.group == 1:
             return units
         if self.layout == "block":
@@ -57,14 +65,15 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 
 def incoming(model: nn.Module, site: Site, *, stats: bool = True) -> list[Slice]:
-    """The producer's rows/filters and bias, then the norm's affine parameters and (with
-    `stats`) running statistics. Empty when the site has no producer."""
+    """The producer's rows/filters and bias, then (a gated unit) the up projection's rows and
+    bias, then the norm's affine parameters and (with `stats`) running statistics. Empty when
+    the site has no producer. A fused gate/up layer gives two slices of each of its tensors:
+    the gate's half, then the up half."""
     if site.producer is None:
         return []
-    prod = _module(model, site.producer)
-    out = [Slice(f"{site.producer}.weight", 1 if is_conv1d(prod) else 0)]
-    if getattr(prod, "bias", None) is not None:
-        out.append(Slice(f"{site.producer}.bias", 0, kind="bias"))
+    out = _rows(model, site.producer, site, gate=True)
+    if site.gated:
+        out += _rows(model, site.up, site, gate=False)
     if site.norm is not None:
         norm = _module(model, site.norm)
         if isinstance(norm, nn.GroupNorm):
@@ -76,6 +85,20 @@ def incoming(model: nn.Module, site: Site, *, stats: bool = True) -> list[Slice]
             for attr in ("running_mean", "running_var"):
                 if getattr(norm, attr, None) is not None:
                     out.append(Slice(f"{site.norm}.{attr}", 0, kind="stat"))
+    return out
+
+
+def _rows(model: nn.Module, name: str, site: Site, gate: bool) -> list[Slice]:
+    """Rows of one incoming layer (weight and bias): the gate's or the up projection's, or
+    the right half of a fused gate/up layer."""
+    m = _module(model, name)
+    offset = size = 0
+    if site.fused:
+        half = site.gate_half if gate else 1 - site.gate_half
+        offset, size = half * site.num_units, 2 * site.num_units
+    out = [Slice(f"{name}.weight", 1 if is_conv1d(m) else 0, offset=offset, size=size)]
+    if getattr(m, "bias", None) is not None:
+        out.append(Slice(f"{name}.bias", 0, kind="bias", offset=offset, size=size))
     return out
 
 
@@ -130,10 +153,34 @@ def unit_mask_for(model: nn.Module, sl: Slice, units: torch.Tensor, num_units: i
 
 def fan_in_rows(model: nn.Module, site: Site) -> torch.Tensor:
     """The producer's weight as (units, fan_in): Linear rows, flattened Conv filters or
-    Conv1D columns (a view)."""
+    Conv1D columns (a view); for a gated unit the gate's rows (the gate half of a fused
+    layer)."""
     if site.producer is None:
         raise ValueError(f"site {site.name} has no producer")
-    return as_rows(_module(model, site.producer), tensor(model, f"{site.producer}.weight"))
+    return site_rows(model, site, tensor(model, f"{site.producer}.weight"))
+
+
+def site_rows(model: nn.Module, site: Site, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like the producer's weight (the weight, a mask) as the site's
+    (units, fan_in) rows (a view): the gate's half of a fused gate/up layer."""
+    rows = as_rows(_module(model, site.producer), t)
+    if site.fused:
+        start = site.gate_half * site.num_units
+        rows = rows[start:start + site.num_units]
+    return rows
+
+
+def rows_to_weight(model: nn.Module, site: Site, rows: torch.Tensor,
+                   fill: bool = True) -> torch.Tensor:
+    """(units, fan_in) rows of the site back to the shape of the producer's weight (inverse
+    of `site_rows`); the other half of a fused gate/up layer is `fill`."""
+    producer = _module(model, site.producer)
+    if site.fused:
+        full = torch.full_like(as_rows(producer, producer.weight), fill, dtype=rows.dtype)
+        start = site.gate_half * site.num_units
+        full[start:start + site.num_units] = rows
+        rows = full
+    return from_rows(producer, rows)
 
 
 def as_rows(producer: nn.Module, t: torch.Tensor) -> torch.Tensor:

@@ -186,23 +186,29 @@ class Method:
                              f"(it has {kinds}); nothing would be done: pass activations=... "
                              "or sites=...")
         alone = [s.name for s in found if s.producer is None]
+        kept = [s for s in found if s.producer is not None]
+        if not kept:
+            raise ValueError(f"{self.name}: no site of {type(_unwrap(self.model)).__name__} has "
+                             f"a Linear/Conv layer feeding it along the data flow ({alone}), so "
+                             "nothing would be done: pass sites=[dormant.make_site(...)]")
         if alone:
             warnings.warn(f"{self.name}: site(s) {alone} are left alone: no Linear/Conv layer "
                           "feeds them along the data flow, so their incoming weights are "
                           "unknown", stacklevel=3)
-        return [s for s in found if s.producer is not None]
+        return kept
 
     def _check_sites(self) -> None:
         """Refuse sites the method cannot act on correctly, before training."""
         if not self.rewrites_outgoing:
             return
-        unknown = [s.name for s in self.sites if not s.consumers_complete]
+        unknown = [f"{s.name} (read by {', '.join(s.readers) or 'an unknown operation'})"
+                   for s in self.sites if not s.consumers_complete]
         if unknown:
             raise ValueError(
                 f"{self.name} rewrites the outgoing weights of the units it acts on, but "
                 f"something other than a Linear/Conv layer also reads the units of site(s) "
-                f"{unknown} (a permute, an index, a matmul), so their outgoing weights are "
-                "not known: pass sites=[...] without them (find_sites lists them)")
+                f"{'; '.join(unknown)}, so their outgoing weights are not known: pass "
+                "sites=[...] without them (find_sites lists them)")
 
     def _prepare(self) -> None:
         """Method-specific preparation (override)."""

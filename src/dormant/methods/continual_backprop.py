@@ -23,6 +23,9 @@ Deviations from the official code:
   ReDo resets it; a conv unit's |h| and mean are averaged over samples and positions;
 * the optimizer state of replaced entries is zeroed (moments and momentum) for any torch
   optimizer; AdamGnT's per-element step counts do not exist in torch's Adam;
+* a gated unit (``act(gate) * up -> down``): utility from |act(g) * up| and the down
+  column; a replaced unit gets ReDo's rewrite (gate and up rows re-drawn with the layers' own
+  initialisers, down column zeroed), not the kaiming bounds;
 * only the ``contribution`` utility (the paper's); the code's other ``util_type`` variants
   (weight, adaptation, zero/adaptable contribution, random) are not offered.
 """
@@ -186,11 +189,16 @@ class ContinualBackprop(Method):
         self.ages[name][units] = 0
         with self.seeded(salt=salt):
             recycle(self.model, site, units, self.optimizer)   # moments of every entry reset
+            if site.gated:          # gate and up rows re-drawn by ReDo's rule (the spec's)
+                return self._count(k)
             if self.opts.init == "kaiming":
                 self._kaiming(site, units)
             bias = getattr(_unwrap(self.model).get_submodule(site.producer), "bias", None)
             if bias is not None:
                 bias[units.to(bias.device)] = 0.0
+        self._count(k)
+
+    def _count(self, k: int) -> None:
         self.replaced_epoch += k
         self.replaced_total += k
 

@@ -22,6 +22,9 @@ Deviations from the official code:
   weight exactly).
 * with a norm layer between producer and activation the pre-activation is renormalised, so
   stripping need not raise it; the rule is applied as specified anyway.
+* a gated unit (``act(gate) * up -> down``, not in the paper): the gate decides life, so only
+  the gate's row is stripped (the gate half of a fused gate/up layer); the up row is left
+  alone. Dead means the unit's output ``act(g) * up`` is 0 on every probe token.
 
 Where it cannot work: removing a negative weight raises the pre-activation only where that
 input is >= 0 (the output of a ReLU). A unit fed by signed inputs -- the first layer on
@@ -54,7 +57,7 @@ from dataclasses import dataclass
 
 from ..options import option
 from ..sites import _unwrap
-from ..units import as_rows, fan_in_rows, from_rows
+from ..units import fan_in_rows, rows_to_weight, site_rows
 from .base import Method, PeriodicOptions, weight_sparsity
 
 __all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
@@ -129,7 +132,7 @@ class SynapticStripping(Method):
                         biases += int(out.sum())
                 name = f"{site.producer}.weight"
                 before = masks.masks.get(name)
-                masks.update(name, from_rows(_unwrap(model).get_submodule(site.producer), keep))
+                masks.update(name, rows_to_weight(model, site, keep))
                 after = masks.masks[name]
                 stripped += int(((before if before is not None else True) & ~after).sum())
         if act:
@@ -147,7 +150,7 @@ class SynapticStripping(Method):
 
     def _fallback_bias(self, model, site) -> torch.Tensor | None:
         """The producer's bias where `bias_fallback` applies to this site, else None."""
-        if not self.opts.bias_fallback or site.norm is not None:
+        if not self.opts.bias_fallback or site.norm is not None or site.fused:
             return None
         bias = getattr(_unwrap(model).get_submodule(site.producer), "bias", None)
         return bias if isinstance(bias, torch.nn.Parameter) else None
@@ -160,7 +163,7 @@ class SynapticStripping(Method):
             name = f"{site.producer}.weight"
             rows = fan_in_rows(model, site)
             if self.masks is not None and name in self.masks.masks:
-                keep = as_rows(_unwrap(model).get_submodule(site.producer), self.masks.masks[name])
+                keep = site_rows(model, site, self.masks.masks[name])
             else:
                 keep = torch.ones_like(rows, dtype=torch.bool)
             total += int(keep[~dead[site.name]].sum())
