@@ -209,6 +209,7 @@ class Site:
     up: str | None = None             # gated unit: the up projection (u = act(gate) * up)
     gate_half: int | None = None      # fused gate/up (producer == up): which half is the gate
     readers: tuple[str, ...] = ()     # the operations that read the units and are not known
+    feeds_sum: bool = False           # the units are added to another tensor (a residual sum)
 
     @property
     def gated(self) -> bool:
@@ -476,13 +477,13 @@ def _flow_gate(flow, key, modules, producer: str | None, part, units: int):
 
 
 def _flow_forward(flow, key, modules, udim: int, ndim: int
-                  ) -> tuple[list[str], list[str], list[str]]:
+                  ) -> tuple[list[str], list[str], list[str], bool]:
     """From an activation's output value, the layers that read its units, and the operations
     that read them in a way not understood (a permute, an index, a matmul: then the
     consumers are not all known). Channel-preserving operations (dropout, identity, ``.to()``,
     padding of other axes, a product with a scalar) are followed. Past a residual addition,
     the activation that reads the sum starts the next site: the units go on there."""
-    consumers, flat, unknown = set(), set(), set()
+    consumers, flat, unknown, any_sum = set(), set(), set(), False
     frontier, seen = [(key, False, False)], set()
     while frontier:
         k, flattened, summed = frontier.pop()
@@ -504,14 +505,14 @@ def _flow_forward(flow, key, modules, udim: int, ndim: int
             elif ev.name in _FLOW_FLATTEN:
                 nxt = True
             elif ev.name in _FLOW_ADD:
-                summed, nxt = True, flattened
+                summed, nxt, any_sum = True, flattened, True
             elif ev.name in _FLOW_PASS or "pool" in ev.name or _keeps_axis(ev, udim, ndim):
                 nxt = flattened
             elif not summed and ev.name not in _FLOW_IGNORE:
                 unknown.add(ev.name)
             if nxt is not None:
                 frontier.extend((o, nxt, summed) for o in ev.outputs)
-    return sorted(consumers), sorted(flat), sorted(unknown)
+    return sorted(consumers), sorted(flat), sorted(unknown), any_sum
 
 
 def _keeps_axis(ev, udim: int, ndim: int) -> bool:
@@ -590,7 +591,7 @@ def _flow_site(flow: Dataflow, ev, kind: str, modules, proof: str) -> Site | Non
         producer = None          # one part of a layer's output: its rows are not the units'
     if tap is None:
         return None
-    consumers, flat, unknown = _flow_forward(flow, out, modules, udim, len(ev.shape))
+    consumers, flat, unknown, summed = _flow_forward(flow, out, modules, udim, len(ev.shape))
     if ev.module is not None:
         name = ev.module if ev.call_index == 0 else f"{ev.module}#{ev.call_index}"
     else:
@@ -600,12 +601,19 @@ def _flow_site(flow: Dataflow, ev, kind: str, modules, proof: str) -> Site | Non
             name += f"#{tap.call_index}"
     return Site(name, kind, units, udim, tap, producer, norm, ev.module, tuple(consumers),
                 tuple(flat), residual, proof=proof, consumers_complete=not unknown, up=up,
-                gate_half=gate_half, readers=tuple(unknown))
+                gate_half=gate_half, readers=tuple(unknown), feeds_sum=summed)
 
 
 # ----------------------------------------------------------------------------------------
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside a DistributedDataParallel and/or ``torch.compile`` wrapper."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None = None,

@@ -1,12 +1,21 @@
 """Physical removal of units, with the optimizer state sliced to match.
 
-Torch-Pruning's dependency graph (Fang et al., CVPR 2023; `pip install 'dormant[prune]'`)
-does the graph work: removing output channel u of a producer also removes the norm layer's
-scale, offset and running statistics of u and the input column/channel u of every consumer
-(for flatten -> Linear, all spatial positions of u). On a residual stream one channel is
-coupled across every layer that writes or reads it; such a unit is removed only when it is
-dead at *every* coupled site ("every reader agrees"), so the computation never changes for
-units that carry signal. The classifier's outputs are never sites, so never removed.
+Units whose wiring dormant proves itself are removed from the sites: a site that is not on a
+residual stream, whose every reader is a listed consumer (Linear, Conv with groups=1,
+transformers' Conv1D) and whose norm, if any, is per unit (BatchNorm) loses its producer rows
+(a gated unit: the gate's and the up projection's rows, both halves of a fused gate/up layer),
+its norm entries and running statistics, and its consumers' columns (for flatten -> Linear,
+all positions of the unit). Nothing is traced for these, so models with a KV cache (whose
+outputs are tuples), tied embeddings or a ``torch.compile`` wrapper are sliced the same way.
+
+Where dormant cannot prove the coupling (a residual stream, a depthwise convolution reading
+the units, a LayerNorm over the units), Torch-Pruning's dependency graph (Fang et al., CVPR
+2023; `pip install 'dormant[prune]'`) does the graph work: removing output channel u of a
+producer also removes the norm layer's entries and the input channel u of every consumer. On
+a residual stream one channel is coupled across every layer that writes or reads it; such a
+unit is removed only when it is dead at *every* coupled site ("every reader agrees"), so the
+computation never changes for units that carry signal. The classifier's outputs are never
+sites, so never removed.
 
 After each removal the optimizer (SGD momentum, Adam moments, ...) is updated in place: the
 new, smaller parameters replace the old ones in its param groups and each per-entry state
@@ -24,9 +33,11 @@ import torch
 import torch.nn as nn
 
 from .batching import eval_mode
-from .sites import CONVS, NORMS, PRODUCERS, Site, _unwrap
+from .sites import CONVS, NORMS, PRODUCERS, Site, _unwrap, is_conv1d, is_producer
+from .units import incoming, outgoing
 
-__all__ = ["remove_units", "coupled_sites", "architecture", "resize", "count_units"]
+__all__ = ["remove_units", "provable", "coupled_sites", "architecture", "resize",
+           "count_units"]
 
 
 def _tp():
@@ -69,23 +80,112 @@ def _group_items(group) -> list[tuple[nn.Module, str, list[int], list[int]]]:
 
 
 def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, torch.Tensor],
-                 example_input: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+                 example_input=None, optimizer: torch.optim.Optimizer | None = None
                  ) -> dict[str, torch.Tensor]:
-    """Remove `units` ({site: BoolTensor[U]}, e.g. the dead ones) physically. A unit coupled
-    to other sites (a residual stream) goes only if it is flagged at every one of them; units
-    coupled to the embedding of an attention layer (a transformer's residual stream) stay.
-    Returns, per site, which units were removed (BoolTensor[U], the original indexing).
-    Sites must be found again afterwards (their unit counts changed)."""
-    tp = _tp()
+    """Remove `units` ({site: BoolTensor[U]}, e.g. the dead ones) physically. Sites whose
+    wiring dormant proves (`provable`) are sliced directly; the others go through
+    Torch-Pruning's graph (traced on `example_input`): a unit coupled to other sites (a
+    residual stream) goes only if it is flagged at every one of them; units coupled to the
+    embedding of an attention layer (a transformer's residual stream) stay. Returns, per
+    site, which units were removed (BoolTensor[U], the original indexing). Sites must be
+    found again afterwards (their unit counts changed)."""
     model = _unwrap(model)
-    modules = {m: n for n, m in model.named_modules()}
-    by_producer = {s.producer: s for s in sites if s.producer is not None}
     removed = {s.name: torch.zeros(s.num_units, dtype=torch.bool) for s in sites}
-    done: set[str] = set()
-    graph = None
+    traced = []
     for site in sites:
         flags = units.get(site.name)
-        if site.producer is None or site.name in done or flags is None or not flags.any():
+        if site.producer is None or flags is None or not flags.any():
+            continue
+        if provable(model, site):
+            _slice_site(model, site, flags.cpu().bool(), optimizer)
+            removed[site.name] = flags.cpu().bool().clone()
+        else:
+            traced.append(site)
+    if traced:
+        if example_input is None:
+            raise ValueError(f"removing units of {[s.name for s in traced]} needs "
+                             "example_input (their coupling is traced by Torch-Pruning)")
+        _remove_traced(model, traced, sites, units, example_input, optimizer, removed)
+    return removed
+
+
+def provable(model: nn.Module, site: Site) -> bool:
+    """True when dormant's own wiring of `site` is enough to remove its units: not on a
+    residual stream (neither summed into the activation's input nor added to anything after
+    it), every reader a listed Linear/Conv1D/Conv(groups=1) consumer, a per-unit norm
+    (BatchNorm) or none, and no unit read by anything else."""
+    model = _unwrap(model)
+    if site.producer is None or site.residual or site.feeds_sum or not site.consumers_complete:
+        return False
+    if not site.consumers and not site.flatten_consumers:
+        return False
+    if site.norm is not None and not isinstance(model.get_submodule(site.norm),
+                                                nn.modules.batchnorm._BatchNorm):
+        return False
+    for name in (site.producer, site.up, *site.consumers):
+        m = model.get_submodule(name) if name else None
+        if m is not None and (not is_producer(m) or getattr(m, "groups", 1) != 1):
+            return False
+    return all(isinstance(model.get_submodule(n), nn.Linear) for n in site.flatten_consumers)
+
+
+@torch.no_grad()
+def _slice_site(model: nn.Module, site: Site, flags: torch.Tensor, optimizer) -> None:
+    """Drop the entries of units `flags` from every tensor of the site (incoming rows, norm
+    entries and statistics, consumer columns), optimizer state sliced the same way."""
+    cuts: dict[str, dict[int, torch.Tensor]] = {}      # tensor -> dim -> entries to drop
+    for sl in incoming(model, site) + outgoing(model, site):
+        drop, per = sl.index(flags, site.num_units), cuts.setdefault(sl.name, {})
+        per[sl.dim] = per[sl.dim] | drop if sl.dim in per else drop   # both fused halves
+    for name, dims in cuts.items():
+        _replace(model, name, [(d, (~m).nonzero().flatten()) for d, m in dims.items()],
+                 optimizer)
+    for name in {sl.name.rpartition(".")[0] for sl in incoming(model, site)} | set(
+            site.consumers) | set(site.flatten_consumers):
+        _resync(model.get_submodule(name))
+
+
+def _replace(model: nn.Module, name: str, index: list[tuple[int, torch.Tensor]],
+             optimizer) -> None:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    old = getattr(mod, attr)
+    new = old.detach()
+    for dim, keep in index:
+        new = new.index_select(dim, keep.to(new.device))
+    if isinstance(old, nn.Parameter):
+        p = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        setattr(mod, attr, p)
+        if optimizer is not None:
+            _swap_param(optimizer, old, p, index)
+    else:
+        setattr(mod, attr, new.contiguous())
+
+
+def _resync(m: nn.Module) -> None:
+    """Size attributes after the tensors of `m` were sliced."""
+    w = getattr(m, "weight", None)
+    if isinstance(m, nn.Linear):
+        m.out_features, m.in_features = w.shape
+    elif isinstance(m, CONVS):
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+    elif is_conv1d(m):
+        m.nf = w.shape[1]
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        m.num_features = (w if w is not None else m.running_mean).shape[0]
+
+
+def _remove_traced(model, traced: Sequence[Site], sites: Sequence[Site], units, example_input,
+                   optimizer, removed: dict) -> None:
+    """Torch-Pruning's path for the sites dormant cannot prove alone (see the docstring)."""
+    tp = _tp()
+    modules = {m: n for n, m in model.named_modules()}
+    by_producer = {s.producer: s for s in sites if s.producer is not None}
+    done: set[str] = set()
+    graph = None
+    for site in traced:
+        flags = units.get(site.name)
+        if site.name in done:
             continue
         if graph is None:
             graph = _graph(tp, model, example_input)
@@ -114,7 +214,6 @@ def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, to
         for name, to_local in (coupled or {site.name: {r: r for r in root}}).items():
             removed[name][[to_local[r] for r in root]] = True
         graph = None   # shapes changed: rebuild before the next group
-    return removed
 
 
 def _touches_attention(group) -> bool:
@@ -124,19 +223,22 @@ def _touches_attention(group) -> bool:
     return any(isinstance(item.dep.target.module, nn.MultiheadAttention) for item in group)
 
 
-def coupled_sites(model: nn.Module, sites: Sequence[Site], example_input: torch.Tensor
+def coupled_sites(model: nn.Module, sites: Sequence[Site], example_input=None
                   ) -> dict[str, frozenset[str]]:
     """For every site with a producer: the sites whose units are the same channels (itself
-    included). A site coupled only with itself holds block-internal units."""
-    tp = _tp()
+    included). A site coupled only with itself holds block-internal units; a site dormant
+    proves (`provable`) is, without tracing; the others are read from Torch-Pruning's graph."""
     model = _unwrap(model)
+    out = {s.name: frozenset({s.name}) for s in sites
+           if s.producer is not None and provable(model, s)}
+    rest = [s for s in sites if s.producer is not None and s.name not in out]
+    if not rest:
+        return out
+    tp = _tp()
     graph = _graph(tp, model, example_input)
     modules = {m: n for n, m in model.named_modules()}
     by_producer = {s.producer: s.name for s in sites if s.producer is not None}
-    out = {}
-    for site in sites:
-        if site.producer is None:
-            continue
+    for site in rest:
         producer = model.get_submodule(site.producer)
         group = graph.get_pruning_group(producer, _out_fn(tp, producer), idxs=[0])
         names = {by_producer.get(modules.get(mod)) for mod, kind, _, _ in _group_items(group)

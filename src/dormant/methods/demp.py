@@ -29,6 +29,10 @@ Deviations from the official code:
   BatchNorm or Linear cannot run;
 * channels of a transformer's residual stream (coupled to the embedding of an attention
   layer) are not removed: its width must stay a multiple of the head count;
+* a gated unit (``act(gate) * up -> down``, not in the paper) is dead when its output is 0 on
+  every probe sample and is removed whole (gate row, up row, down column, or both rows of a
+  fused gate/up layer); gated MLPs (Llama-style) have no per-unit norm scale, so the default
+  target="scale" is refused there with what to pass instead (target="all");
 * the death test is "never active" (output <= eps on every probe sample, eps = 0); the
   official code's "batch sum <= eps on every probe batch" is the same for ReLU-like
   activations. For activations that can be negative (leaky ReLU, GELU) dormant counts a unit
@@ -174,7 +178,15 @@ class DemP(Structural):
         self.span_steps = int(span * self.total_steps) if span <= 1 else int(span)
         # the noise has its own generator, seeded by the run's seed: every rank of a
         # distributed run adds the same noise whatever its own random state
-        device = next(_unwrap(self.model).parameters()).device
+        model = _unwrap(self.model)
+        if self.opts.reg_peak > 0 and not self._reg_params(model):
+            raise ValueError(
+                f"demp: target={self.opts.target!r} regularises the scales/offsets of norm "
+                f"layers (BatchNorm, LayerNorm, GroupNorm), and {type(model).__name__} has none "
+                "(a gated MLP's units have no per-unit scale: an RMSNorm before it scales the "
+                "input features, not the units): pass target='all' (the penalty on every "
+                "weight) or reg_peak=0 (noise and death checks only)")
+        device = next(model.parameters()).device
         self._gen = torch.Generator(device=device).manual_seed(1_000_003 * self.seed + 17)
         if self._gen_state is not None:
             self._gen.set_state(self._gen_state)

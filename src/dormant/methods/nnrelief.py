@@ -35,6 +35,11 @@ Deviations from the official code:
   applied functionally inside the attention) has no recorded input and is left unpruned;
 * a dead unit's norm layer gets scale and offset masked to zero (its output is then 0 whatever
   its running statistics), instead of also zeroing the running statistics.
+* a gated unit (``act(gate) * up -> down``, not in the paper): the gate and the up projection
+  are each scored as an incoming layer (contributions |w_ij x_j| of that projection; a fused
+  gate/up layer is one layer, so each of its rows keeps alpha of its own input); a unit dead
+  on the pruning set, or whose gate row or up row loses every connection, is pruned whole
+  (gate row, up row, down column); down's columns are scored as its incoming connections.
 """
 from __future__ import annotations
 
@@ -266,9 +271,24 @@ class NNrelief(IterativePruning):
                     sl.name, torch.ones_like(tensor(model, sl.name), dtype=torch.bool)).clone()
             new[sl.name] = new[sl.name] & ~where
 
+    def _rows_alive(self, model, site, new: dict) -> torch.Tensor:
+        """Per unit: every incoming weight row (gate and up) keeps a connection."""
+        alive = torch.ones(site.num_units, dtype=torch.bool)
+        for sl in incoming(model, site, stats=False):
+            if sl.kind != "weight":
+                continue
+            mask = new.get(sl.name, self.masks.masks.get(sl.name))
+            if mask is None:
+                continue
+            rows = mask.movedim(sl.dim, 0).flatten(1).any(1).cpu()
+            alive &= rows[sl.offset:sl.offset + site.num_units] if sl.size else rows
+        return alive
+
     def _backward_pass(self, model, new: dict) -> None:
         """From the last site back: units whose outgoing weights are all pruned go."""
         for site in reversed(self.sites):
+            if site.gated:         # a gated unit whose gate or up row lost every input goes
+                self._drop_units(model, site, ~self._rows_alive(model, site, new), new)
             # a unit read by something unknown (or a residual stream) may still be used
             slices = outgoing(model, site) if not site.residual and site.consumers_complete else []
             if not slices or any(sl.name not in new for sl in slices):

@@ -6,8 +6,10 @@ with block-internal units loses the units whose incoming filter/row has the smal
 |norm scale| instead, Liu et al. 2017), so that its width follows the cubic schedule of Zhu &
 Gupta (2017) from the original width to its target:
     width(t) = target + (width_0 - target) (1 - (t - start) / (end - start))^3.
-Units are removed physically with Torch-Pruning (`dormant.surgery`), the optimizer state
-sliced to match. Targets: `widths` (per site, e.g. the widths a DemP run ended with) or a
+Units are removed physically (`dormant.surgery`: from dormant's own wiring, Torch-Pruning
+only where the coupling must be traced), the optimizer state sliced to match. A gated unit
+(``act(gate) * up -> down``) is ranked by its gate row and removed whole (gate row, up row,
+down column). Targets: `widths` (per site, e.g. the widths a DemP run ended with) or a
 uniform `sparsity`. Residual-stream sites (coupled channels) are left alone.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from ..options import option
 from ..sites import _unwrap
 from ..surgery import coupled_sites
+from ..units import fan_in_rows
 from .base import EpochResult, check_option
 from .structural import Structural, StructuralOptions
 
@@ -90,7 +93,7 @@ class StructuredPruning(Structural):
         model = _unwrap(self.model)
         if self.opts.criterion == "bn_scale" and site.norm is not None:
             return model.get_submodule(site.norm).weight.detach().abs()
-        return model.get_submodule(site.producer).weight.detach().flatten(1).abs().sum(1)
+        return fan_in_rows(model, site).detach().abs().sum(1)   # a gated unit: its gate row
 
     def _after_step(self) -> None:
         if self.step % self.opts.prune_every == 0 or self.step == self.total_steps:
