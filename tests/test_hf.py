@@ -324,3 +324,28 @@ def test_synaptic_stripping_revives_a_unit_held_down_by_one_weight(make):
     method.end_epoch()
     assert (rows[[2, 7], 0] == 0).all()
     assert not method.observe().dead_units()[site.name][[2, 7]].any()
+
+
+def test_redo_acts_on_mobilenet_v2_with_tf_padding():
+    """HF MobileNetV2 pads (F.pad, tf_padding=True by default) between every unit and its
+    consumer: the pad keeps the channel axis, so every site's consumers are known."""
+    torch.manual_seed(0)
+    cfg = tf.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=3)
+    assert cfg.tf_padding
+    model = tf.MobileNetV2ForImageClassification(cfg)
+    x = {"pixel_values": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    sites = dormant.find_sites(model, x)
+    assert all(s.consumers_complete for s in sites) and len(sites) == 35
+    s = "mobilenet_v2.layer.2"
+    with torch.no_grad():    # unit 5 of an expansion: its BatchNorm offset holds it at 0
+        model.get_submodule(f"{s}.expand_1x1.normalization").bias[5] = -100.0
+    conv = model.get_submodule(f"{s}.expand_1x1.convolution").weight
+    before = conv.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = build("redo", tau=0.0).prepare(model, opt, probe=x)
+    assert f"{s}.expand_1x1.activation" in {site.name for site in method.sites}
+    method.end_epoch()
+    assert method.metrics["redo/recycled"] >= 1
+    changed = (conv.detach() != before).flatten(1).any(1)
+    assert changed[5] and changed.sum() <= method.metrics["redo/recycled"]   # the dead one
+    assert float(model.get_submodule(f"{s}.expand_1x1.normalization").bias[5]) == 0.0
