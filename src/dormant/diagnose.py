@@ -13,7 +13,7 @@ from .dataflow import no_fastpath
 from .monitor import ActivityMonitor
 from .sites import Site, _unwrap, find_sites
 
-__all__ = ["diagnose", "Diagnosis", "probe"]
+__all__ = ["diagnose", "Diagnosis", "ExpertRow", "expert_rows", "probe"]
 
 
 def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: float = 0.0,
@@ -74,6 +74,40 @@ class SiteRow:
 
 
 @dataclass
+class ExpertRow:
+    """One expert of a mixture of experts: the tokens routed to it in the probe pass and its
+    share of the mixture's routed tokens. An expert no token reached is `unrouted` (its units
+    are unobserved, never dead); one routed at most `expert_share` of the tokens is a dead
+    expert (router level)."""
+    expert: str
+    mixture: str
+    tokens: int
+    share: float
+    dead: bool
+
+    @property
+    def unrouted(self) -> bool:
+        return self.tokens == 0
+
+
+def expert_rows(mon: ActivityMonitor, expert_share: float = 0.0) -> list[ExpertRow]:
+    """Per expert of every mixture among the monitor's sites: routed tokens, share, verdict."""
+    tokens: dict[str, int] = {}
+    for n, st in mon.stats().items():
+        if st.site.expert is not None:
+            tokens[st.site.expert] = max(tokens.get(st.site.expert, 0), st.positions)
+    totals: dict[str, int] = {}
+    for e, t in tokens.items():
+        totals[e.rpartition(".")[0]] = totals.get(e.rpartition(".")[0], 0) + t
+    rows = []
+    for e, t in tokens.items():
+        mixture = e.rpartition(".")[0]
+        share = t / max(totals[mixture], 1)
+        rows.append(ExpertRow(e, mixture, t, share, share <= expert_share))
+    return rows
+
+
+@dataclass
 class Diagnosis:
     """Per-site report of a probe pass; ``print(report)`` shows a table."""
     rows: list[SiteRow]
@@ -82,6 +116,16 @@ class Diagnosis:
     samples: int
     dead: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     params: dict = field(default_factory=dict)     # the criterion's parameters (tau)
+    experts: list[ExpertRow] = field(default_factory=list)   # mixtures of experts only
+    expert_share: float = 0.0
+
+    @property
+    def unrouted_experts(self) -> list[str]:
+        return [e.expert for e in self.experts if e.unrouted]
+
+    @property
+    def dead_experts(self) -> list[str]:
+        return [e.expert for e in self.experts if e.dead]
 
     @property
     def units(self) -> int:
@@ -116,13 +160,19 @@ class Diagnosis:
         for r in self.rows:
             out[f"dead/{r.site}"] = r.dead / r.units
             out[f"sparsity/{r.site}"] = r.sparsity
+        if self.experts:
+            out["experts/unrouted"] = len(self.unrouted_experts)
+            out["experts/dead"] = len(self.dead_experts)
         return out
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "eps": self.eps, "samples": self.samples,
                 "units": self.units, "dead": self.dead_units, "dead_fraction": self.dead_fraction,
                 "sites": [{"site": r.site, "activation": r.activation, "units": r.units,
-                           "dead": r.dead, "sparsity": r.sparsity} for r in self.rows]}
+                           "dead": r.dead, "sparsity": r.sparsity} for r in self.rows],
+                "experts": [{"expert": e.expert, "tokens": e.tokens, "share": e.share,
+                             "unrouted": e.unrouted, "dead": e.dead} for e in self.experts],
+                "expert_share": self.expert_share}
 
     def __str__(self) -> str:
         head = ("site", "act", "units", "dead", "dead %", "sparsity %")
@@ -135,17 +185,38 @@ class Diagnosis:
                                     for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-" * len(fmt(head))
         title = f"dead = {self.criterion}: {self.definition()}"
-        return "\n".join([title, fmt(head), rule] + [fmt(r) for r in body[:-1]] + [rule, fmt(body[-1])])
+        lines = [title, fmt(head), rule] + [fmt(r) for r in body[:-1]] + [rule, fmt(body[-1])]
+        return "\n".join(lines + self._expert_lines())
+
+    def _expert_lines(self) -> list[str]:
+        """Per mixture: experts, routed tokens, unrouted and dead experts (router level)."""
+        out = []
+        for mixture in dict.fromkeys(e.mixture for e in self.experts):
+            rows = [e for e in self.experts if e.mixture == mixture]
+            toks = sorted(e.tokens for e in rows)
+            un = [e.expert.rpartition(".")[2] for e in rows if e.unrouted]
+            dead = [f"{e.expert.rpartition('.')[2]} ({e.tokens} tokens)" for e in rows
+                    if e.dead and not e.unrouted]
+            out.append(f"{mixture}: {len(rows)} experts, {sum(toks)} routed tokens (min "
+                       f"{toks[0]}, max {toks[-1]}); unrouted (units unobserved, not counted "
+                       f"dead): {', '.join(un) or 'none'}"
+                       + (f"; dead (share <= {self.expert_share:g}): {', '.join(dead)}"
+                          if dead else ""))
+        return out
 
 
 def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: float = 0.0,
              sites: Sequence[Site] | None = None, batch_size: int = 512,
              max_batches: int | None = None, max_samples: int | None = None, device=None,
-             forward: Forward | None = None, **criterion_params) -> Diagnosis:
+             forward: Forward | None = None, expert_share: float = 0.0,
+             **criterion_params) -> Diagnosis:
     """Which units of `model` are dead on `data`: an exact probe pass in eval mode.
 
     `data` and `forward` as for `probe`: a tensor of inputs, an ``(inputs, targets)`` tuple,
-    a mapping of tensors, or an iterable of batches (a DataLoader).
+    a mapping of tensors, or an iterable of batches (a DataLoader). In a mixture of experts
+    each expert's units are counted over the tokens routed to it; an expert no token reached
+    is reported unrouted (its units unobserved, none dead), and an expert routed at most
+    `expert_share` of its mixture's tokens is a dead expert (`Diagnosis.experts`).
     """
     mon = probe(model, data, sites=sites, eps=eps, batch_size=batch_size,
                 max_batches=max_batches, max_samples=max_samples, device=device,
@@ -155,5 +226,7 @@ def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: fl
     stats = mon.stats()
     rows = [SiteRow(n, s.activation, s.num_units, int(dead[n].sum()), sparsity[n])
             for n, s in mon.sites.items()]
-    samples = next(iter(stats.values())).samples
-    return Diagnosis(rows, criterion, eps, samples, dead, dict(criterion_params))
+    samples = max(s.samples for s in stats.values() if s.site.expert is None) if any(
+        s.site.expert is None for s in stats.values()) else max(s.samples for s in stats.values())
+    return Diagnosis(rows, criterion, eps, samples, dead, dict(criterion_params),
+                     expert_rows(mon, expert_share), expert_share)

@@ -505,19 +505,31 @@ class ActivityMonitor:
         (a name from `CRITERIA` or a function SiteStats -> BoolTensor).
 
         ``never_active`` at a site whose activation can output negative values (tanh, GELU,
-        leaky ReLU, soft threshold) is evaluated as ``always_zero``: a negative output is
-        activity too, so only a unit that outputs exactly 0 everywhere is dead there."""
+        leaky ReLU, soft threshold) or whose observed output is a gated product is evaluated
+        as ``always_zero``: a negative output is activity too, so only a unit that outputs
+        exactly 0 everywhere is dead there. An expert that no token reached (`unobserved`)
+        has no unit dead: no evidence is not death."""
         fn = CRITERIA.get(criterion) if isinstance(criterion, str) else criterion
         stats = self.stats()
-        empty = [n for n, s in stats.items() if s.positions == 0]
-        if empty:
-            raise RuntimeError(f"no activations were observed at sites {empty}: run data "
-                               "through the model inside the monitor first")
+        empty = [n for n, s in stats.items() if s.positions == 0 and s.site.expert is None]
+        if empty or not any(s.positions for s in stats.values()):
+            raise RuntimeError(f"no activations were observed at sites {empty or list(stats)}: "
+                               "run data through the model inside the monitor first")
         signed = {n for n, site in self.sites.items() if not site.observes_nonneg}
-        if criterion == "never_active" and signed:
-            return {n: always_zero(s) if n in signed else fn(s, **params)
-                    for n, s in stats.items()}
-        return {n: fn(s, **params) for n, s in stats.items()}
+        out = {}
+        for n, s in stats.items():
+            if s.positions == 0:     # an expert no token was routed to: no evidence, not dead
+                out[n] = torch.zeros(s.site.num_units, dtype=torch.bool, device=s.active.device)
+            elif criterion == "never_active" and n in signed:
+                out[n] = always_zero(s)
+            else:
+                out[n] = fn(s, **params)
+        return out
+
+    def unobserved(self) -> list[str]:
+        """Sites no output reached (experts no token was routed to): their units are
+        unobserved, never counted dead."""
+        return [n for n, s in self.stats().items() if s.positions == 0]
 
     def dead_fraction(self, criterion: str | Callable = "never_active", *, per_site: bool = False,
                       **params) -> float | dict[str, float]:

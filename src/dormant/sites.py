@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "register_activation",
     "activation_kinds",
     "is_nonneg",
+    "fused_experts",
 ]
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)   # + transformers' Conv1D, see is_producer
@@ -210,6 +211,7 @@ class Site:
     gate_half: int | None = None      # fused gate/up (producer == up): which half is the gate
     readers: tuple[str, ...] = ()     # the operations that read the units and are not known
     feeds_sum: bool = False           # the units are added to another tensor (a residual sum)
+    expert: str | None = None         # the expert (a module of a mixture of experts) it is in
 
     @property
     def gated(self) -> bool:
@@ -654,7 +656,11 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
                           f"({str(err).splitlines()[0][:200]}); sites come from the recorded "
                           "data flow of one forward pass instead", stacklevel=2)
             sites = _dataflow_sites(model, example_input)
-    sites = _filter(sites, include, exclude, activations)
+    fused = fused_experts(model)
+    if fused:
+        warnings.warn(f"dormant: {fused_experts_message(fused)}; their units are not sites",
+                      stacklevel=2)
+    sites = _filter(_with_experts(model, sites), include, exclude, activations)
     if not sites:
         raise NoSitesError(
             f"no site found in {type(model).__name__}: dormant looks for Linear/ConvNd -> "
@@ -662,6 +668,100 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
             "activation with dormant.register_activation, or pass sites explicitly "
             "(dormant.make_site).")
     return sites
+
+
+def _expert_of(name: str, modules: Mapping[str, nn.Module]) -> tuple[str, str, str] | None:
+    """(container, key, rest) when module `name` lies in an expert of a mixture of experts:
+    an entry of a ModuleList/ModuleDict whose name says experts (``mlp.experts.3.fc1``,
+    ``experts.expert_3.wi``)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        container = ".".join(parts[:i])
+        if "expert" in parts[i - 1] and isinstance(modules.get(container),
+                                                   (nn.ModuleList, nn.ModuleDict)):
+            return container, parts[i], ".".join(parts[i + 1:])
+    return None
+
+
+def _with_experts(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """Every expert of a mixture of experts as sites, whatever the example routed: a site
+    inside one expert is proven for each sibling expert of the same structure (same module
+    types and shapes under the same names), so experts the example did not reach are sites
+    too, with the same wiring. Each expert site records its expert."""
+    modules = dict(model.named_modules())
+    out, seen = [], {s.name for s in sites}
+    for site in sites:
+        where = _expert_of(site.tap.module, modules)
+        if where is None:
+            out.append(site)
+            continue
+        container, key, _ = where
+        prefix = f"{container}.{key}."
+        out.append(replace(site, expert=prefix[:-1]))
+        for other in modules[container]._modules:
+            clone = _moved(site, prefix, f"{container}.{other}.", modules)
+            if clone is not None and clone.name not in seen:
+                seen.add(clone.name)
+                out.append(clone)
+    return _expert_order(out, modules)
+
+
+def fused_experts(model: nn.Module) -> list[str]:
+    """Modules holding the weights of several experts in 3-D parameters ``[E, ...]``
+    (transformers' MixtralExperts, Qwen-MoE, OLMoE): not sites yet (their units are slices
+    of one tensor, computed with functional calls), so they are named in refusals."""
+    out = []
+    for name, m in _unwrap(model).named_modules():
+        if "expert" in (name.rpartition(".")[2] + type(m).__name__).lower() and any(
+                p.ndim == 3 for p in m.parameters(recurse=False)):
+            out.append(name)
+    return out
+
+
+def fused_experts_message(names: Sequence[str]) -> str:
+    return (f"{', '.join(names)} hold their experts in 3-D expert parameters ([experts, ...], "
+            "applied with functional calls): dormant does not observe or act on those units "
+            "yet (module-list experts such as Switch Transformers' are supported)")
+
+
+def _expert_order(sites: list[Site], modules) -> list[Site]:
+    """Forward order, each mixture's experts in the order of their container."""
+    first: dict[str, int] = {}
+    keys = []
+    for i, s in enumerate(sites):
+        where = _expert_of(s.tap.module, modules) if s.expert else None
+        if where is None:
+            keys.append((i, 0, i))
+            continue
+        container, key, _ = where
+        first.setdefault(container, i)
+        keys.append((first[container], list(modules[container]._modules).index(key), i))
+    return [s for _, s in sorted(zip(keys, sites), key=lambda p: p[0])]
+
+
+def _moved(site: Site, old: str, new: str, modules) -> Site | None:
+    """`site` with every module under `old` renamed under `new` (None when the other expert
+    does not hold the same modules)."""
+    def move(name):
+        return new + name[len(old):] if name and name.startswith(old) else name
+
+    names = [site.producer, site.norm, site.act_module, site.up, site.tap.module,
+             *site.consumers, *site.flatten_consumers]
+    for n in names:
+        if n and n.startswith(old) and not _same(modules.get(n), modules.get(move(n))):
+            return None
+    return replace(site, name=move(site.name), producer=move(site.producer),
+                   norm=move(site.norm), act_module=move(site.act_module), up=move(site.up),
+                   tap=replace(site.tap, module=move(site.tap.module)),
+                   consumers=tuple(move(c) for c in site.consumers),
+                   flatten_consumers=tuple(move(c) for c in site.flatten_consumers),
+                   proof=f"{site.proof}+structure", expert=new[:-1])
+
+
+def _same(a: nn.Module | None, b: nn.Module | None) -> bool:
+    if a is None or b is None or type(a) is not type(b):
+        return False
+    return [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
 
 
 def format_sites(sites: Sequence[Site]) -> str:

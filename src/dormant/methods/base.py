@@ -35,7 +35,8 @@ from ..diagnose import probe
 from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
-from ..sites import Site, _unwrap, find_sites, is_producer
+from ..sites import (Site, _unwrap, find_sites, fused_experts, fused_experts_message,
+                     is_producer)
 
 __all__ = ["EpochResult", "Method", "MethodOptions", "PeriodicOptions", "prunable_weights",
            "weight_sparsity"]
@@ -187,6 +188,10 @@ class Method:
                              "or sites=...")
         alone = [s.name for s in found if s.producer is None]
         kept = [s for s in found if s.producer is not None]
+        fused = fused_experts(self.model)
+        if fused and not kept:
+            raise ValueError(f"{self.name}: {fused_experts_message(fused)}, and the model has no "
+                             "other site: nothing would be done")
         if not kept:
             raise ValueError(f"{self.name}: no site of {type(_unwrap(self.model)).__name__} has "
                              f"a Linear/Conv layer feeding it along the data flow ({alone}), so "
