@@ -93,7 +93,7 @@ class ExpertRow:
 def expert_rows(mon: ActivityMonitor, expert_share: float = 0.0) -> list[ExpertRow]:
     """Per expert of every mixture among the monitor's sites: routed tokens, share, verdict."""
     tokens: dict[str, int] = {}
-    for n, st in mon.stats().items():
+    for st in mon.stats().values():
         if st.site.expert is not None:
             tokens[st.site.expert] = max(tokens.get(st.site.expert, 0), st.positions)
     totals: dict[str, int] = {}
