@@ -2,8 +2,6 @@
 example routes, each expert's units are counted over its routed tokens (equal to a brute-force
 count), an expert no token reaches is reported and left alone, never counted dead, never a
 crash; fused 3-D experts (Mixtral) are refused with what to do."""
-import warnings
-
 import pytest
 import torch
 
@@ -16,11 +14,7 @@ B, T, V, E, F = 4, 8, 100, 8, 48
 MIX = "encoder.block.0.layer.1.mlp.experts"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="dormant: torch.fx could not trace")
-        yield
+pytestmark = pytest.mark.usefixtures("no_fx_warning")
 
 
 def switch():

@@ -3,8 +3,6 @@
 traced by fx. Units killed on purpose are found exactly (a brute-force count over every token),
 ReDo rewrites exactly gate row i, up row i and down column i (and their optimizer moments),
 Synaptic Stripping strips only gate rows."""
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
@@ -19,11 +17,7 @@ B, T, V, D, F = 4, 8, 100, 32, 48
 DEAD = [3, 17, 40]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="dormant: torch.fx could not trace")
-        yield
+pytestmark = pytest.mark.usefixtures("no_fx_warning")
 
 
 def _ids(seed=0):

@@ -3,8 +3,6 @@
 paired with the right producer and consumers; dead counts match a brute-force count; ReDo,
 Synaptic Stripping and NNrelief act on the right weights with dict batches; a model whose
 wiring cannot be proven is refused, never acted on wrongly."""
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
@@ -18,11 +16,7 @@ tf = pytest.importorskip("transformers")
 B, T, V = 6, 8, 100
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="dormant: torch.fx could not trace")
-        yield
+pytestmark = pytest.mark.usefixtures("no_fx_warning")
 
 
 def _ids(seed=0):

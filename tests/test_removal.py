@@ -2,8 +2,6 @@
 hand-written loop on OPT, GPT-2 and Llama with the default KV cache (``use_cache=True``) and
 on a ``torch.compile``d model; gated units removed whole; the compacted model computes what
 the model computed before on the same inputs."""
-import warnings
-
 import pytest
 import torch
 
@@ -19,11 +17,7 @@ import test_gated as G  # noqa: E402
 B, T, V = 4, 8, 100
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="dormant: torch.fx could not trace")
-        yield
+pytestmark = pytest.mark.usefixtures("no_fx_warning")
 
 
 def opt():
