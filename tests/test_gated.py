@@ -116,21 +116,28 @@ def _brute_dead(model, mlp, batch):
     try:
         with torch.no_grad():
             model.eval()
-            model(**batch) if isinstance(batch, dict) else model(batch)
+            _call(model, batch)
     finally:
         h.remove()
     g = torch.cat([s.reshape(-1, F) for s in seen])
     return (torch.relu(g) == 0).all(0)
 
 
-def _sites(model, batch):
-    return dormant.find_sites(model, batch)
+def _call(model, batch):
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def _planted(name):
+    """The model with units DEAD of its first MLP killed, its MLP name pattern, a batch."""
+    model, mlp = MODELS[name]()
+    _plant(model, mlp.format(0))
+    return model, mlp, _batch(name)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_gated_sites_are_wired_gate_up_down(name):
     model, mlp = MODELS[name]()
-    sites = _sites(model, _batch(name))
+    sites = dormant.find_sites(model, _batch(name))
     assert len(sites) == 2
     for i, s in enumerate(sites):
         pre = mlp.format(i)
@@ -147,10 +154,8 @@ def test_gated_sites_are_wired_gate_up_down(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_dead_gated_units_equal_a_brute_force_count(name):
-    model, mlp = MODELS[name]()
-    batch = _batch(name)
-    _plant(model, mlp.format(0))
-    sites = _sites(model, batch)
+    model, mlp, batch = _planted(name)
+    sites = dormant.find_sites(model, batch)
     dead = dormant.diagnose(model, batch, sites=sites).dead
     for i, s in enumerate(sites):
         brute = _brute_dead(model, mlp.format(i), batch)
@@ -160,7 +165,7 @@ def test_dead_gated_units_equal_a_brute_force_count(name):
 
 def _adam_step(model, batch):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    out = _call(model, batch)
     (out.logits if hasattr(out, "logits") else out).float().pow(2).mean().backward()
     opt.step()
     opt.zero_grad()
@@ -169,9 +174,7 @@ def _adam_step(model, batch):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_redo_rewrites_gate_row_up_row_and_down_column_of_exactly_the_dead(name):
-    model, mlp = MODELS[name]()
-    batch = _batch(name)
-    _plant(model, mlp.format(0))
+    model, mlp, batch = _planted(name)
     opt = _adam_step(model, batch)
     _plant(model, mlp.format(0))              # the step moved the planted rows a little
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -202,9 +205,7 @@ def test_redo_rewrites_gate_row_up_row_and_down_column_of_exactly_the_dead(name)
 
 @pytest.mark.parametrize("name", ["llama", "hand", "hand-fused"])
 def test_synaptic_stripping_strips_only_gate_rows(name):
-    model, mlp = MODELS[name]()
-    batch = _batch(name)
-    _plant(model, mlp.format(0))
+    model, mlp, batch = _planted(name)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     method = build("synaptic-stripping", factor=0.2).prepare(model, None, probe=batch)
     method.end_epoch()

@@ -118,9 +118,7 @@ def test_structured_runs_on_a_compiled_model():
 
 @pytest.mark.parametrize("name", ["llama", "phi3", "hand", "hand-fused"])
 def test_gated_units_go_whole_and_the_model_computes_the_same(name):
-    model, mlp = G.MODELS[name]()
-    batch = G._batch(name)
-    G._plant(model, mlp.format(0))
+    model, mlp, batch = G._planted(name)
     model.eval()
     call = (lambda m: m(**batch).logits) if isinstance(batch, dict) else (lambda m: m(batch))
     with torch.no_grad():

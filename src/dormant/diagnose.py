@@ -98,13 +98,14 @@ def expert_rows(mon: ActivityMonitor, expert_share: float = 0.0) -> list[ExpertR
             tokens[st.site.expert] = max(tokens.get(st.site.expert, 0), st.positions)
     totals: dict[str, int] = {}
     for e, t in tokens.items():
-        totals[e.rpartition(".")[0]] = totals.get(e.rpartition(".")[0], 0) + t
-    rows = []
-    for e, t in tokens.items():
-        mixture = e.rpartition(".")[0]
-        share = t / max(totals[mixture], 1)
-        rows.append(ExpertRow(e, mixture, t, share, share <= expert_share))
-    return rows
+        totals[_mixture(e)] = totals.get(_mixture(e), 0) + t
+    shares = {e: t / max(totals[_mixture(e)], 1) for e, t in tokens.items()}
+    return [ExpertRow(e, _mixture(e), t, shares[e], shares[e] <= expert_share)
+            for e, t in tokens.items()]
+
+
+def _mixture(expert: str) -> str:
+    return expert.rpartition(".")[0]
 
 
 @dataclass
@@ -226,7 +227,8 @@ def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: fl
     stats = mon.stats()
     rows = [SiteRow(n, s.activation, s.num_units, int(dead[n].sum()), sparsity[n])
             for n, s in mon.sites.items()]
-    samples = max(s.samples for s in stats.values() if s.site.expert is None) if any(
-        s.site.expert is None for s in stats.values()) else max(s.samples for s in stats.values())
+    # an expert sees only its routed tokens: the samples are those of the other sites
+    samples = max((s.samples for s in stats.values() if s.site.expert is None),
+                  default=max(s.samples for s in stats.values()))
     return Diagnosis(rows, criterion, eps, samples, dead, dict(criterion_params),
                      expert_rows(mon, expert_share), expert_share)

@@ -687,9 +687,11 @@ def _with_experts(model: nn.Module, sites: list[Site]) -> list[Site]:
     """Every expert of a mixture of experts as sites, whatever the example routed: a site
     inside one expert is proven for each sibling expert of the same structure (same module
     types and shapes under the same names), so experts the example did not reach are sites
-    too, with the same wiring. Each expert site records its expert."""
+    too, with the same wiring. Each expert site records its expert; a mixture's experts come
+    in the order of their container, at the place of its first site."""
     modules = dict(model.named_modules())
-    out, seen = [], {s.name for s in sites}
+    by_name = {s.name: s for s in sites}
+    out, done = [], set()
     for site in sites:
         where = _expert_of(site.tap.module, modules)
         if where is None:
@@ -697,13 +699,20 @@ def _with_experts(model: nn.Module, sites: list[Site]) -> list[Site]:
             continue
         container, key, _ = where
         prefix = f"{container}.{key}."
-        out.append(replace(site, expert=prefix[:-1]))
+        group = (container, site.name.replace(prefix, "", 1))   # the site within its expert
+        if group in done:
+            continue
+        done.add(group)
         for other in modules[container]._modules:
-            clone = _moved(site, prefix, f"{container}.{other}.", modules)
-            if clone is not None and clone.name not in seen:
-                seen.add(clone.name)
-                out.append(clone)
-    return _expert_order(out, modules)
+            seen = site if other == key else by_name.get(
+                site.name.replace(prefix, f"{container}.{other}.", 1))
+            if seen is not None:                        # observed: its own wiring and width
+                out.append(replace(seen, expert=f"{container}.{other}"))
+                continue
+            moved = _moved(site, prefix, f"{container}.{other}.", modules)
+            if moved is not None:
+                out.append(moved)
+    return out
 
 
 def fused_experts(model: nn.Module) -> list[str]:
@@ -722,21 +731,6 @@ def fused_experts_message(names: Sequence[str]) -> str:
     return (f"{', '.join(names)} hold their experts in 3-D expert parameters ([experts, ...], "
             "applied with functional calls): dormant does not observe or act on those units "
             "yet (module-list experts such as Switch Transformers' are supported)")
-
-
-def _expert_order(sites: list[Site], modules) -> list[Site]:
-    """Forward order, each mixture's experts in the order of their container."""
-    first: dict[str, int] = {}
-    keys = []
-    for i, s in enumerate(sites):
-        where = _expert_of(s.tap.module, modules) if s.expert else None
-        if where is None:
-            keys.append((i, 0, i))
-            continue
-        container, key, _ = where
-        first.setdefault(container, i)
-        keys.append((first[container], list(modules[container]._modules).index(key), i))
-    return [s for _, s in sorted(zip(keys, sites), key=lambda p: p[0])]
 
 
 def _moved(site: Site, old: str, new: str, modules) -> Site | None:

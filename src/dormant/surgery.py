@@ -133,16 +133,16 @@ def provable(model: nn.Module, site: Site) -> bool:
 def _slice_site(model: nn.Module, site: Site, flags: torch.Tensor, optimizer) -> None:
     """Drop the entries of units `flags` from every tensor of the site (incoming rows, norm
     entries and statistics, consumer columns), optimizer state sliced the same way."""
+    slices = incoming(model, site) + outgoing(model, site)
     cuts: dict[str, dict[int, torch.Tensor]] = {}      # tensor -> dim -> entries to drop
-    for sl in incoming(model, site) + outgoing(model, site):
+    for sl in slices:
         drop, per = sl.index(flags, site.num_units), cuts.setdefault(sl.name, {})
         per[sl.dim] = per[sl.dim] | drop if sl.dim in per else drop   # both fused halves
     for name, dims in cuts.items():
         _replace(model, name, [(d, (~m).nonzero().flatten()) for d, m in dims.items()],
                  optimizer)
-    for name in {sl.name.rpartition(".")[0] for sl in incoming(model, site)} | set(
-            site.consumers) | set(site.flatten_consumers):
-        _resync(model.get_submodule(name))
+    for owner in {sl.name.rpartition(".")[0] for sl in slices}:
+        _resync(model.get_submodule(owner))
 
 
 def _replace(model: nn.Module, name: str, index: list[tuple[int, torch.Tensor]],

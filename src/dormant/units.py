@@ -44,6 +44,11 @@ class Slice:
     offset: int = 0          # a fused gate/up layer: the units' rows start here ...
     size: int = 0            # ... along a dim of this size (0: the units fill the dim)
 
+    def units_of(self, entries: torch.Tensor, num_units: int) -> torch.Tensor:
+        """A per-entry vector along `dim` (one value per row) back to the units' values (the
+        inverse of `index` for one entry per unit)."""
+        return entries[self.offset:self.offset + num_units] if self.size else entries
+
     def index(self, units: torch.Tensor, num_units: int) -> torch.Tensor:
         """Boolean mask along `dim` selecting the entries of the units in `units` (bool[U])."""
         units = units.bool()

@@ -189,18 +189,18 @@ class ContinualBackprop(Method):
         self.ages[name][units] = 0
         with self.seeded(salt=salt):
             recycle(self.model, site, units, self.optimizer)   # moments of every entry reset
-            if site.gated:          # gate and up rows re-drawn by ReDo's rule (the spec's)
-                return self._count(k)
-            if self.opts.init == "kaiming":
-                self._kaiming(site, units)
-            bias = getattr(_unwrap(self.model).get_submodule(site.producer), "bias", None)
-            if bias is not None:
-                bias[units.to(bias.device)] = 0.0
-        self._count(k)
-
-    def _count(self, k: int) -> None:
+            if not site.gated:      # a gated unit keeps ReDo's rewrite (the spec's rule)
+                self._code_init(site, units)
         self.replaced_epoch += k
         self.replaced_total += k
+
+    def _code_init(self, site: Site, units: torch.Tensor) -> None:
+        """The code's incoming weights (kaiming bounds, or the layer's own) and bias 0."""
+        if self.opts.init == "kaiming":
+            self._kaiming(site, units)
+        bias = getattr(_unwrap(self.model).get_submodule(site.producer), "bias", None)
+        if bias is not None:
+            bias[units.to(bias.device)] = 0.0
 
     def _kaiming(self, site: Site, units: torch.Tensor) -> None:
         """The code's bounds: uniform(+-gain sqrt(3 / fan_in)), gain of the activation."""

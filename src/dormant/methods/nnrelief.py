@@ -280,8 +280,7 @@ class NNrelief(IterativePruning):
             mask = new.get(sl.name, self.masks.masks.get(sl.name))
             if mask is None:
                 continue
-            rows = mask.movedim(sl.dim, 0).flatten(1).any(1).cpu()
-            alive &= rows[sl.offset:sl.offset + site.num_units] if sl.size else rows
+            alive &= sl.units_of(mask.movedim(sl.dim, 0).flatten(1).any(1).cpu(), site.num_units)
         return alive
 
     def _backward_pass(self, model, new: dict) -> None:
