@@ -1,7 +1,7 @@
 """Mixtures of experts: every expert of a Switch Transformers model is a site whatever the
 example routes, each expert's units are counted over its routed tokens (equal to a brute-force
 count), an expert no token reaches is reported and left alone, never counted dead, never a
-crash; fused 3-D experts (Mixtral) are refused with what to do."""
+crash (fused 3-D experts, Mixtral's: test_fused_experts.py)."""
 import pytest
 import torch
 
@@ -103,14 +103,3 @@ def test_an_unrouted_expert_is_left_alone_by_every_method():
         assert torch.equal(model.state_dict()[k], v)
     diag = dormant.diagnose(model, batch)
     assert f"{MIX}.expert_3" in diag.unrouted_experts and f"{MIX}.expert_3" in diag.dead_experts
-
-
-def test_fused_3d_experts_are_refused_with_what_to_do():
-    torch.manual_seed(0)
-    cfg = tf.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=F, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, hidden_act="relu")
-    model = tf.MixtralForCausalLM(cfg)
-    batch = {"input_ids": torch.randint(0, V, (B, T))}
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts .*3-D expert parameters"):
-        build("redo").prepare(model, None, probe=batch)

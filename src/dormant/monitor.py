@@ -366,6 +366,10 @@ class ActivityMonitor:
                 y = inputs[0]
             elif kind == "recompute":
                 y = site.tap.fn(output)
+            elif kind == "routed":      # one expert's routed tokens (counted on the host)
+                y = site.tap.fn(module, inputs)
+                if y.shape[0] == 0:     # no token routed: no evidence, nothing counted
+                    return
             else:
                 y = output
             self._observe(site, y)
@@ -383,18 +387,19 @@ class ActivityMonitor:
     def _attach(self) -> None:
         if self._handles:
             return
-        groups: dict[tuple[str, str], dict[int, Site]] = {}
-        for s in self.sites.values():
-            groups.setdefault((s.tap.module, s.tap.kind), {})[s.tap.call_index] = s
+        groups: dict[tuple[str, str, str], dict[int, Site]] = {}
+        for s in self.sites.values():          # a fused experts module: one hook per expert
+            own = s.name if s.tap.kind == "routed" else ""
+            groups.setdefault((s.tap.module, s.tap.kind, own), {})[s.tap.call_index] = s
         modules = dict(self.model.named_modules())
         reused = False
         try:
-            for (mod_name, kind), by_call in groups.items():
+            for (mod_name, kind, own), by_call in groups.items():
                 if mod_name not in modules:
                     raise KeyError(f"site module {mod_name!r} not found in the model")
                 ncalls = next(iter(by_call.values())).tap.calls
                 reused |= ncalls > 1
-                hook = self._make_hook((mod_name, kind), by_call, ncalls, kind)
+                hook = self._make_hook((mod_name, kind, own), by_call, ncalls, kind)
                 m = modules[mod_name]
                 h = m.register_forward_pre_hook(hook) if kind == "input" else m.register_forward_hook(hook)
                 self._handles.append(h)

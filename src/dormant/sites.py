@@ -41,6 +41,7 @@ __all__ = [
     "activation_kinds",
     "is_nonneg",
     "fused_experts",
+    "fused_layout",
 ]
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)   # + transformers' Conv1D, see is_producer
@@ -170,7 +171,9 @@ class Tap:
 
     kind: ``"output"`` -- forward hook on `module`, its output is the activation output;
           ``"input"``  -- forward pre-hook on `module`, its first input is the activation output;
-          ``"recompute"`` -- forward hook on `module`, activation output = `fn(output)`.
+          ``"recompute"`` -- forward hook on `module`, activation output = `fn(output)`;
+          ``"routed"`` -- forward hook on a fused experts `module`: one expert's outputs on
+          the tokens routed to it = `fn(module, inputs)` (rows = tokens).
     call_index: which call of `module` in one forward (modules can be called more than once).
     calls: how many times `module` is called per forward.
     """
@@ -212,6 +215,8 @@ class Site:
     readers: tuple[str, ...] = ()     # the operations that read the units and are not known
     feeds_sum: bool = False           # the units are added to another tensor (a residual sum)
     expert: str | None = None         # the expert (a module of a mixture of experts) it is in
+    slab: int | None = None           # fused 3-D experts: the expert's index along dim 0 of
+    #                                   the producer's gate_up_proj [E, 2F, D] and down_proj
 
     @property
     def gated(self) -> bool:
@@ -656,11 +661,14 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
                           f"({str(err).splitlines()[0][:200]}); sites come from the recorded "
                           "data flow of one forward pass instead", stacklevel=2)
             sites = _dataflow_sites(model, example_input)
-    fused = fused_experts(model)
-    if fused:
-        warnings.warn(f"dormant: {fused_experts_message(fused)}; their units are not sites",
-                      stacklevel=2)
+    sites, unknown = _with_fused(model, sites)
     sites = _filter(_with_experts(model, sites), include, exclude, activations)
+    if not sites and unknown:
+        raise NoSitesError(f"no site found in {type(model).__name__}: "
+                           f"{fused_experts_message(unknown)}")
+    if unknown:
+        warnings.warn(f"dormant: {fused_experts_message(unknown)}; their units are not sites",
+                      stacklevel=2)
     if not sites:
         raise NoSitesError(
             f"no site found in {type(model).__name__}: dormant looks for Linear/ConvNd -> "
@@ -717,8 +725,8 @@ def _with_experts(model: nn.Module, sites: list[Site]) -> list[Site]:
 
 def fused_experts(model: nn.Module) -> list[str]:
     """Modules holding the weights of several experts in 3-D parameters ``[E, ...]``
-    (transformers' MixtralExperts, Qwen-MoE, OLMoE): not sites yet (their units are slices
-    of one tensor, computed with functional calls), so they are named in refusals."""
+    (transformers' MixtralExperts, Qwen-MoE, OLMoE), whether dormant knows their layout or
+    not (`fused_layout`)."""
     out = []
     for name, m in _unwrap(model).named_modules():
         if "expert" in (name.rpartition(".")[2] + type(m).__name__).lower() and any(
@@ -727,10 +735,93 @@ def fused_experts(model: nn.Module) -> list[str]:
     return out
 
 
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
 def fused_experts_message(names: Sequence[str]) -> str:
-    return (f"{', '.join(names)} hold their experts in 3-D expert parameters ([experts, ...], "
-            "applied with functional calls): dormant does not observe or act on those units "
-            "yet (module-list experts such as Switch Transformers' are supported)")
+    return (f"{', '.join(names)} hold their experts in 3-D expert parameters in a layout "
+            "dormant does not know: it knows gate_up_proj [experts, 2F, D] (gate half first) "
+            "and down_proj [experts, D, F] applied as act(x W_gate^T) * (x W_up^T) W_down^T "
+            "per routed token (transformers' Mixtral, Qwen-MoE, OLMoE), proven by running the "
+            "module; module-list experts (Switch Transformers) are supported too")
+
+
+@torch.no_grad()
+def fused_layout(m: nn.Module) -> bool:
+    """True when `m` is a fused experts module dormant knows: `gate_up_proj` [E, 2F, D],
+    `down_proj` [E, D, F], an `act_fn` module, and ``forward(hidden, top_k_index,
+    top_k_weights)`` equal to ``sum_k w_k * (act(x Wg_e^T) * (x Wu_e^T)) Wd_e^T`` -- proven by
+    running the module on one token per expert, not guessed from names."""
+    gu, down = (getattr(m, n, None) for n in EXPERT_WEIGHTS)
+    act = getattr(m, "act_fn", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor)
+            and isinstance(act, nn.Module) and gu.ndim == down.ndim == 3):
+        return False
+    n, two_f, d = gu.shape
+    if two_f % 2 or tuple(down.shape) != (n, d, two_f // 2) or gu.device.type == "meta":
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(gu.device, gu.dtype)
+    index = torch.arange(n, device=gu.device).unsqueeze(1)      # token e -> expert e
+    weights = torch.ones(n, 1, device=gu.device, dtype=gu.dtype)
+    try:
+        out = m.forward(x, index, weights)                      # no hooks: a proof only
+    except Exception:
+        return False
+    gate, up = torch.einsum("ed,efd->ef", x, gu).chunk(2, -1)
+    expected = torch.einsum("ef,edf->ed", act(gate) * up, down)
+    tol = 1e-4 if gu.dtype in (torch.float32, torch.float64) else 2e-2
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(
+        out.float(), expected.float(), rtol=tol, atol=tol * float(expected.abs().max() + 1))
+
+
+def _routed(module: nn.Module, inputs: tuple, expert: int) -> torch.Tensor:
+    """Expert `expert`'s unit outputs ``act(x Wg^T) * (x Wu^T)`` on the tokens routed to it
+    (rows), recomputed from the fused experts' inputs. Selecting the routed tokens reads
+    their count on the host, as the eager experts forward itself does once per expert."""
+    x, index = inputs[0], inputs[1]
+    x = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        rows = (index.reshape(x.shape[0], -1) == expert).any(1).nonzero().flatten()
+        gate, up = F.linear(x.index_select(0, rows), module.gate_up_proj[expert]).chunk(2, -1)
+        return module.act_fn(gate) * up
+
+
+def _fused_sites(model: nn.Module, name: str) -> list[Site]:
+    """One site per expert of the fused experts module `name` (a proven `fused_layout`):
+    expert e's unit i owns gate_up_proj[e, i] (gate), gate_up_proj[e, F + i] (up) and
+    down_proj[e, :, i]."""
+    m = model.get_submodule(name)
+    n, two_f, _ = m.gate_up_proj.shape
+    kind = act_module_kind(m.act_fn) or type(m.act_fn).__name__.lower()
+    return [Site(f"{name}.{e}", kind, two_f // 2, -1,
+                 Tap("routed", name, fn=lambda mod, inputs, e=e: _routed(mod, inputs, e)),
+                 producer=name, act_module=f"{name}.act_fn", consumers=(name,),
+                 proof="numeric+structure", up=name, gate_half=0, expert=f"{name}.{e}", slab=e)
+            for e in range(n)]
+
+
+def _with_fused(model: nn.Module, sites: list[Site]) -> tuple[list[Site], list[str]]:
+    """Sites with every fused experts module of a known layout as one site per expert (in
+    place of what the trace saw inside it: an activation with no producer); returns the
+    fused experts modules of an unknown layout too."""
+    fused = fused_experts(model)
+    if not fused:
+        return sites, []
+    known = [n for n in fused if fused_layout(model.get_submodule(n))]
+    out, done = [], set()
+    for site in sites:
+        inside = next((n for n in fused if site.tap.module.startswith(n + ".")
+                       or site.tap.module == n), None)
+        if inside is None:
+            out.append(site)
+        elif inside in known and inside not in done:
+            done.add(inside)
+            out += _fused_sites(model, inside)
+    for name in known:
+        if name not in done:
+            out += _fused_sites(model, name)
+    return out, [n for n in fused if n not in known]
 
 
 def _moved(site: Site, old: str, new: str, modules) -> Site | None:
@@ -766,6 +857,11 @@ def format_sites(sites: Sequence[Site]) -> str:
     head = ("site", "producer -> norm -> act", "consumers", "units", "proof")
     rows = [head]
     for s in sites:
+        if s.slab is not None:      # fused 3-D experts: the expert's slices of two tensors
+            rows.append((s.name, f"{s.producer}.{EXPERT_WEIGHTS[0]}[{s.slab}] -> "
+                         f"{s.activation}(first half) * second half",
+                         f"{s.producer}.{EXPERT_WEIGHTS[1]}[{s.slab}]", str(s.num_units), s.proof))
+            continue
         chain = " -> ".join([s.producer or "(none)"] + ([s.norm] if s.norm else [])
                             + [s.activation + (" +res" if s.residual else "")])
         if s.gated:

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 from .batching import eval_mode
-from .sites import CONVS, NORMS, PRODUCERS, Site, _unwrap, is_conv1d, is_producer
+from .sites import (CONVS, EXPERT_WEIGHTS, NORMS, PRODUCERS, Site, _unwrap, fused_layout,
+                    is_conv1d, is_producer)
 from .units import incoming, outgoing
 
 __all__ = ["remove_units", "provable", "coupled_sites", "architecture", "resize",
@@ -86,15 +87,17 @@ def remove_units(model: nn.Module, sites: Sequence[Site], units: Mapping[str, to
     wiring dormant proves (`provable`) are sliced directly; the others go through
     Torch-Pruning's graph (traced on `example_input`): a unit coupled to other sites (a
     residual stream) goes only if it is flagged at every one of them; units coupled to the
-    embedding of an attention layer (a transformer's residual stream) stay. Returns, per
+    embedding of an attention layer (a transformer's residual stream) stay. Fused 3-D
+    experts lose the same count of units in every expert, or nothing (refused). Returns, per
     site, which units were removed (BoolTensor[U], the original indexing). Sites must be
     found again afterwards (their unit counts changed)."""
     model = _unwrap(model)
     removed = {s.name: torch.zeros(s.num_units, dtype=torch.bool) for s in sites}
+    _slice_experts(model, [s for s in sites if s.slab is not None], units, optimizer, removed)
     traced = []
     for site in sites:
         flags = units.get(site.name)
-        if site.producer is None or flags is None or not flags.any():
+        if site.producer is None or site.slab is not None or flags is None or not flags.any():
             continue
         if provable(model, site):
             _slice_site(model, site, flags.cpu().bool(), optimizer)
@@ -115,6 +118,8 @@ def provable(model: nn.Module, site: Site) -> bool:
     it), every reader a listed Linear/Conv1D/Conv(groups=1) consumer, a per-unit norm
     (BatchNorm) or none, and no unit read by anything else."""
     model = _unwrap(model)
+    if site.slab is not None:       # an expert's slices of fused 3-D tensors
+        return True
     if site.producer is None or site.residual or site.feeds_sum or not site.consumers_complete:
         return False
     if not site.consumers and not site.flatten_consumers:
@@ -143,6 +148,58 @@ def _slice_site(model: nn.Module, site: Site, flags: torch.Tensor, optimizer) ->
                  optimizer)
     for owner in {sl.name.rpartition(".")[0] for sl in slices}:
         _resync(model.get_submodule(owner))
+
+
+@torch.no_grad()
+def _slice_experts(model: nn.Module, sites: Sequence[Site], units, optimizer,
+                   removed: dict) -> None:
+    """Remove units of fused 3-D experts: the same count from every expert of a module (its
+    tensors stay rectangular), each expert its own units; refused otherwise."""
+    by_module: dict[str, dict[int, Site]] = {}
+    for s in sites:
+        by_module.setdefault(s.producer, {})[s.slab] = s
+    for name, group in by_module.items():
+        experts = model.get_submodule(name)
+        n, width = experts.down_proj.shape[0], experts.down_proj.shape[2]
+        flags = [units.get(group[e].name) if e in group else None for e in range(n)]
+        flags = torch.stack([torch.zeros(width, dtype=torch.bool) if f is None
+                             else f.cpu().bool() for f in flags])
+        counts = flags.sum(1).tolist()
+        if not any(counts):
+            continue
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"{name} holds its experts in 3-D tensors, so every expert must lose the same "
+                f"number of units; asked to remove {counts} per expert: remove an equal count "
+                "from each (e.g. each expert's k lowest-scored units) or mask the units instead")
+        _cut_experts(experts, name, ~flags, optimizer)
+        for e, s in group.items():
+            removed[s.name] = flags[e].clone()
+
+
+def _cut_experts(experts: nn.Module, name: str, keep: torch.Tensor, optimizer) -> None:
+    """Keep units `keep` (E, F) of every expert: its gate and up rows, its down columns."""
+    n = keep.shape[0]
+    gu = keep.repeat(1, 2).to(experts.gate_up_proj.device)               # gate and up rows
+    down = keep.to(experts.down_proj.device)
+    cuts = {EXPERT_WEIGHTS[0]: lambda t: t[gu].reshape(n, -1, t.shape[2]),
+            EXPERT_WEIGHTS[1]: lambda t: t.transpose(1, 2)[down].reshape(
+                n, -1, t.shape[1]).transpose(1, 2)}
+    old = {a: getattr(experts, a) for a in cuts}
+    for a, cut in cuts.items():
+        setattr(experts, a, nn.Parameter(cut(old[a].detach()).contiguous(),
+                                         requires_grad=old[a].requires_grad))
+    if not fused_layout(experts):       # e.g. a grouped-mm kernel's alignment
+        for a, p in old.items():
+            setattr(experts, a, p)
+        raise ValueError(f"{name} no longer computes its experts with {int(keep[0].sum())} "
+                         "units each (its kernel may need a width that is a multiple of 8): "
+                         "remove a count that leaves such a width, or mask the units")
+    if optimizer is not None:
+        for a, cut in cuts.items():
+            _swap_with(optimizer, old[a], getattr(experts, a), cut)
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = experts.down_proj.shape[2]
 
 
 def _replace(model: nn.Module, name: str, index: list[tuple[int, torch.Tensor]],
@@ -277,18 +334,23 @@ def _kept(size: int, removed: list[int]) -> torch.Tensor:
 
 
 def _swap_param(optimizer, p_old, p_new, index) -> None:
+    def cut(v):
+        for dim, keep in index:
+            v = v.index_select(dim, keep.to(v.device))
+        return v
+    _swap_with(optimizer, p_old, p_new, cut)
+
+
+def _swap_with(optimizer, p_old, p_new, cut) -> None:
+    """`p_new` = cut(`p_old`) in the optimizer: its place in the groups, and its state
+    tensors shaped like the parameter cut the same way."""
     for g in optimizer.param_groups:
         g["params"] = [p_new if p is p_old else p for p in g["params"]]
     state = optimizer.state.pop(p_old, None)
     if not state:
         return
-    new_state = {}
-    for k, v in state.items():
-        if torch.is_tensor(v) and v.shape == p_old.shape:
-            for dim, keep in index:
-                v = v.index_select(dim, keep.to(v.device))
-        new_state[k] = v
-    optimizer.state[p_new] = new_state
+    optimizer.state[p_new] = {k: cut(v) if torch.is_tensor(v) and v.shape == p_old.shape else v
+                              for k, v in state.items()}
 
 
 # -- architecture descriptions ------------------------------------------------------------

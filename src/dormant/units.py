@@ -9,6 +9,8 @@ For a site ``producer -> [norm] -> act -> consumers`` unit ``u`` owns
     outgoing: consumer.weight[:, u] (a Linear column, a Conv input channel), or, for a Linear
               that reads the units after a flatten, the block of columns of unit u
               (channels-first ``(C, H, W)`` flattening) or the tiled columns (units last).
+    expert e of fused 3-D experts: gate_up_proj[e, u], gate_up_proj[e, F + u] and
+              down_proj[e, :, u] (`Slice.expert` = e).
 
 Methods ask these functions for `Slice` objects instead of guessing from module order, so
 re-initialising (ReDo), stripping (Synaptic Stripping), masking (AP, NNrelief) and removing
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .sites import CHANNEL_NORMS, CONVS, Site, _unwrap, in_units, is_conv1d
+from .sites import CHANNEL_NORMS, CONVS, EXPERT_WEIGHTS, Site, _unwrap, in_units, is_conv1d
 
 __all__ = ["Slice", "incoming", "outgoing", "unit_mask_for", "fan_in_rows", "site_rows",
-           "rows_to_weight", "as_rows", "from_rows"]
+           "rows_to_weight", "as_rows", "from_rows", "weight_name"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Slice:
     conv_groups: int = 1     # a grouped convolution consumer: filters read their group only
     offset: int = 0          # a fused gate/up layer: the units' rows start here ...
     size: int = 0            # ... along a dim of this size (0: the units fill the dim)
+    expert: int | None = None  # fused 3-D experts: only this index along dim 0
 
     def units_of(self, entries: torch.Tensor, num_units: int) -> torch.Tensor:
         """A per-entry vector along `dim` (one value per row) back to the units' values (the
@@ -93,6 +96,12 @@ def incoming(model: nn.Module, site: Site, *, stats: bool = True) -> list[Slice]
     return out
 
 
+def weight_name(site: Site) -> str:
+    """The tensor holding the site's incoming rows: its producer's weight, or fused experts'
+    ``gate_up_proj`` (the site's expert is `site.slab` along dim 0)."""
+    return f"{site.producer}.{EXPERT_WEIGHTS[0] if site.slab is not None else 'weight'}"
+
+
 def _rows(model: nn.Module, name: str, site: Site, gate: bool) -> list[Slice]:
     """Rows of one incoming layer (weight and bias): the gate's or the up projection's, or
     the right half of a fused gate/up layer."""
@@ -101,6 +110,8 @@ def _rows(model: nn.Module, name: str, site: Site, gate: bool) -> list[Slice]:
     if site.fused:
         half = site.gate_half if gate else 1 - site.gate_half
         offset, size = half * site.num_units, 2 * site.num_units
+    if site.slab is not None:
+        return [Slice(weight_name(site), 1, offset=offset, size=size, expert=site.slab)]
     out = [Slice(f"{name}.weight", 1 if is_conv1d(m) else 0, offset=offset, size=size)]
     if getattr(m, "bias", None) is not None:
         out.append(Slice(f"{name}.bias", 0, kind="bias", offset=offset, size=size))
@@ -116,6 +127,8 @@ def outgoing(model: nn.Module, site: Site) -> list[Slice]:
     """Columns / input channels of every consumer. A grouped convolution's filters read the
     channels of their own group only: in weight[o, j], o in group g = o // (out / groups),
     j is input channel g * (C / groups) + j (see `unit_mask_for`)."""
+    if site.slab is not None:
+        return [Slice(f"{site.producer}.{EXPERT_WEIGHTS[1]}", 2, expert=site.slab)]
     out = []
     for name in site.consumers:
         m = _module(model, name)
@@ -153,7 +166,12 @@ def unit_mask_for(model: nn.Module, sl: Slice, units: torch.Tensor, num_units: i
     idx = sl.index(units.to(t.device), num_units)
     shape = [1] * t.ndim
     shape[sl.dim] = -1
-    return idx.view(shape).expand_as(t)
+    where = idx.view(shape).expand_as(t)
+    if sl.expert is not None:
+        expert = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+        expert[sl.expert] = True
+        where = where & expert.view(-1, *[1] * (t.ndim - 1))
+    return where
 
 
 def fan_in_rows(model: nn.Module, site: Site) -> torch.Tensor:
@@ -162,13 +180,14 @@ def fan_in_rows(model: nn.Module, site: Site) -> torch.Tensor:
     layer)."""
     if site.producer is None:
         raise ValueError(f"site {site.name} has no producer")
-    return site_rows(model, site, tensor(model, f"{site.producer}.weight"))
+    return site_rows(model, site, tensor(model, weight_name(site)))
 
 
 def site_rows(model: nn.Module, site: Site, t: torch.Tensor) -> torch.Tensor:
     """A tensor shaped like the producer's weight (the weight, a mask) as the site's
-    (units, fan_in) rows (a view): the gate's half of a fused gate/up layer."""
-    rows = as_rows(_module(model, site.producer), t)
+    (units, fan_in) rows (a view): the gate's half of a fused gate/up layer (of the site's
+    expert for fused 3-D experts)."""
+    rows = t[site.slab] if site.slab is not None else as_rows(_module(model, site.producer), t)
     if site.fused:
         start = site.gate_half * site.num_units
         rows = rows[start:start + site.num_units]
@@ -179,6 +198,10 @@ def rows_to_weight(model: nn.Module, site: Site, rows: torch.Tensor,
                    fill: bool = True) -> torch.Tensor:
     """(units, fan_in) rows of the site back to the shape of the producer's weight (inverse
     of `site_rows`); the other half of a fused gate/up layer is `fill`."""
+    if site.slab is not None:
+        full = torch.full_like(tensor(model, weight_name(site)), fill, dtype=rows.dtype)
+        full[site.slab, site.gate_half * site.num_units:][:site.num_units] = rows
+        return full
     producer = _module(model, site.producer)
     if site.fused:
         full = torch.full_like(as_rows(producer, producer.weight), fill, dtype=rows.dtype)

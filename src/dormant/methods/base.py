@@ -36,7 +36,7 @@ from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
 from ..sites import (Site, _unwrap, find_sites, fused_experts, fused_experts_message,
-                     is_producer)
+                     fused_layout, is_producer)
 
 __all__ = ["EpochResult", "Method", "MethodOptions", "PeriodicOptions", "prunable_weights",
            "weight_sparsity"]
@@ -108,6 +108,7 @@ class Method:
     Options: type[MethodOptions] = PeriodicOptions
     needs: tuple[str, ...] = ()          # prepare() arguments this method cannot do without
     rewrites_outgoing = False            # True: every reader of a site's units must be known
+    acts_on_fused_experts = False        # True: knows a fused 3-D expert's slices (Site.slab)
     changes_model = False                # True: removes units physically (parameters replaced)
     uses_sites = True                    # False: acts on every parameter (no site discovery)
 
@@ -188,7 +189,8 @@ class Method:
                              "or sites=...")
         alone = [s.name for s in found if s.producer is None]
         kept = [s for s in found if s.producer is not None]
-        fused = fused_experts(self.model)
+        fused = [n for n in fused_experts(self.model)
+                 if not fused_layout(_unwrap(self.model).get_submodule(n))]
         if fused and not kept:
             raise ValueError(f"{self.name}: {fused_experts_message(fused)}, and the model has no "
                              "other site: nothing would be done")
@@ -200,10 +202,26 @@ class Method:
             warnings.warn(f"{self.name}: site(s) {alone} are left alone: no Linear/Conv layer "
                           "feeds them along the data flow, so their incoming weights are "
                           "unknown", stacklevel=3)
+        slabs = sorted({s.producer for s in kept if s.slab is not None})
+        if slabs and not self.acts_on_fused_experts:
+            kept = [s for s in kept if s.slab is None]
+            if not kept:
+                raise ValueError(self._fused_refusal(slabs) + ", and the model has no other "
+                                 "site: nothing would be done")
+            warnings.warn(self._fused_refusal(slabs) + ": their sites are left alone",
+                          stacklevel=3)
         return kept
+
+    def _fused_refusal(self, modules: list[str]) -> str:
+        return (f"{self.name} does not act on fused 3-D experts yet ({', '.join(modules)}: "
+                "gate_up_proj / down_proj [experts, ...]); redo, synaptic-stripping and the "
+                "monitor (dormant.diagnose) do")
 
     def _check_sites(self) -> None:
         """Refuse sites the method cannot act on correctly, before training."""
+        slabs = sorted({s.producer for s in self.sites if s.slab is not None})
+        if slabs and not self.acts_on_fused_experts:
+            raise ValueError(self._fused_refusal(slabs) + ": pass sites=[...] without them")
         if not self.rewrites_outgoing:
             return
         unknown = [f"{s.name} (read by {', '.join(s.readers) or 'an unknown operation'})"

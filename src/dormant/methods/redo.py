@@ -101,6 +101,7 @@ class ReDo(Method):
 
     name = "redo"
     rewrites_outgoing = True
+    acts_on_fused_experts = True
 
     @dataclass
     class Options(PeriodicOptions):

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 from ..options import option
 from ..sites import _unwrap
-from ..units import fan_in_rows, rows_to_weight, site_rows
+from ..units import fan_in_rows, rows_to_weight, site_rows, weight_name
 from .base import Method, PeriodicOptions, weight_sparsity
 
 __all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
@@ -95,6 +95,7 @@ class SynapticStripping(Method):
     """
 
     name = "synaptic-stripping"
+    acts_on_fused_experts = True
 
     @dataclass
     class Options(PeriodicOptions):
@@ -130,7 +131,7 @@ class SynapticStripping(Method):
                         keep[out] = True      # their bias goes instead of positive weights
                         masks.update(f"{site.producer}.bias", ~out)
                         biases += int(out.sum())
-                name = f"{site.producer}.weight"
+                name = weight_name(site)
                 before = masks.masks.get(name)
                 masks.update(name, rows_to_weight(model, site, keep))
                 after = masks.masks[name]
@@ -160,7 +161,7 @@ class SynapticStripping(Method):
         incoming weights that are neither stripped nor attached to a dead unit."""
         total = 0
         for site in self.sites:
-            name = f"{site.producer}.weight"
+            name = weight_name(site)
             rows = fan_in_rows(model, site)
             if self.masks is not None and name in self.masks.masks:
                 keep = site_rows(model, site, self.masks.masks[name])
