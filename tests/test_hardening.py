@@ -41,7 +41,8 @@ def test_two_dormant_runs_of_one_config_write_each_epoch_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     (rd,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert _epochs(rd) == [1, 2, 3, 4, 5, 6]
-    assert not (rd / ".lock").exists()
+    with run_lock(rd, log=pytest.fail):       # released: taken at once, nobody waited for
+        pass
     results = [json.loads(o[o.index("{"):o.index("}") + 1]) for o, _ in outs]
     assert results[0] == results[1]
 
@@ -63,14 +64,55 @@ def test_a_held_lock_is_waited_for_and_a_dead_owners_lock_is_taken_over(tmp_path
     t.join()
     assert released and released[0] <= started_after
     assert any("[wait]" in s and "being trained by process" in s for s in said)
-    # a lock left by a process that is gone
+    # a lock file left by a process that is gone, or naming a live unrelated process (pid
+    # reuse): the OS lock died with its holder, so the run starts at once
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    cfg = TINY.override(seed=1)
-    rd = tmp_path / cfg.label()
-    rd.mkdir()
-    (rd / ".lock").write_text(f"{dead.pid} {os.uname().nodename}\n")
-    assert run_experiment(cfg, tmp_path, **QUIET)["final"]["epoch"] == 3
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for seed, pid in [(1, dead.pid), (2, alive.pid)]:
+            cfg = TINY.override(seed=seed)
+            rd = tmp_path / cfg.label()
+            rd.mkdir()
+            (rd / ".lock").write_text(f"{pid} {os.uname().nodename}\n")
+            said.clear()
+            assert run_experiment(cfg, tmp_path, show_progress=False,
+                                  log=said.append)["final"]["epoch"] == 3
+            assert not any("[wait]" in s for s in said)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def _racer(rd, barrier, inside, broken, trials):
+    import random
+    for trial in range(trials):
+        if barrier.wait() == 0:             # one racer leaves a stale or garbage lock file
+            (rd / ".lock").write_text(random.choice(["", "garbage", "99999999 elsewhere\n",
+                                                     f"{os.getpid()} {os.uname().nodename}"]))
+        barrier.wait()
+        with run_lock(rd, poll=0.0005, log=lambda *a: None):
+            with inside.get_lock():
+                inside.value += 1
+                if inside.value > 1:
+                    broken.value += 1
+            time.sleep(0.0002)
+            with inside.get_lock():
+                inside.value -= 1
+
+
+def test_three_processes_racing_for_a_stale_lock_never_hold_it_together(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    barrier, inside, broken = ctx.Barrier(3), ctx.Value("i", 0), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_racer, args=(tmp_path, barrier, inside, broken, 300))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert broken.value == 0
 
 
 # -- files written so that a kill loses nothing ---------------------------------------------

@@ -1,8 +1,11 @@
 """What keeps a run directory whole: one writer at a time, files replaced atomically, and
 files that are damaged refused with what to do.
 
-    lock      an exclusive lock file (``.lock``, the owner's pid and host); a second process
-              waits until the first is done, a lock whose process is gone is taken over
+    lock      an OS lock (``flock``) on ``.lock``, which records the owner's pid and host for
+              messages only: a second process waits until the first is done; the lock dies
+              with its process (a kill, a crash), so there is no stale lock to take over and
+              no pid to be fooled by (pid reuse); the file itself is never removed (removing
+              it would let a waiter and a newcomer lock two different files)
     metrics   ``metrics.jsonl`` (`dormant.jsonl`): a torn last line (killed mid-write) is
               dropped, a damaged line before it is refused; rewritten by write-then-rename
     config    ``config.json``: refused when it holds another config; rewritten when damaged
@@ -12,6 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+try:
+    import fcntl
+except ImportError:                     # Windows
+    fcntl = None
 import socket
 import time
 from pathlib import Path
@@ -31,57 +38,37 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # exists, owned by someone else
-        return True
-    return True
-
-
-def _owner(lock: Path) -> tuple[int, str] | None:
+def _owner(lock: Path) -> str:
     try:
         pid, host = lock.read_text().split()[:2]
-        return int(pid), host
+        return f"process {int(pid)} on {host}"
     except (OSError, ValueError):
-        return None
+        return "another process"
 
 
 @contextlib.contextmanager
 def run_lock(rd: Path, *, poll: float = 0.5, log: Callable[[str], None] = print
              ) -> Iterator[None]:
-    """Hold the run directory's lock for the block. Another live process holding it is
-    waited for (with one message); a lock left by a process that died is taken over."""
+    """Hold the run directory's lock for the block. A live process holding it is waited
+    for (with one message); the OS releases it when its holder exits, however it exits."""
+    if fcntl is None:
+        raise OSError("run directories need fcntl.flock (Linux, macOS): this platform has none")
     lock = rd / ".lock"
-    me = f"{os.getpid()} {socket.gethostname()}\n"
-    said = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _owner(lock)
-            if owner is None:           # being written right now, or damaged: look again
-                time.sleep(poll)
-                owner = _owner(lock)
-            stale = owner is None or (owner[1] == socket.gethostname() and not _alive(owner[0]))
-            if stale:
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            if not said:
-                log(f"[wait] {rd} is being trained by process {owner[0]} on {owner[1]}; "
-                    "waiting for it to finish")
-                said = True
-            time.sleep(poll)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said:
+                    log(f"[wait] {rd} is being trained by {_owner(lock)}; waiting for it to "
+                        "finish")
+                    said = True
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if lock.read_text() == me:
-                lock.unlink()
+        os.close(fd)                    # releases the lock
