@@ -190,11 +190,46 @@ def test_a_damaged_config_json_is_rewritten_and_another_config_refused(tmp_path)
         run_experiment(TINY, tmp_path, **QUIET)
 
 
-def test_a_damaged_result_json_is_refused_with_what_to_do(tmp_path):
+@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"config": 3}', '{"config": {"lr": "x"}}'])
+def test_a_damaged_result_json_is_refused_with_what_to_do(tmp_path, text):
     res = run_experiment(TINY, tmp_path, **QUIET)
-    Path(res["run_dir"], "result.json").write_text("{")
+    Path(res["run_dir"], "result.json").write_text(text)
     with pytest.raises(CorruptRunError, match="result.json is damaged .* delete it"):
         run_experiment(TINY, tmp_path, **QUIET)
+
+
+# -- files that belong to another run ----------------------------------------------------------
+def test_checkpoints_and_results_of_another_config_are_refused(tmp_path):
+    small, wide = TINY.override(model_args={"width": 8}), TINY
+    rd_small, _ = _interrupted(tmp_path, small)
+    rd_wide = tmp_path / wide.label()
+    rd_wide.mkdir()
+    os.link(rd_small / "checkpoint.pt", rd_wide / "checkpoint.pt")     # copied in by hand
+    with pytest.raises(CorruptCheckpointError, match=rf"belongs to run {small.label()}, not to "
+                                                     rf"{wide.label()}.*move it back"):
+        run_experiment(wide, tmp_path, **QUIET)
+    assert not (rd_wide / "model.pt").exists()
+    done = run_experiment(small, tmp_path, **QUIET)                 # a finished run, linked
+    other = TINY.override(lr=0.3)
+    (tmp_path / other.label()).symlink_to(done["run_dir"])
+    with pytest.raises(CorruptRunError, match=rf"holds the result of run {small.label()}, not "
+                                              rf"of {other.label()}"):
+        run_experiment(other, tmp_path, **QUIET)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "epoch missing"])
+def test_a_lost_metrics_history_is_rebuilt_from_the_checkpoint(tmp_path, damage):
+    rd, straight = _interrupted(tmp_path)
+    path = rd / "metrics.jsonl"
+    rows = read_jsonl(path)
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_text(json.dumps(rows[0]) + "\n")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["epoch"] != 2))
+    again = run_experiment(TINY, tmp_path, **QUIET)
+    assert read_jsonl(path) == rows and again["final"] == straight["final"]
 
 
 def _children(pid: int) -> list[int]:

@@ -29,7 +29,7 @@ from ..schedules import make_scheduler
 from ..surgery import architecture, resize
 from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
 from ..train.loop import rank_and_world
-from ..jsonl import read_jsonl, write_jsonl
+from ..jsonl import write_jsonl
 from ..train.callbacks import TaskCallback, load_checkpoint
 from .config import ExperimentConfig
 from .rundir import CorruptRunError, run_lock, write_json
@@ -79,7 +79,7 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     rd = run_dir(cfg, root)
     if (rd / "result.json").exists():
-        return _finished(rd, log)
+        return _finished(rd, cfg, log)
     method = methods.build(cfg.method, **cfg.method_args)  # refuse bad options early
     rank, world = rank_and_world()
     if rank == 0:
@@ -89,7 +89,7 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     with lock:
         _barrier(world)
         if (rd / "result.json").exists():      # finished while we waited for the lock
-            return _finished(rd, log)
+            return _finished(rd, cfg, log)
         extra = []
         if tensorboard is not None and rank == 0:
             from ..integrations.tensorboard import TensorBoardCallback
@@ -119,13 +119,18 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _finished(rd: Path, log) -> dict:
+def _finished(rd: Path, cfg: ExperimentConfig, log) -> dict:
     try:
         result = json.loads((rd / "result.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CorruptRunError(f"{rd / 'result.json'} is damaged ({err}); delete it and run the "
-                              "same command again: the run resumes from its last "
-                              "checkpoint") from None
+        saved = ExperimentConfig.from_dict(result["config"]).label()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorruptRunError(f"{rd / 'result.json'} is damaged ({type(err).__name__}: "
+                              f"{str(err)[:200]}); delete it and run the same command again: "
+                              "the run resumes from its last checkpoint") from None
+    if saved != cfg.label():
+        raise CorruptRunError(f"{rd} holds the result of run {saved}, not of {cfg.label()} (a "
+                              "copied, moved or linked directory): move it away to train this "
+                              "config")
     log(f"[skip] {rd} already finished")
     return {**result, "skipped": True}
 
@@ -154,13 +159,14 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
                                cfg.weight_decay)
     period = getattr(method, "schedule_period", lambda: None)()  # pruning rounds restart it
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, period, **cfg.schedule_args)
-    ckpt = CheckpointCallback(rd / "checkpoint.pt")
+    ckpt = CheckpointCallback(rd / "checkpoint.pt", identity=cfg.label())
+    history = JsonlLogger(rd / "metrics.jsonl")
     tasks = []
     if cfg.tasks:
         from ..data.tasks import TaskSchedule
         tasks = [TaskCallback(TaskSchedule(**cfg.tasks), data)]
     callbacks = [*tasks, MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
-                 *([method] if method is not None else []), JsonlLogger(rd / "metrics.jsonl"),
+                 *([method] if method is not None else []), history,
                  *extra, ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
@@ -172,8 +178,7 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     if resumed and writer:
         _check_config_file(rd, cfg, log)
         log(f"[resume] {rd} from epoch {trainer.epoch}")
-        write_jsonl(rd / "metrics.jsonl",
-                    read_jsonl(rd / "metrics.jsonl", upto_epoch=trainer.epoch))
+        history.restore(trainer.epoch)
     elif writer:
         write_json(rd / "config.json", cfg.to_dict())
         write_jsonl(rd / "metrics.jsonl", [])
@@ -182,7 +187,7 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     _barrier(trainer.world)                      # rank 0 has written the last epoch
     if trainer.world > 1:
         _check_ranks_agree(model)
-    history = read_jsonl(rd / "metrics.jsonl")
+    history = history.rows
     arch = architecture(model)
     if writer:
         tmp = rd / "model.pt.tmp"

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..diagnose import diagnose
+from ..jsonl import read_jsonl, write_jsonl
 from ..methods.base import Method
 from ..metrics import distance_from, plasticity
 from ..monitor import ActivityMonitor
@@ -207,16 +208,41 @@ class TaskCallback(Callback):
 
 
 class JsonlLogger(Callback):
-    """Appends each epoch's metrics as one JSON line."""
+    """Appends each epoch's metrics as one JSON line, and keeps them: the history travels in
+    the checkpoint (`state_dict`), so a resumed run rewrites the file from it (`restore`)
+    whatever happened to the file (torn, truncated, deleted)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.rows: list[dict] = []
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        self.rows.append(json.loads(json.dumps(metrics)))    # as the file holds it
         if trainer.rank != 0:     # one writer: rank 0
             return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"rows": json.dumps(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = json.loads(state["rows"]) if "rows" in state else None
+
+    def restore(self, epoch: int) -> None:
+        """After a resume at `epoch`: the file holds exactly epochs 1..epoch, from the
+        checkpoint's history (a checkpoint from before histories were kept: from the file,
+        refused when an epoch is missing)."""
+        rows = self.rows
+        if rows is None:
+            rows = read_jsonl(self.path, upto_epoch=epoch)
+        if [r.get("epoch") for r in rows] != list(range(1, epoch + 1)):
+            raise CorruptCheckpointError(
+                f"{self.path} lacks epochs of the run (it has {[r.get('epoch') for r in rows]}, "
+                f"the checkpoint is at epoch {epoch}) and the checkpoint holds no history to "
+                "rebuild it from: delete the run directory to train it again")
+        self.rows = [r for r in rows if r["epoch"] <= epoch]
+        write_jsonl(self.path, self.rows)
 
 
 CHECKPOINT_FORMAT = "dormant-checkpoint/1"
@@ -263,13 +289,15 @@ class CheckpointCallback(Callback):
     and CUDA random states after every epoch (atomically, with a checksum), so an interrupted run resumes where it
     stopped; a damaged or foreign checkpoint is refused with what to do."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, identity: str | None = None):
         self.path = Path(path)
+        self.identity = identity     # the run it belongs to (a config's label): checked on load
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         if trainer.rank != 0:     # one writer: rank 0
             return
         state = {
+            "identity": self.identity,
             "epoch": trainer.epoch, "step": trainer.step, "stop": trainer.stop,
             "arch": architecture(trainer.model),
             "model": trainer.model.state_dict(),
@@ -286,6 +314,12 @@ class CheckpointCallback(Callback):
         if not self.path.exists():
             return False
         state = load_checkpoint(self.path)
+        saved = state.get("identity")
+        if self.identity is not None and saved is not None and saved != self.identity:
+            raise CorruptCheckpointError(
+                f"{self.path} belongs to run {saved}, not to {self.identity} (copied or moved "
+                "here?): move it back to its own run directory, or delete it to train this run "
+                "from its start")
         if state.get("arch") and state["arch"] != architecture(trainer.model):
             _resize_with_optimizer(trainer.model, state["arch"], trainer.optimizer)
         try:
