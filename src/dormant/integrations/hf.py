@@ -9,12 +9,18 @@ logs them through the Trainer (``state.log_history`` and every logging integrati
 is driven through the Method API: prepared at ``on_train_begin`` with the Trainer's model,
 optimizer and ``max_steps``, its gradient work before each optimizer step, its decisions after
 it. Batches are dicts: the default forward call is ``model(**batch)`` (labels included, which
-Hugging Face models accept). Needs ``pip install 'dormant[hf]'``.
+Hugging Face models accept). With every Trainer checkpoint it saves the method's and the
+monitor's state (``dormant.pt`` in the ``checkpoint-<step>`` folder), and
+``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed run equals a straight
+one. Needs ``pip install 'dormant[hf]'``.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from ..batching import Forward
@@ -31,15 +37,20 @@ class DormantTrainerCallback(TrainerCallback):
     watch every `every`-th training step and probe exactly at each epoch's end; probe: data
     for the probe and the method's decisions (default: the Trainer's training dataloader, the
     only one it hands callbacks at train start; pass a validation loader to decide on
-    validation data); forward: ``forward(model, batch)`` (default ``model(**batch)``).
+    validation data); forward: ``forward(model, batch)`` (default ``model(**batch)``);
+    resume_from: the checkpoint folder a resumed ``train()`` starts from, when it is not
+    ``<output_dir>/checkpoint-<step>`` (where the Trainer writes them).
     """
+
+    STATE = "dormant.pt"
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
                  every: int = 10, probe: Any = None, forward: Forward | None = None,
-                 criterion: str = "never_active"):
+                 criterion: str = "never_active", resume_from: str | os.PathLike | None = None):
         self.session = Session(method, monitor=monitor, every=every, criterion=criterion,
                                forward=forward, host="the Hugging Face Trainer")
         self.probe = probe
+        self.resume_from = resume_from
         self.history: list[dict] = []      # one row of dormant metrics per epoch
         self._pending: dict = {}
 
@@ -49,6 +60,8 @@ class DormantTrainerCallback(TrainerCallback):
         # training loader is the probe (pass probe=... to decide on validation data)
         probe = next(p for p in (self.probe, eval_dataloader, train_dataloader) if p is not None)
         example = None
+        if state.global_step > 0:           # train(resume_from_checkpoint=...)
+            self._restore(args, state)
         epochs = int(args.num_train_epochs) if float(args.num_train_epochs).is_integer() else None
         self.session.start(model, optimizer, probe=probe, example=example,
                            total_steps=state.max_steps, epochs=epochs, seed=args.seed)
@@ -73,3 +86,32 @@ class DormantTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.session.close()
+
+    def on_save(self, args, state, control, **kwargs):
+        """The Trainer has written ``checkpoint-<step>``: the dormant state goes with it."""
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tmp = folder / (self.STATE + ".tmp")
+            torch.save({"format": "dormant-session/1", "session": self.session.state_dict(),
+                        "history": self.history}, tmp)
+            os.replace(tmp, folder / self.STATE)
+
+    def _restore(self, args, state) -> None:
+        folder = Path(self.resume_from or Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        path = folder / self.STATE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"dormant: resuming at step {state.global_step}, but {path} does not exist, so "
+                "the method's state (masks, counters) would be lost: pass "
+                "DormantTrainerCallback(..., resume_from=<the checkpoint folder>), or start the "
+                "run afresh")
+        fix = "delete the checkpoint folder, or resume from another one"
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"dormant: {path} cannot be read ({type(err).__name__}: "
+                             f"{str(err)[:200]}): {fix}") from None
+        if not isinstance(saved, dict) or saved.get("format") != "dormant-session/1":
+            raise ValueError(f"dormant: {path} is not a dormant state: {fix}")
+        self.session.load_state_dict(saved["session"])
+        self.history = list(saved["history"])

@@ -9,7 +9,10 @@ the Method API (prepared at train start with the first optimizer and the estimat
 steps). Under ``strategy="ddp"`` every statistic is all-reduced before a decision, so every
 rank takes the same one; a method that draws random numbers (ReDo) needs the same seed on
 every rank (``lightning.seed_everything``). Physical removal (DemP, structured) is refused:
-Lightning holds the parameters in its strategy's wrappers. Needs ``pip install lightning``.
+Lightning holds the parameters in its strategy's wrappers. The method's and the monitor's
+state travel in Lightning's own checkpoints (the callback's ``state_dict``), so
+``trainer.fit(..., ckpt_path=...)`` resumes a run that equals a straight one. Needs
+``pip install lightning``.
 """
 from __future__ import annotations
 
@@ -69,3 +72,12 @@ class DormantCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.session.close()
+
+    def state_dict(self) -> dict:
+        return {"session": self.session.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called by Lightning when a fit resumes from a checkpoint, before training starts
+        (`on_train_start` applies it)."""
+        self.session.load_state_dict(state["session"])
+        self.history = list(state["history"])

@@ -42,6 +42,7 @@ class Session:
         self.sites: list[Site] = []
         self.inputs: Any = None            # the model's inputs for site discovery
         self.monitor: ActivityMonitor | None = None
+        self._saved: dict | None = None      # a checkpoint's state, applied at `start`
 
     def start(self, model: nn.Module, optimizer, *, probe: Any = None, example: Any = None,
               total_steps: int | None = None, epochs: int | None = None, seed: int = 0) -> None:
@@ -55,12 +56,17 @@ class Session:
         if example is None and self.inputs is None:
             raise ValueError("dormant: give probe data (a validation loader) or an example batch")
         self.sites = find_sites(model, self.inputs)
+        saved, self._saved = self._saved or {}, None
         if self.watch:
             self.monitor = ActivityMonitor(model, self.sites, every=self.every, eps=self.eps,
                                            mode="train").__enter__()
+            if saved.get("monitor") is not None:
+                self.monitor.load_state_dict(saved["monitor"])
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer     # accelerate's wrapper: hooks go on the real one
         if self.method is not None:
+            if saved.get("method") is not None:
+                self.method.load_state_dict(saved["method"])     # before prepare: masks
             self.method.prepare(model, optimizer, probe=probe, total_steps=total_steps,
                                 epochs=epochs, seed=seed, forward=self.forward,
                                 example=self.inputs)
@@ -104,6 +110,24 @@ class Session:
             self.monitor = ActivityMonitor(self.model, self.sites, every=self.every,
                                            eps=self.eps, mode="train").__enter__()
             self.monitor.set_step(step)
+
+    def state_dict(self) -> dict:
+        """What a framework checkpoint must carry for a resumed run to equal a straight one:
+        the method's state (masks, counters, snapshots) and the monitor's counters."""
+        return {"method": self.method.state_dict() if self.method is not None else None,
+                "monitor": self.monitor.state_dict() if self.monitor is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` before `start` (which applies it)."""
+        if not isinstance(state, dict) or not {"method", "monitor"} <= set(state):
+            raise ValueError("dormant: not a Session state (expected the keys 'method' and "
+                             f"'monitor', got {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+        if (state["method"] is None) != (self.method is None):
+            raise ValueError("dormant: the checkpoint was saved "
+                             f"{'without' if state['method'] is None else 'with'} a method and "
+                             f"this run has {'one' if self.method is not None else 'none'}: "
+                             "resume with the callback the run was trained with")
+        self._saved = state
 
     def close(self) -> None:
         """After training: hooks gone, the method's masks folded into the weights."""
