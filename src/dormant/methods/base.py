@@ -37,6 +37,7 @@ from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
 from ..sites import (Site, _unwrap, find_sites, fused_experts, fused_experts_message,
                      fused_layout, is_producer)
+from ..units import incoming, outgoing
 
 __all__ = ["EpochResult", "Method", "MethodOptions", "PeriodicOptions", "prunable_weights",
            "weight_sparsity"]
@@ -159,13 +160,18 @@ class Method:
                                  f"{self.name}: prepare() needs probe=... (the data its "
                                  "decisions observe: a tensor, a DataLoader, ...)")
         self.check_budget(epochs=epochs, total_steps=total_steps)
+        _check_optimizer(self.name, model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.forward, self._probe = forward or default_forward, probe
         self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
         if self.uses_sites:
             self.example = self._example(example)
             if self.sites is None:
-                self.sites = self._discover()
+                self.sites = self._without_frozen(self._discover())
+            elif self._frozen_of(self.sites):
+                raise ValueError(f"{self.name}: the given sites touch frozen parameters "
+                                 f"(requires_grad=False): {self._frozen_of(self.sites)}; pass "
+                                 "sites=[...] without them, or unfreeze them")
             self._check_sites()
         else:
             self.example, self.sites = example, []
@@ -210,6 +216,40 @@ class Method:
                                  "site: nothing would be done")
             warnings.warn(self._fused_refusal(slabs) + ": their sites are left alone",
                           stacklevel=3)
+        return kept
+
+    def frozen(self) -> set[str]:
+        """Names of the model's frozen parameters (``requires_grad=False``): never edited."""
+        return {n for n, p in _unwrap(self.model).named_parameters() if not p.requires_grad}
+
+    def _touched(self, site: Site) -> list[str]:
+        """The tensors the method edits at `site`: the units' incoming rows, and their
+        outgoing columns when the method rewrites or removes them."""
+        out = incoming(self.model, site, stats=False)
+        if self.rewrites_outgoing or self.changes_model:
+            out += outgoing(self.model, site)
+        return [sl.name for sl in out]
+
+    def _frozen_of(self, sites: list[Site]) -> dict[str, list[str]]:
+        frozen = self.frozen()
+        if not frozen:
+            return {}
+        out = {s.name: sorted(set(self._touched(s)) & frozen) for s in sites}
+        return {n: names for n, names in out.items() if names}
+
+    def _without_frozen(self, sites: list[Site]) -> list[Site]:
+        """Discovered sites minus those whose edited tensors are frozen (with a warning;
+        refused when nothing is left)."""
+        hit = self._frozen_of(sites)
+        if not hit:
+            return sites
+        kept = [s for s in sites if s.name not in hit]
+        what = "; ".join(f"{n} ({', '.join(t)})" for n, t in hit.items())
+        if not kept:
+            raise ValueError(f"{self.name}: every site touches frozen parameters "
+                             f"(requires_grad=False): {what}; nothing would be done")
+        warnings.warn(f"{self.name}: site(s) touching frozen parameters are left alone: {what}",
+                      stacklevel=3)
         return kept
 
     def _fused_refusal(self, modules: list[str]) -> str:
@@ -368,6 +408,22 @@ class Method:
         """Restore a saved state; call before `prepare` (which re-attaches the masks)."""
         self._saved_masks = state.get("masks")
         self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+
+
+def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:
+    """The optimizer a method resets state in and hooks into must be a torch optimizer that
+    trains `model` (a wrong one would have its state reset for nothing)."""
+    if optimizer is None:
+        return
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer          # accelerate's / Lightning's wrapper
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{name}: optimizer must be a torch.optim.Optimizer (or None), got "
+                        f"{type(optimizer).__name__}")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in _unwrap(model).parameters()):
+        raise ValueError(f"{name}: the optimizer holds none of the model's parameters: pass "
+                         "the optimizer that trains this model")
 
 
 def check_option(ok: bool, owner: str, message: str) -> None:

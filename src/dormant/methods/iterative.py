@@ -15,6 +15,8 @@ curve) with ``compression``, ``arch`` (surviving units per site) and MAC ratios,
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +99,7 @@ class IterativePruning(Method):
     def _prepare(self) -> None:
         model = _unwrap(self.model)
         params = dict(model.named_parameters())
-        self.names = self.pruned_names(model)
+        self.names = self._unfrozen(self.pruned_names(model))
         masks = self.ensure_masks()
         for n in self.names:
             if n not in masks.masks:
@@ -107,6 +109,17 @@ class IterativePruning(Method):
                 self.snapshot = _state(model)
             self.round_start = _state(model)
         self._pos = positions(model, take(self.example, 1))
+
+    def _unfrozen(self, names: list[str]) -> list[str]:
+        """`names` minus the frozen parameters (with a warning; refused when none is left)."""
+        frozen = [n for n in names if n in self.frozen()]
+        if frozen and len(frozen) == len(names):
+            raise ValueError(f"{self.name}: every weight it would prune is frozen "
+                             f"(requires_grad=False): {frozen}; nothing would be done")
+        if frozen:
+            warnings.warn(f"{self.name}: frozen weights (requires_grad=False) are not pruned: "
+                          f"{frozen}", stacklevel=3)
+        return [n for n in names if n not in frozen]
 
     def pruned_names(self, model) -> list[str]:
         """The weights this method prunes: every Linear/Conv/Conv1D kernel, or with

@@ -61,7 +61,8 @@ class ShrinkPerturb(Method):
             with self.seeded():
                 fresh = fresh_parameters(self.model)
             for n, p in _unwrap(self.model).named_parameters():
-                p.mul_(self.opts.shrink).add_(fresh[n].to(p.device), alpha=self.opts.perturb)
+                if p.requires_grad:         # frozen parameters are left alone
+                    p.mul_(self.opts.shrink).add_(fresh[n].to(p.device), alpha=self.opts.perturb)
             self.applied += 1
         self.metrics = {"sp/applied": self.applied}
 
