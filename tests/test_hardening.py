@@ -86,7 +86,7 @@ def test_a_held_lock_is_waited_for_and_a_dead_owners_lock_is_taken_over(tmp_path
 
 def _racer(rd, barrier, inside, broken, trials):
     import random
-    for trial in range(trials):
+    for _ in range(trials):
         if barrier.wait() == 0:             # one racer leaves a stale or garbage lock file
             (rd / ".lock").write_text(random.choice(["", "garbage", "99999999 elsewhere\n",
                                                      f"{os.getpid()} {os.uname().nodename}"]))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -197,3 +198,30 @@ def test_ap_official_scope_prunes_every_weight_tensor_norm_scales_included():
     assert 0.25 < 1 - alive(method.pruning_masks()) / total < 0.35
     with pytest.raises(ValueError, match="scope: 'official' is the released code's rule"):
         AP(scope="official", pruner="random")
+
+
+def _released_ap_round(w_end, w_start, p=20, p_ap=2):
+    """A transcription of the released resnet_20.py round (integer percents, numpy), on one
+    flat tensor: n_AP = floor(|A| p_AP / 100); |w| < percentile(|A|, p - p_AP) pruned; of the
+    surviving negatives, those with |w_end - w_start| <= sort(d)[n_AP] pruned."""
+    w, d_all = w_end.numpy(), (w_end - w_start).abs().numpy()
+    a = np.abs(w[w != 0])
+    n_ap = int(len(a) * p_ap / 100)
+    keep = (w != 0) & ~(np.abs(w) < np.percentile(a, p - p_ap))
+    cand = keep & (w < 0)
+    t = np.sort(d_all[cand])[n_ap]
+    return torch.from_numpy(keep & ~(cand & (d_all <= t)))
+
+
+@pytest.mark.parametrize("n", [51, 101, 40, 7])
+def test_ap_official_round_equals_the_released_code(n):
+    """n = 51, 101: (n - 1) x 0.18 is an integer, where a float percentile (18.000000000000004)
+    prunes one weight more; n = 40, 7: n_AP = 0, where the released code still prunes the
+    least moved negative weight."""
+    from dormant.methods.ap import official_round
+    g = torch.Generator().manual_seed(n)
+    w_end = torch.randn(n, generator=g, dtype=torch.float64)
+    w_start = w_end + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    new, _ = official_round({"w": w_end}, {"w": w_start}, {"w": torch.ones(n, dtype=torch.bool)},
+                            rate=0.2, p_ap=0.02)
+    assert torch.equal(new["w"], _released_ap_round(w_end, w_start))

@@ -143,3 +143,27 @@ def test_recycled_weights_do_not_depend_on_the_callers_random_state():
         assert torch.equal(torch.get_rng_state(), before)
         outs.append(model[0].weight.detach().clone())
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0][0], torch.zeros(4))
+
+
+def test_redo_score_has_the_official_denominator():
+    """score = E|a| / (layer mean + 1e-9): with a layer mean of 1e-9 the 1e-9 halves it."""
+    from types import SimpleNamespace
+    stats = SimpleNamespace(mean_abs=torch.tensor([0.0, 2e-9, 1e-9], dtype=torch.float64))
+    assert CRITERIA.get("dormant")(stats, tau=0.6).tolist() == [True, False, True]
+
+
+def test_a_weight_joining_two_recycled_units_ends_at_zero_as_in_the_official_code():
+    """All incoming rows are re-drawn first, then all outgoing columns zeroed: W2[k, i] (unit
+    i's outgoing column, unit k's incoming row) is 0 afterwards, not re-drawn."""
+    from dormant.methods.redo import recycle_all
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    sites = find_sites(model, torch.rand(3, 4))
+    units = {sites[0].name: torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.bool),
+             sites[1].name: torch.tensor([0, 0, 1, 0, 0], dtype=torch.bool)}
+    before = copy.deepcopy(model)
+    assert recycle_all(model, sites, units) == 2
+    w2 = model[2].weight.detach()
+    assert w2[2, 1] == 0                                     # the joining weight
+    assert (w2[2] != before[2].weight[2]).all()              # row 2 re-drawn, [2, 1] zeroed
+    assert (w2[:, 1] == 0).all() and (model[4].weight[:, 2] == 0).all()

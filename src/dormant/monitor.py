@@ -141,11 +141,12 @@ def never_active(s: SiteStats) -> torch.Tensor:
 
 @CRITERIA.register("dormant")
 def dormant(s: SiteStats, tau: float = 0.0) -> torch.Tensor:
-    """ReDo (Sokar et al. 2023): score_u = E|a_u| / mean_k E|a_k| <= tau (layer-normalised)."""
+    """ReDo (Sokar et al. 2023): score_u = E|a_u| / (mean_k E|a_k| + 1e-9) <= tau
+    (layer-normalised; the 1e-9 as in the official code)."""
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
     m = s.mean_abs
-    score = m / m.mean().clamp_min(torch.finfo(m.dtype).tiny)
+    score = m / (m.mean() + 1e-9)
     return score <= tau
 
 

@@ -29,6 +29,7 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -72,12 +73,14 @@ def official_round(w_end: Mapping[str, torch.Tensor], w_start: Mapping[str, torc
     a = torch.cat([w_end[k][live[k]].abs().double().flatten() for k in keys]).cpu().numpy()
     if a.size == 0:
         return live, 0
-    n_ap = int(a.size * p_ap)
-    thr = float(np.percentile(a, 100 * (rate - p_ap)))
+    # the released code computes in integer percent (p = 20, p_AP = 2): round away float
+    # noise so that 100 (0.2 - 0.02) is its 18, not 18.000000000000004
+    n_ap = math.floor(round(a.size * p_ap, 9))
+    thr = float(np.percentile(a, round(100 * (rate - p_ap), 9)))
     new = {k: live[k] & ~(w_end[k].abs().double() < thr) for k in keys}
     cand = {k: new[k] & (w_end[k] < 0) for k in keys}
     d = torch.cat([(w_end[k] - w_start[k]).abs()[cand[k]].flatten() for k in keys])
-    if n_ap == 0 or d.numel() == 0:
+    if d.numel() == 0:       # n_AP = 0 still prunes the least moved one (+ ties), as released
         return new, 0
     t = d.sort().values[min(n_ap, d.numel() - 1)]
     pruned = 0

@@ -38,7 +38,7 @@ from ..sites import _unwrap
 from ..units import Slice, incoming, outgoing, tensor, unit_mask_for
 from .base import Method, PeriodicOptions
 
-__all__ = ["ReDo", "recycle"]
+__all__ = ["ReDo", "recycle", "recycle_all"]
 
 
 def _fresh(model: nn.Module, module_name: str) -> nn.Module:
@@ -63,22 +63,32 @@ def recycle(model: nn.Module, site, units: torch.Tensor,
     """Re-initialise the incoming and zero the outgoing weights of `units` (bool[U]) of
     `site`, resetting their optimizer state. `bias="zero"` sets the producer's bias of the
     units to 0 and leaves its optimizer state alone, as the official code does. Returns the
-    number of units recycled."""
-    if not units.any():
-        return 0
+    number of units recycled. Several sites: `recycle_all` (the official order)."""
+    return recycle_all(model, [site], {site.name: units}, optimizer, bias)
+
+
+@torch.no_grad()
+def recycle_all(model: nn.Module, sites, units: dict[str, torch.Tensor],
+                optimizer: torch.optim.Optimizer | None = None, bias: str = "redraw") -> int:
+    """`recycle` at every site in the official code's order: every site's incoming weights
+    are re-drawn first, then every site's outgoing weights zeroed, so a weight joining two
+    recycled units (the outgoing column of one, the incoming row of the next) ends at 0."""
     model = _unwrap(model)
-    fresh: dict[str, nn.Module] = {}
-    for sl in incoming(model, site):
-        if bias == "zero" and sl.kind == "bias":
-            _write(model, sl, units, site.num_units, None, None)
-            continue
-        owner, _, attr = sl.name.rpartition(".")
-        if owner not in fresh:
-            fresh[owner] = _fresh(model, owner)
-        _write(model, sl, units, site.num_units, getattr(fresh[owner], attr), optimizer)
-    for sl in outgoing(model, site):
-        _write(model, sl, units, site.num_units, None, optimizer)
-    return int(units.sum())
+    todo = [(s, units[s.name]) for s in sites if s.name in units and units[s.name].any()]
+    for site, flags in todo:
+        fresh: dict[str, nn.Module] = {}
+        for sl in incoming(model, site):
+            if bias == "zero" and sl.kind == "bias":
+                _write(model, sl, flags, site.num_units, None, None)
+                continue
+            owner, _, attr = sl.name.rpartition(".")
+            if owner not in fresh:
+                fresh[owner] = _fresh(model, owner)
+            _write(model, sl, flags, site.num_units, getattr(fresh[owner], attr), optimizer)
+    for site, flags in todo:
+        for sl in outgoing(model, site):
+            _write(model, sl, flags, site.num_units, None, optimizer)
+    return sum(int(f.sum()) for _, f in todo)
 
 
 def _write(model, sl: Slice, units, num_units, source, optimizer) -> None:
@@ -120,9 +130,8 @@ class ReDo(Method):
         recycled = 0
         if act:
             with self.seeded():
-                for site in self.sites:
-                    recycled += recycle(self.model, site, dormant[site.name], self.optimizer,
-                                        bias=self.opts.bias)
+                recycled = recycle_all(self.model, self.sites, dormant, self.optimizer,
+                                       bias=self.opts.bias)
         self.recycled_total += recycled
         self.metrics = {"redo/dormant_units": sum(int(d.sum()) for d in dormant.values()),
                         "redo/recycled": recycled, "redo/recycled_total": self.recycled_total}
