@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import dormant
 from dormant.cli import main
+from dormant.methods import build
 from dormant.data.base import CorruptDataError, DataNotFoundError
 from dormant.experiments import ExperimentConfig, run_experiment
 from dormant.experiments.rundir import CorruptRunError, run_lock
@@ -324,12 +326,29 @@ def _yaml(tmp_path, text: str) -> str:
     (["run", "--method", "ap", "--method-args", "rounds=1,epochs_per_round=1", "--epochs", "2",
       "--activation", "tanh", "--dataset", "synthetic"],
      "ap: the model has no site with activations ['relu'] (it has ['tanh'])"),
+    (["run", "--device", "mps"], "device 'mps': this PyTorch has no usable mps"),
+    (["run", "--device", "cuda:0"], "device 'cuda:0': CUDA is not available"),
+    (["run", "--root", "/etc/passwd"], "root: /etc/passwd is a file, not a folder"),
+    (["run", "--tensorboard", "/proc/dormant-tb"], "tensorboard: cannot write to /proc/dormant-tb"),
+    (["run", "--seed", str(10 ** 20)], "seed must be an integer in [0, 2**63), got 1000000"),
+    (["run", "--dataset", "synthetic", "--model-args", "width=100000000000"],
+     "does not fit in memory"),
+    (["run", "--dataset-args", "num_train=-1"], "dataset 'mnist1d': num_train must be >= 1, got -1"),
+    (["run", "--dataset", "synthetic", "--dataset-args", "dim=0"], "dim must be >= 1, got 0"),
+    (["run", "--dataset", "synthetic", "--method", "structured", "--method-args",
+      "widths={'act1':0}"], "widths: every final width must be an integer >= 1"),
+    (["compare", "--preset", "dying-relu", "--seeds", "a,b"],
+     "--seeds: expected comma-separated integers, e.g. 0,1,2; got 'a,b'"),
     (["doctor", "runs/x", "--tau", "0.1"], "--tau applies to --criterion dormant only"),
     (["doctor", "runs/x", "--criterion", "dead"], "unknown criterion 'dead'; valid criteria"),
 ])
 def test_bad_input_is_refused_without_a_traceback(argv, message, capsys, tmp_path):
-    if argv[0] == "run":
-        argv = argv + ["--root", str(tmp_path)] + ([] if "--epochs" in argv else ["--epochs", "1"])
+    if "cuda:0" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if argv[0] in ("run", "compare") and "--root" not in argv:
+        argv = argv + ["--root", str(tmp_path)]
+    if argv[0] == "run" and "--epochs" not in argv:
+        argv = argv + ["--epochs", "1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -343,6 +362,12 @@ def test_bad_input_is_refused_without_a_traceback(argv, message, capsys, tmp_pat
     ("base: {epochs: true}\nvariants: {a: {}}\n", "epochs: expected int, got True"),
     ("base: {activation: shifted_relu, activation_args: {tau: .nan}}\nvariants: {a: {}}\n",
      "tau: expected a float, got nan"),
+    ("title: [1, 2]\nvariants: {a: {}}\n", "title: expected a string, got [1, 2]"),
+    ("variants: {1: {}, b: {}}\n", "variants: every variant needs a name (a non-empty string"),
+    ("variants: {null: {}}\n", "variants: every variant needs a name"),
+    ("columns: test_acc\nvariants: {a: {}}\n", "columns: expected a list of metric keys"),
+    ("base: {dataset: synthetic, dataset_args: {num_test: 0}}\nvariants: {a: {}}\n",
+     "dataset 'synthetic': num_test must be >= 1, got 0"),
 ])
 def test_bad_comparison_files_are_refused(text, message, tmp_path, capsys):
     assert main(["compare", "--config", _yaml(tmp_path, text), "--root", str(tmp_path)]) == 2
@@ -379,3 +404,142 @@ def test_the_diagnosis_header_states_the_criterion_used(criterion, params, words
     assert str(report).splitlines()[0] == f"dead = {criterion}: {words}" + (
         " (exactly 0 for activations that can be negative)" if criterion == "never_active"
         else " (ReDo's score)" if criterion == "dormant" else "")
+
+
+# -- files: refused naming the file, nothing half written ---------------------------------------
+def test_an_existing_file_as_compare_out_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    spec = _yaml(tmp_path, "base: {dataset: synthetic, epochs: 1}\nvariants: {a: {}}\nseeds: [0]\n")
+    argv = ["compare", "--config", spec, "--root", str(tmp_path / "runs"), "--out",
+            str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    assert "out: " in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/metrics.jsonl")), "nothing trains"
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["empty", "list", "no model", "wrong model"])
+def test_empty_or_wrong_typed_checkpoints_are_refused(tmp_path, damage):
+    from dormant.train.callbacks import save_checkpoint
+    rd, _ = _interrupted(tmp_path)
+    path = rd / "checkpoint.pt"
+    state = load_checkpoint(path)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "list":
+        torch.save([1, 2, 3], path)
+    elif damage == "no model":
+        torch.save({"epoch": 1, "step": 3}, path)
+    else:
+        save_checkpoint({**state, "model": {"fc.weight": torch.zeros(2)}}, path)
+    with pytest.raises(CorruptCheckpointError, match=r"(?s)checkpoint.pt .*(delete|cannot)"):
+        run_experiment(TINY, tmp_path, **QUIET)
+
+
+def _comparison(tmp_path):
+    from dormant.experiments.compare import CompareSpec, run_compare
+    spec = CompareSpec.from_dict({"base": {"dataset": "synthetic", "epochs": 1},
+                                  "variants": {"a|b <i>": {}, r"x$\q^$": {"lr": 0.1}},
+                                  "seeds": [0], "title": "t"})
+    run_compare(spec, tmp_path / "runs", tmp_path / "cmp", show_progress=False,
+                log=lambda *a: None)
+    return tmp_path / "cmp"
+
+
+def test_variant_names_are_escaped_in_compare_md_and_plotted_as_text(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dormant.report import load_comparison, plot_curves
+    from dormant.report.html import write_report
+    out = _comparison(tmp_path)
+    md = (out / "compare.md").read_text()
+    assert "| a\\|b &lt;i&gt; |" in md and "<i>" not in md
+    cmp = load_comparison(out)
+    assert cmp.variants == ["a|b <i>", r"x$\q^$"]
+    write_report(out)                         # "$\q^$" is not read as (broken) mathtext
+    plot_curves(cmp, ["test_acc"], out / "curves.png")
+    assert (out / "report.html").exists() and (out / "curves.png").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("json:{", "compare.json is damaged (JSONDecodeError"),
+    ("json:[1, 2]", "compare.json is damaged or not a comparison (expected an object, got list)"),
+    ('json:{"spec": {}, "rows": [], "runs": 3}', "'runs' should be a list"),
+    ('json:{"spec": {}, "rows": [], "runs": [{"variant": 1}]}', "lacks its variant or run_dir"),
+    ("gz:flip", "runs.jsonl.gz is damaged"),
+    ("gz:truncate", "runs.jsonl.gz is damaged"),
+    ("gz:not-runs", "runs.jsonl.gz is damaged (an entry lacks its run_dir or metrics)"),
+])
+def test_damaged_comparison_files_are_refused_naming_the_file(tmp_path, damage, message, capsys):
+    out = _comparison(tmp_path)
+    kind, _, how = damage.partition(":")
+    if kind == "json":
+        (out / "compare.json").write_text(how)
+    else:
+        import shutil
+        shutil.rmtree(tmp_path / "runs")             # read from the archive
+        path = out / "runs.jsonl.gz"
+        raw = bytearray(path.read_bytes())
+        if how == "flip":
+            raw[len(raw) // 2] ^= 0xFF
+        elif how == "truncate":
+            raw = raw[:len(raw) // 2]
+        else:
+            raw = bytearray(gzip.compress(b'{"a": 1}\n'))
+        path.write_bytes(bytes(raw))
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_full_disk_leaves_no_half_checkpoint_and_says_what_to_do(tmp_path, monkeypatch):
+    import dormant.train.callbacks as cb
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith(".tmp"):
+            Path(f).write_bytes(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter "
+                               "failed writing file data/0: file write failed")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(cb.torch, "save", full)
+    with pytest.raises(OSError, match=r"checkpoint.pt: could not write the checkpoint .* free "
+                                      r"some space and run the same command again"):
+        run_experiment(TINY, tmp_path, **QUIET)
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
+def test_a_killed_compare_worker_is_a_clear_error_and_the_rerun_resumes(tmp_path):
+    spec = _yaml(tmp_path, "base: {dataset: synthetic, epochs: 40, model_args: {width: 512}}\n"
+                           "variants: {a: {}, b: {lr: 0.1}}\nseeds: [0]\n")
+    argv = [sys.executable, "-m", "dormant.cli", "compare", "--config", spec, "--root",
+            str(tmp_path / "runs"), "--jobs", "2", "--no-progress"]
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.time() + 120, []
+    while len(workers) < 2 and time.time() < deadline:
+        time.sleep(0.3)
+        workers = [c for c in _children(parent.pid)
+                   if b"spawn" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) >= 2, "the workers did not start"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 2, err[-2000:]
+    assert "a worker process of the comparison died" in err and "Traceback" not in err
+
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: dormant.ActivityMonitor(m, example_input=x, eps=float("nan")),
+     "eps must be a finite number >= 0, got nan"),
+    (lambda m, x: dormant.diagnose(m, x, eps=float("nan")), "eps must be a finite number"),
+    (lambda m, x: build("demp", target="all").prepare(m, None, probe=x, total_steps=0),
+     "demp: prepare(): total_steps must be an integer >= 1"),
+    (lambda m, x: build("redo").prepare(m, None, probe=x, epochs=0),
+     "redo: prepare(): epochs must be an integer >= 1"),
+    (lambda m, x: build("structured", widths={"1": 0}), "widths: every final width must be"),
+])
+def test_bad_values_given_to_the_api_are_refused_naming_the_option(call, message):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError) as err:
+        call(model, torch.rand(16, 4))
+    assert message in str(err.value)

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
+from .experiments.compare import WorkerDiedError
 from .experiments.config import _MAPPINGS, ConfigError, ExperimentConfig, load_config_file
 from .train.loop import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
 
@@ -202,7 +203,11 @@ def cmd_compare(args) -> int:
         spec = CompareSpec.from_dict(load_config_file(args.config))
     spec.base = spec.base.override(**_overrides(args))
     if args.seeds:
-        spec.seeds = [int(s) for s in args.seeds.split(",")]
+        try:
+            spec.seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds: expected comma-separated integers, e.g. 0,1,2; got "
+                              f"{args.seeds!r}") from None
     rank = _distributed()
     if args.jobs > 1 and torch_distributed_on():
         raise ConfigError("under torchrun every rank trains each run together: use --jobs 1")
@@ -338,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, UnknownNameError, DataNotFoundError, CorruptDataError,
-            FileNotFoundError, ValueError, ImportError) as err:
+            OSError, ValueError, ImportError, WorkerDiedError) as err:
         print(f"dormant: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

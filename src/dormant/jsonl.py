@@ -32,5 +32,9 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     """Replace `path` atomically (a kill leaves the old file or the new one, never half)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    except OSError:             # disk full: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise

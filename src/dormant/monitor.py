@@ -143,8 +143,8 @@ def never_active(s: SiteStats) -> torch.Tensor:
 def dormant(s: SiteStats, tau: float = 0.0) -> torch.Tensor:
     """ReDo (Sokar et al. 2023): score_u = E|a_u| / (mean_k E|a_k| + 1e-9) <= tau
     (layer-normalised; the 1e-9 as in the official code)."""
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
+    if not tau >= 0:
+        raise ValueError(f"tau must be a number >= 0, got {tau}")
     m = s.mean_abs
     score = m / (m.mean() + 1e-9)
     return score <= tau
@@ -210,8 +210,8 @@ class ActivityMonitor:
             raise ValueError(f"every must be >= 1, got {every}")
         if mode not in ("train", "eval", "any"):
             raise ValueError(f"mode must be 'train', 'eval' or 'any', got {mode!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not eps >= 0 or eps == float("inf"):       # nan fails every comparison
+            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         self.model = _unwrap(model)
         if sites is None:
             if example_input is None:

@@ -658,7 +658,7 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
             if trace == "fx":
                 raise
             warnings.warn(f"dormant: torch.fx could not trace {type(model).__name__} "
-                          f"({str(err).splitlines()[0][:200]}); sites come from the recorded "
+                          f"({''.join(str(err).splitlines()[:1])[:200]}); sites come from the recorded "
                           "data flow of one forward pass instead", stacklevel=2)
             sites = _dataflow_sites(model, example_input)
     sites, unknown = _with_fused(model, sites)

@@ -111,7 +111,7 @@ class Table:
                 for row in self.rows]
 
     def to_markdown(self) -> str:
-        line = lambda cells: "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+        line = lambda cells: "|" + "|".join(f" {_md(c)} " if c else " " for c in cells) + "|"
         rule = "|" + "".join("---|" if c.align == "left" else "---:|" for c in self.columns)
         return "\n".join([line(c.title for c in self.columns), rule] +
                          [line(r) for r in self._text()])
@@ -152,3 +152,11 @@ def rows_table(rows: Sequence[dict], columns: Sequence[Column]) -> Table:
         t.add(r["variant"], r["seeds"], *(Stat(*r[c.key], r["seeds"]) if c.key in r else None
                                           for c in cols))
     return t
+
+
+def _md(cell: str) -> str:
+    """A cell as Markdown table text: a `|` would end the cell, a line break the row, and
+    ``<...>`` would be HTML to a renderer; emphasis the table writes itself is kept."""
+    return (str(cell).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+            .replace("<", "&lt;").replace(">", "&gt;"))
+

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -64,10 +64,27 @@ def carve_val(inputs: torch.Tensor, targets: torch.Tensor, val_size: int,
     return Split(inputs[tr], targets[tr]), Split(inputs[val], targets[val])
 
 
+def check_sizes(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse sizes that make no dataset: num_train, num_test, dim, ... >= 1, num_classes
+    >= 2 (cheap: a comparison checks every variant's before its first run)."""
+    for key, value in kwargs.items():
+        least = 2 if key == "num_classes" else 1
+        if (key.startswith("num_") or key == "dim") and isinstance(value, int) and value < least:
+            raise ValueError(f"dataset {name!r}: {key} must be >= {least}, got {value}")
+
+
 def load_dataset(name: str, *, val_size: int | None = None, **kwargs) -> Dataset:
     """Load a registered dataset (`dormant list` shows them)."""
     loader = DATASETS.get(name)
-    return loader(val_size=val_size, **kwargs)
+    check_sizes(name, kwargs)
+    data = loader(val_size=val_size, **kwargs)
+    for split in ("train", "val", "test"):
+        part = getattr(data, split)
+        if len(part) == 0 or part.inputs[0].numel() == 0:
+            raise ValueError(f"dataset {name!r} ({kwargs or 'defaults'}): its {split} split "
+                             f"has no {'samples' if len(part) == 0 else 'input features'} "
+                             f"(inputs {tuple(part.inputs.shape)})")
+    return data
 
 
 def batches(split: Split, batch_size: int, *, shuffle: bool = False,

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from ..tables import Column, Table, mean_std, rows_table
 from .config import ConfigError, ExperimentConfig
 from .run import run_experiment
+from .rundir import writable_dir
 
 # (metric key in the final epoch, column title, scale, format)
 COLUMNS = (
@@ -70,14 +71,25 @@ class CompareSpec:
             raise ConfigError("variants: expected a mapping of variant name -> config "
                               "overrides, e.g. {relu: {activation: relu}, ...}; got "
                               f"{type(variants).__name__}")
+        bad = [k for k in variants if not isinstance(k, str) or not k.strip()]
+        if bad:
+            raise ConfigError(f"variants: every variant needs a name (a non-empty string; "
+                              f"quote numbers and null in YAML), got {bad}")
         if not isinstance(d.get("base", {}), Mapping):
             raise ConfigError("base: expected a mapping of config keys")
+        for key in ("title", "description", "name"):
+            if not isinstance(d.get(key, ""), str):
+                raise ConfigError(f"{key}: expected a string, got {d[key]!r}")
+        columns = d.get("columns", ())
+        if not isinstance(columns, (list, tuple)) or not all(isinstance(c, str) for c in columns):
+            raise ConfigError(f"columns: expected a list of metric keys, e.g. [test_acc], got "
+                              f"{columns!r}")
         seeds = d.get("seeds", (0, 1, 2))
         if not isinstance(seeds, (list, tuple)) or not all(
                 isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ConfigError(f"seeds: expected a list of integers, got {seeds!r}")
         return cls(ExperimentConfig.from_dict(d.get("base", {})), dict(variants), list(seeds),
-                   d.get("title", ""), d.get("description", ""), list(d.get("columns", ())),
+                   d.get("title", ""), d.get("description", ""), list(columns),
                    str(d.get("name", "")))
 
     def configs(self) -> list[tuple[str, ExperimentConfig]]:
@@ -183,6 +195,7 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=Non
         return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     threads = run_threads(jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_die_with,
                              initargs=(os.getpid(),)) as pool:
@@ -190,9 +203,20 @@ def _run_all(configs, root, jobs: int, show_progress: bool, log, tensorboard=Non
                    for _, cfg in configs]
         out = []
         for i, ((name, cfg), fut) in enumerate(zip(configs, futures), start=1):
-            out.append(fut.result())
+            try:
+                out.append(fut.result())
+            except BrokenProcessPool:
+                raise WorkerDiedError(
+                    f"a worker process of the comparison died (killed, or out of memory) while "
+                    f"{len(configs) - len(out)} run(s) were unfinished: run the same command "
+                    "again to resume (finished runs are reused, interrupted ones resume from "
+                    "their last checkpoint)") from None
             done(i, name, cfg, out[-1])
     return out
+
+
+class WorkerDiedError(RuntimeError):
+    """A process of a comparison's pool died; what is finished is kept."""
 
 
 def invocation() -> str:
@@ -260,6 +284,9 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
     configs = spec.configs()
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    for option, folder in (("root", root), ("out", out), ("tensorboard", tensorboard)):
+        if folder is not None:           # before the first run trains, not after the last
+            writable_dir(folder, option)
     from ..report import machine
     where = machine(run_threads(jobs))   # the code the runs start with, not what HEAD is later
     results = list(zip([n for n, _ in configs],

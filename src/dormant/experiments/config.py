@@ -84,6 +84,8 @@ class ExperimentConfig:
             (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
             (self.device == "cpu" or self.device.startswith(("cuda", "mps")),
              f"device must be cpu, cuda[:N] or mps, got {self.device!r}"),
+            (_device_usable(self.device), f"device {self.device!r}: {_device_problem(self.device)}"),
+            (0 <= self.seed < 2 ** 63, f"seed must be an integer in [0, 2**63), got {self.seed}"),
             (self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.memory_format in MEMORY_FORMATS, f"memory_format must be one of "
@@ -107,6 +109,11 @@ class ExperimentConfig:
         _check_names("init", self.init, INITS.get(self.init), self.init_args, skip=3)
         _check_names("dataset", self.dataset, DATASETS.get(self.dataset), self.dataset_args,
                      skip=1)
+        from ..data.base import check_sizes
+        try:
+            check_sizes(self.dataset, self.dataset_args)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _check_names("activation", self.activation, ACTIVATIONS.get(self.activation),
                      self.activation_args, skip=0)
         try:
@@ -261,4 +268,25 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def _device_problem(device: str) -> str:
+    """Why `device` cannot be used here ('' when it can)."""
+    import torch
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine (use --device cpu)"
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            return (f"no such CUDA device (this machine has {torch.cuda.device_count()}: "
+                    "cuda:0 ...)")
+    if device == "mps" and not (torch.backends.mps.is_built() and torch.backends.mps.is_available()):
+        return "this PyTorch has no usable mps (Apple GPU) support (use --device cpu)"
+    if device.startswith("mps") and device != "mps":
+        return "expected mps"
+    return ""
+
+
+def _device_usable(device: str) -> bool:
+    return not _device_problem(device)
 

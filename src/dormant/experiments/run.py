@@ -32,7 +32,7 @@ from ..train.loop import rank_and_world
 from ..jsonl import write_jsonl
 from ..train.callbacks import TaskCallback, load_checkpoint
 from .config import ExperimentConfig
-from .rundir import CorruptRunError, run_lock, write_json
+from .rundir import CorruptRunError, run_lock, writable_dir, write_json
 
 
 def run_dir(cfg: ExperimentConfig, root: str | os.PathLike = "runs") -> Path:
@@ -61,8 +61,15 @@ def build(cfg: ExperimentConfig, data=None):
         data = load_dataset(cfg.dataset, val_size=None if cfg.val_size < 0 else cfg.val_size,
                             **cfg.dataset_args).to(cfg.device)
     act = functools.partial(make_activation, cfg.activation, **cfg.activation_args)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, activation=act,
-                        **cfg.model_args)
+    try:
+        model = build_model(cfg.model, data.input_shape, data.num_classes, activation=act,
+                            **cfg.model_args)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
+            raise
+        raise ValueError(f"model {cfg.model!r} with model_args {dict(cfg.model_args)} does not "
+                         f"fit in memory ({''.join(str(err).splitlines()[:1])[:160]}): choose smaller "
+                         "widths") from None
     initialize(cfg.init, model, data.train.inputs[:1024], cfg.activation, **cfg.init_args)
     return data, model.to(cfg.device)
 
@@ -75,8 +82,9 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     `epoch_log(line)` receives one line per finished epoch; `tensorboard`, a folder, gets the
     run's TensorBoard logs under the run's name."""
     cfg.validate()
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+    writable_dir(root, "root")
+    if tensorboard is not None:
+        writable_dir(tensorboard, "tensorboard")
     rd = run_dir(cfg, root)
     if (rd / "result.json").exists():
         return _finished(rd, cfg, log)

@@ -24,18 +24,41 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["CorruptRunError", "run_lock", "write_json"]
+__all__ = ["CorruptRunError", "run_lock", "writable_dir", "write_json"]
 
 
 class CorruptRunError(ValueError):
     """A file of a run directory is damaged or foreign; the message says what to do."""
 
 
+def writable_dir(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a folder this process can write (created if missing), checked before any
+    training: a file in its place, or a folder that cannot be written, is refused naming
+    `option`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option}: {path} is a file, not a folder: give a folder (it is "
+                         "created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".dormant-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{option}: cannot write to {path} ({err.strerror or err}): give a "
+                         "folder you can write") from None
+    return path
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a temporary file, then a rename."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:             # disk full: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _owner(lock: Path) -> str:

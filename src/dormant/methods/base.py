@@ -159,6 +159,11 @@ class Method:
                                  "depends on the run's length)" if need != "probe" else
                                  f"{self.name}: prepare() needs probe=... (the data its "
                                  "decisions observe: a tensor, a DataLoader, ...)")
+        for key, value in (("total_steps", total_steps), ("epochs", epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{self.name}: prepare(): {key} must be an integer >= 1 (the "
+                                 f"run's length), got {value!r}")
         self.check_budget(epochs=epochs, total_steps=total_steps)
         _check_optimizer(self.name, model, optimizer)
         self.model, self.optimizer = model, optimizer

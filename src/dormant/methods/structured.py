@@ -63,6 +63,10 @@ class StructuredPruning(Structural):
         def check(self, owner: str) -> None:
             check_option(self.start < self.end, owner,
                          f"start: expected start < end, got start={self.start}, end={self.end}")
+            bad = {k: v for k, v in (self.widths or {}).items()
+                   if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+            check_option(not bad, owner, f"widths: every final width must be an integer >= 1 "
+                                         f"(a site keeps at least one unit), got {bad}")
 
     def __init__(self, **options):
         super().__init__(**options)

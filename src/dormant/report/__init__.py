@@ -86,7 +86,36 @@ def _compare_json(out: Path) -> dict:
     path = out / "compare.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `dormant compare ... --out {out}` first")
-    return json.loads(path.read_text())
+    fix = (f"re-run the comparison with `--out {out}` (finished runs are reused, so it only "
+           "rewrites the files)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}): {fix}"
+                         ) from None
+    problem = _compare_problem(data)
+    if problem:
+        raise ValueError(f"{path} is damaged or not a comparison ({problem}): {fix}")
+    return data
+
+
+def _compare_problem(data) -> str:
+    """What is wrong with a compare.json's structure ('' when nothing)."""
+    if not isinstance(data, dict):
+        return f"expected an object, got {type(data).__name__}"
+    for key, kind in (("spec", dict), ("rows", list), ("runs", list)):
+        if not isinstance(data.get(key), kind):
+            return f"{key!r} should be a{'n object' if kind is dict else ' list'}"
+    for r in data["runs"]:
+        if not (isinstance(r, dict) and isinstance(r.get("variant"), str)
+                and isinstance(r.get("run_dir"), str)):
+            return f"a run entry {str(r)[:80]} lacks its variant or run_dir"
+    if not all(isinstance(r, dict) for r in data["rows"]):
+        return "a row is not an object"
+    for key in ("titles", "formats"):
+        if not isinstance(data.get(key, {}), dict):
+            return f"{key!r} should be an object"
+    return ""
 
 
 def _resolve(run_dir: str, out: Path, root: str | os.PathLike | None) -> Path:
@@ -115,12 +144,20 @@ def _archived(out: Path) -> list[dict] | None:
     path = out / HISTORIES
     if not path.exists():
         return None
+    import zlib
+    fix = ("delete it to read the run directories instead, or re-run the comparison "
+           "(finished runs are reused)")
     try:
         with gzip.open(path, "rt") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, EOFError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({e}); delete it to read the run directories "
-                         "instead, or re-run the comparison (finished runs are reused)") from None
+            runs = [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); {fix}"
+                         ) from None
+    if not all(isinstance(r, dict) and isinstance(r.get("run_dir"), str)
+               and isinstance(r.get("metrics"), list)
+               and all(isinstance(m, dict) for m in r["metrics"]) for r in runs):
+        raise ValueError(f"{path} is damaged (an entry lacks its run_dir or metrics); {fix}")
+    return runs
 
 
 def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = None) -> Comparison:
@@ -328,6 +365,12 @@ def results_block(page: str | os.PathLike, folder: str | os.PathLike,
     return write_block(page, block or folder.name, make(*cmps).to_markdown())
 
 
+def plain(text) -> str:
+    """`text` shown as it is in a figure: matplotlib would read ``$...$`` as mathtext (and
+    fail on a variant name like ``a$b``)."""
+    return str(text).replace("$", r"\$")
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -349,10 +392,10 @@ def plot_series(panels: Sequence[tuple[str, Series]], path: str | os.PathLike, *
     for ax, (title, series) in zip(axes[0], panels):
         for v, (x, m, s) in series.items():
             x = [x_transform(t) for t in x] if x_transform else x
-            ax.plot(x, [scale * t for t in m], marker="o", ms=2.5, color=colors[v], label=v)
+            ax.plot(x, [scale * t for t in m], marker="o", ms=2.5, color=colors[v], label=plain(v))
             ax.fill_between(x, [scale * (a - b) for a, b in zip(m, s)],
                             [scale * (a + b) for a, b in zip(m, s)], alpha=0.2, color=colors[v])
-        ax.set_title(title, fontsize=10)
+        ax.set_title(plain(title), fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
         ax.grid(alpha=0.3)
@@ -379,13 +422,13 @@ def plot_curves(cmp: Comparison, keys: Sequence[str], path: str | os.PathLike, *
             m = [k * x for x in mean]
             lo = [k * (x - s) for x, s in zip(mean, std)]
             hi = [k * (x + s) for x, s in zip(mean, std)]
-            ax.plot(ep, m, label=variant, marker="o", ms=2.5, color=colors[variant])
+            ax.plot(ep, m, label=plain(variant), marker="o", ms=2.5, color=colors[variant])
             ax.fill_between(ep, lo, hi, alpha=0.2, color=colors[variant])
-        ax.set_title(titles.get(key, key), fontsize=10)
+        ax.set_title(plain(titles.get(key, key)), fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[v], marker="o", ms=3) for v in cmp.variants]
-    fig.legend(handles, cmp.variants, loc="lower center", ncol=min(len(handles), 5), fontsize=8,
+    fig.legend(handles, [plain(v) for v in cmp.variants], loc="lower center", ncol=min(len(handles), 5), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(handles) - 1) // 5), 1, 1))
     path = Path(path)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from . import Comparison, _pyplot, by_round, curves, load_comparison, run_dirs
+from . import Comparison, _pyplot, by_round, curves, load_comparison, plain, run_dirs
 from ..tables import Column, mean_std, rows_table
 
 __all__ = ["write_report", "FIGURES"]
@@ -48,11 +48,11 @@ def _curve_panels(cmp: Comparison, keys: list[tuple[str, str, float]]) -> bytes:
     for ax, (key, title, scale) in zip(axes[0], keys):
         for variant, (ep, mean, std) in curves(cmp, key).items():
             ax.plot(ep, [scale * m for m in mean], marker="o", ms=2.5, color=colors[variant],
-                    label=variant)
+                    label=plain(variant))
             ax.fill_between(ep, [scale * (m - s) for m, s in zip(mean, std)],
                             [scale * (m + s) for m, s in zip(mean, std)], alpha=0.2,
                             color=colors[variant])
-        ax.set_title(title, fontsize=10)
+        ax.set_title(plain(title), fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # whole epochs
         ax.grid(alpha=0.3)
@@ -108,7 +108,7 @@ def fig_heatmap(cmp: Comparison) -> Figure | None:
         ax.set_yticklabels([k.split("/", 1)[1] for k in keys], fontsize=7)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(variant, fontsize=9)
+        ax.set_title(plain(variant), fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="dead %")
     return ("heatmap", "Dead units per site over training (% of the site's units, mean over "
             "seeds)", _png(fig))
@@ -127,7 +127,7 @@ def _final_bars(cmp: Comparison, prefix: str, scale: float, ylabel: str) -> byte
         vals = [mean_std([f[k] for f in finals if k in f]) if any(k in f for f in finals)
                 else (0.0, 0.0) for k in keys]
         ax.bar([j + i * width for j in range(len(keys))], [scale * m for m, _ in vals], width,
-               yerr=[scale * s for _, s in vals], color=colors[variant], label=variant)
+               yerr=[scale * s for _, s in vals], color=colors[variant], label=plain(variant))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
     ax.set_xticklabels([k.split("/", 1)[1] for k in keys], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
@@ -157,7 +157,7 @@ def fig_pruning(cmp: Comparison) -> Figure | None:
     fig, ax = plt.subplots(figsize=(5.0, 3.3))
     for variant, (x, m, s) in by_round(cmp, "test_acc").items():
         ax.errorbar([100 * t for t in x], [100 * t for t in m], [100 * t for t in s],
-                    marker="o", ms=3, color=colors[variant], label=variant)
+                    marker="o", ms=3, color=colors[variant], label=plain(variant))
     ax.set_xlabel("weight sparsity %")
     ax.set_ylabel("test accuracy %")
     ax.legend(fontsize=8)
@@ -180,7 +180,7 @@ def fig_units(cmp: Comparison) -> Figure | None:
         if finals:
             ax.bar([j + i * width for j in range(len(sites))],
                    [mean_std([f[s] for f in finals])[0] for s in sites], width,
-                   color=colors[variant], label=variant)
+                   color=colors[variant], label=plain(variant))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sites))])
     ax.set_xticklabels(sites, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("units alive")

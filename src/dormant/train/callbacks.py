@@ -260,8 +260,15 @@ def save_checkpoint(state: dict, path: Path) -> None:
     wrapped = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(wrapped, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(wrapped, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:   # disk full: torch's writer raises RuntimeError
+        tmp.unlink(missing_ok=True)
+        line = "".join(str(err).splitlines()[:1])[:160]
+        raise OSError(f"{path}: could not write the checkpoint ({line}): free some space and "
+                      "run the same command again; the run resumes from its last complete "
+                      "checkpoint") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -272,7 +279,7 @@ def load_checkpoint(path: Path) -> dict:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:      # truncated, not a torch file, unsafe pickle, ...
         raise CorruptCheckpointError(f"{path} cannot be read ({type(err).__name__}: "
-                                     f"{str(err).splitlines()[0][:200]}); {fix}") from None
+                                     f"{''.join(str(err).splitlines()[:1])[:200]}); {fix}") from None
     if isinstance(outer, dict) and outer.get("format") == CHECKPOINT_FORMAT:
         payload = outer["payload"].numpy().tobytes()
         if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
