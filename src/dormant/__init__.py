@@ -16,6 +16,8 @@ __all__ = [
 
 
 _LAZY = ("methods", "batching", "options", "train", "experiments", "report")
+_LAZY_NAMES = {"compact": "compaction", "save_compacted": "compaction", "load_compacted": "compaction",
+               "sparse_inference": "sparse"}
 
 
 def __getattr__(name: str):
@@ -24,4 +26,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:      # speed tools: dormant.compact(...), dormant.sparse_inference(...)
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'dormant' has no attribute {name!r}")

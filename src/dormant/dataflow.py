@@ -89,7 +89,9 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def _key(t: torch.Tensor) -> tuple[int, int]:
-    return id(t), t._version
+    # inference tensors (under torch.inference_mode) have no version counter: in-place
+    # updates of them are rare in a forward pass and keep one key
+    return id(t), (0 if t.is_inference() else t._version)
 
 
 class _Recorder(TorchFunctionMode):

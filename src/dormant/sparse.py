@@ -1,0 +1,239 @@
+"""Activation sparsity as speed: consumers that read only the active units.
+
+With an exactly-sparse activation (ReLU, ReLU6, ReLU², shifted ReLU, soft threshold, CReLU,
+CST) most units output exactly 0 for a token, so the layer reading them needs only the
+columns of the active ones:
+
+    y = sum over i with h_i != 0 of  h_i * W[:, i]   (+ bias)
+
+exact up to the order of a float sum. `sparse_inference(model, ...)` makes every such site's
+consumer (a Linear or transformers' Conv1D) compute that sum with
+``F.embedding_bag(idx, W_t, per_sample_weights=h[idx])``, which reads the rows of the
+transposed weight in place (``W[:, idx]`` would copy them first and lose). The weight is kept
+in one layout only: a Linear's weight is re-laid out as the transpose of a contiguous
+``(units, out)`` tensor, and the dense path multiplies by that view. Past a crossover in
+active units, measured per site at setup (`max_active="auto"`), the dense product wins and is
+used. A gated MLP's up projection is also computed only for units whose gate is open (the gate
+is computed first, as Llama/Mistral/Qwen2 do). Nothing else changes: no second copy of any
+weight, the same parameters, `remove()` restores the layout. Pure PyTorch.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .sites import Site, _unwrap, find_sites, is_conv1d
+
+__all__ = ["EXACTLY_SPARSE", "SparseInference", "sparse_inference"]
+
+EXACTLY_SPARSE = frozenset({"relu", "relu6", "relu_squared", "shifted_relu", "soft_threshold",
+                            "crelu", "cst"})
+
+
+@dataclass
+class _Site:
+    """One site's sparse consumer: the module, its weight as (units, out) rows, and the
+    largest number of (token, active unit) pairs for which the gather beats dense."""
+    name: str
+    consumer: nn.Module
+    rows: torch.Tensor
+    max_pairs: float
+    up: nn.Module | None = None
+    calls: dict = field(default_factory=lambda: {"sparse": 0, "dense": 0})
+
+
+class SparseInference:
+    """The handle of `sparse_inference`: a context manager; `remove()` restores the model."""
+
+    def __init__(self, sites: list[_Site], restore: list):
+        self.sites = {s.name: s for s in sites}
+        self._restore = restore
+
+    def __enter__(self) -> "SparseInference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """The original forwards and weight layouts back (idempotent)."""
+        while self._restore:
+            self._restore.pop()()
+
+    def calls(self) -> dict[str, dict[str, int]]:
+        """Per site: how many consumer calls took the sparse and the dense path."""
+        return {n: dict(s.calls) for n, s in self.sites.items()}
+
+
+def sparse_inference(model: nn.Module, example_input=None, *, sites: Sequence[Site] | None = None,
+                     max_active: float | str = "auto", gated_up: bool = True) -> SparseInference:
+    """Make every exactly-sparse MLP site of `model` compute its consumer over the active
+    units only (see the module docstring); returns a handle (a context manager) whose
+    ``remove()`` undoes it.
+
+    example_input: a batch for site discovery (or pass `sites`). max_active: "auto" measures,
+    per site at setup, the share of active units up to which the gather is faster than the
+    dense product (one token; n tokens use the gather while n x active <= that count); a float
+    in [0, 1] sets it (1.0: always sparse). gated_up: also compute a gated unit's up
+    projection only where its gate is open.
+    Sites with a smooth activation (GELU, SiLU: no exact zeros) or whose units are read by
+    anything but one Linear/Conv1D are left dense, with a warning; none usable is an error.
+    """
+    model = _unwrap(model)
+    if not (max_active == "auto" or (isinstance(max_active, (int, float))
+                                     and 0 <= max_active <= 1)):
+        raise ValueError(f"max_active must be 'auto' or a share in [0, 1], got {max_active!r}")
+    if sites is None:
+        if example_input is None:
+            raise ValueError("sparse_inference needs example_input (a batch the model accepts) "
+                             "or sites=...")
+        sites = find_sites(model, example_input)
+    usable, skipped = [], []
+    for s in sites:
+        why = _unusable(model, s)
+        (skipped.append(f"{s.name} ({why})") if why else usable.append(s))
+    if not usable:
+        raise ValueError("sparse_inference: no site can skip inactive units: "
+                         f"{'; '.join(skipped)}. It needs an exactly-sparse activation "
+                         f"({', '.join(sorted(EXACTLY_SPARSE))}) read by one Linear layer")
+    if skipped:
+        warnings.warn(f"sparse_inference: left dense: {'; '.join(skipped)}", stacklevel=2)
+    restore: list = []
+    out = []
+    try:
+        for s in usable:
+            out.append(_install(model, s, max_active, gated_up, restore))
+    except BaseException:
+        while restore:
+            restore.pop()()
+        raise
+    return SparseInference(out, restore)
+
+
+def _unusable(model: nn.Module, site: Site) -> str:
+    """Why `site` cannot take the sparse path ('' when it can)."""
+    if site.activation not in EXACTLY_SPARSE:
+        return f"{site.activation} has no exact zeros"
+    if site.slab is not None or site.flatten_consumers or len(site.consumers) != 1:
+        return "not read by exactly one Linear layer"
+    if not site.consumers_complete:
+        return f"also read by {', '.join(site.readers) or 'an unknown operation'}"
+    m = model.get_submodule(site.consumers[0])
+    if not (isinstance(m, nn.Linear) or is_conv1d(m)):
+        return f"its consumer is a {type(m).__name__}"
+    return ""
+
+
+def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: list) -> _Site:
+    consumer = model.get_submodule(site.consumers[0])
+    weight = consumer.weight
+    if is_conv1d(consumer):                    # Conv1D stores (in, out): rows already
+        rows = weight.data
+    else:                                      # Linear (out, in): lay it out as (in, out)
+        rows = weight.data.t().contiguous()
+        weight.data = rows.t()
+        restore.append(lambda: setattr(weight, "data", weight.data.contiguous()))
+    units = rows.shape[0]
+    if max_active == "auto":
+        pairs = _crossover(rows, consumer)
+    else:                                      # 1.0: always sparse, whatever the tokens
+        pairs = int(max_active * units) if max_active < 1 else float("inf")
+    state = _Site(site.name, consumer, rows, pairs)
+    _patch(consumer, _sparse_forward(state), restore)
+    if gated_up and site.gated and not site.fused and site.act_module:
+        state.up = model.get_submodule(site.up)
+        _gate_up(model.get_submodule(site.act_module), state.up, restore)
+    return state
+
+
+def _patch(module: nn.Module, forward, restore: list) -> None:
+    module.forward = forward
+    restore.append(lambda: module.__dict__.pop("forward", None))
+
+
+def _sparse_forward(state: _Site):
+    consumer, rows = state.consumer, state.rows
+    bias = consumer.bias
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        idx = flat.ne(0).any(0).nonzero().flatten()          # active in any token
+        if flat.shape[0] * idx.numel() > state.max_pairs or idx.numel() == 0:
+            state.calls["dense"] += 1
+            y = flat @ rows
+        else:
+            state.calls["sparse"] += 1
+            y = F.embedding_bag(idx.expand(flat.shape[0], -1), rows,
+                                per_sample_weights=flat.index_select(1, idx), mode="sum")
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*h.shape[:-1], y.shape[-1])
+    return forward
+
+
+def _gate_up(act: nn.Module, up: nn.Module, restore: list) -> None:
+    """The up projection computed only for units whose gate is open: the gate's activation
+    (called first) leaves its open units for the up projection's next call."""
+    open_units: list = []
+
+    def seen(module, inputs, output):
+        flat = output.reshape(-1, output.shape[-1])
+        open_units[:] = [(flat.shape[0], flat.ne(0).any(0).nonzero().flatten())]
+
+    handle = act.register_forward_hook(seen)
+    restore.append(handle.remove)
+    weight, bias = up.weight, up.bias
+    dense = type(up).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        pending = open_units.pop() if open_units else None
+        flat = x.reshape(-1, x.shape[-1])
+        if pending is None or pending[0] != flat.shape[0] or \
+                pending[1].numel() * 2 > weight.shape[0]:
+            return dense(up, x)
+        idx = pending[1]
+        sub = F.linear(flat, weight.index_select(0, idx),
+                       bias.index_select(0, idx) if bias is not None else None)
+        out = flat.new_zeros(flat.shape[0], weight.shape[0]).index_copy_(1, idx, sub)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    _patch(up, forward, restore)
+
+
+@torch.no_grad()
+def _crossover(rows: torch.Tensor, consumer: nn.Module, reps: int = 5) -> int:
+    """The largest number of active units (one token) for which the gather is faster than
+    the dense product with this weight, measured on it."""
+    units = rows.shape[0]
+    h = torch.zeros(1, units, dtype=rows.dtype, device=rows.device)
+
+    def clock(fn) -> float:
+        fn()
+        if rows.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            if rows.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    dense = clock(lambda: h @ rows)
+    best = 0
+    for share in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7):
+        k = max(1, int(share * units))
+        idx = torch.arange(k, device=rows.device)
+        w = torch.ones(1, k, dtype=rows.dtype, device=rows.device)
+        if clock(lambda idx=idx, w=w: F.embedding_bag(idx[None], rows, per_sample_weights=w,
+                                                       mode="sum")) < dense:
+            best = k
+        else:
+            break
+    return best

@@ -1,0 +1,214 @@
+"""Dead and sparse units become speed. `sparse_inference` computes each exactly-sparse
+site's consumer over its active units (and a gated unit's up projection where its gate is
+open): equal to dense to float rounding for 1, 4 and 64 tokens, fp32 and bf16, greedy
+generations identical, smooth activations refused, the model restored by `remove()`.
+`compact` removes exactly the units never active on the probe (planted), outputs unchanged;
+a compacted Hugging Face model saves and loads back. No timing here (benchmarks/)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dormant
+from dormant.activations import ClippedReLU, ClippedSoftThreshold, ShiftedReLU, SoftThreshold
+
+pytestmark = pytest.mark.usefixtures("no_fx_warning")
+D, F = 16, 64
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "shifted_relu": lambda: ShiftedReLU(0.5),
+        "soft_threshold": lambda: SoftThreshold(0.5), "crelu": lambda: ClippedReLU(0.5, 1.0),
+        "cst": lambda: ClippedSoftThreshold(0.5, 1.0)}
+
+
+class Gated(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(D, F, bias=False), nn.Linear(D, F, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(F, D, bias=False), act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _close(a, b, tol=1e-5):
+    assert (a - b).abs().max() <= tol * max(1.0, float(b.abs().max())), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("kind", sorted(ACTS))
+def test_sparse_inference_equals_dense_for_1_4_and_64_tokens(kind, gated):
+    torch.manual_seed(0)
+    model = (Gated(ACTS[kind]()) if gated else
+             nn.Sequential(nn.Linear(D, F), ACTS[kind](), nn.Linear(F, D)))
+    model.eval()
+    xs = [torch.randn(n, 3, D) for n in (1, 4, 64)]          # 3, 12 and 192 tokens too
+    with torch.no_grad():
+        dense = [model(x) for x in xs]
+        with dormant.sparse_inference(model, xs[0], max_active=1.0) as handle:
+            sparse = [model(x) for x in xs]
+            one = model(torch.randn(1, D))                 # a single token
+        (calls,) = handle.calls().values()
+    for s, d in zip(sparse, dense):
+        _close(s, d)
+    assert calls["sparse"] == 4 and calls["dense"] == 0 and one.shape == (1, D)
+    for s, d in zip([model(x) for x in xs], dense):          # removed: dense again
+        assert torch.equal(s, d)
+
+
+def test_the_up_projection_is_computed_only_where_the_gate_is_open():
+    torch.manual_seed(0)
+    model = Gated(nn.ReLU()).eval()
+    with torch.no_grad():
+        model.gate_proj.weight[8:] = -model.gate_proj.weight[8:].abs()   # closed on x >= 0
+    x = torch.rand(5, D)
+    rows = []
+    hook = torch.nn.Linear.forward
+    with dormant.sparse_inference(model, x, max_active=1.0):
+        model.up_proj.weight.register_hook(lambda g: rows.append(g))
+        model.up_proj.weight.requires_grad_(True)
+        model(x).sum().backward()
+    assert (rows[0][8:] == 0).all() and (rows[0][:8] != 0).any()     # up rows 8.. never read
+    assert torch.nn.Linear.forward is hook
+
+
+def test_the_dense_fallback_and_the_measured_crossover():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, F), nn.ReLU(), nn.Linear(F, D)).eval()
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        want = model(x)
+        with dormant.sparse_inference(model, x, max_active=0.0) as h:
+            _close(model(x), want)
+            assert h.calls()["1"] == {"sparse": 0, "dense": 1}
+        with dormant.sparse_inference(model, x) as h:          # "auto": measured at setup
+            _close(model(x), want)
+            assert 0 <= h.sites["1"].max_pairs <= F
+    assert model[2].weight.is_contiguous()
+
+
+def test_sparse_inference_refuses_smooth_activations_and_bad_options():
+    model = nn.Sequential(nn.Linear(D, F), nn.GELU(), nn.Linear(F, D))
+    with pytest.raises(ValueError, match=r"no site can skip inactive units: 1 \(gelu has no "
+                                         r"exact zeros\)"):
+        dormant.sparse_inference(model, torch.randn(2, D))
+    with pytest.raises(ValueError, match="max_active must be 'auto' or a share in"):
+        dormant.sparse_inference(model, torch.randn(2, D), max_active=2)
+
+
+def _llama(act="relu"):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         hidden_act=act, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return tf.LlamaForCausalLM(cfg).eval(), cfg
+
+
+def _opt():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64)
+    return tf.OPTForCausalLM(cfg).eval(), cfg
+
+
+@pytest.mark.parametrize("make", [_opt, _llama])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_generation_is_identical_under_sparse_inference(make, dtype):
+    model, _ = make()
+    model = model.to(dtype)
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False)
+        logits = model(ids).logits
+        with dormant.sparse_inference(model, {"input_ids": ids}, max_active=1.0) as h:
+            got = model.generate(ids, max_new_tokens=12, do_sample=False)
+            _close(model(ids).logits.float(), logits.float(),
+                   1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(got, want)
+    assert all(c["sparse"] > 12 for c in h.calls().values())     # every decode step
+
+
+# -- compact ------------------------------------------------------------------------------------
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 3))
+    with torch.no_grad():
+        model[0].bias[[1, 5, 9]] = -1e3
+        model[2].bias[[0, 2]] = -1e3
+    return model, torch.randn(256, 8), {"1": [1, 5, 9], "3": [0, 2]}
+
+
+def _cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    with torch.no_grad():
+        model[1].bias[[3, 7]] = -1e3
+    return model.eval(), torch.randn(64, 3, 8, 8), {"2": [3, 7]}
+
+
+def _planted_llama():
+    model, _ = _llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[[2, 11, 40]] = 0
+    return model, {"input_ids": torch.randint(0, 100, (8, 12))}, \
+        {"model.layers.0.mlp.act_fn": [2, 11, 40]}
+
+
+def _planted_opt():
+    model, _ = _opt()
+    with torch.no_grad():
+        model.model.decoder.layers[1].fc1.bias[[4, 6]] = -1e3
+    return model, {"input_ids": torch.randint(0, 100, (8, 12))}, \
+        {"model.decoder.layers.1.activation_fn": [4, 6]}
+
+
+def _planted_switch():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.SwitchTransformersConfig(vocab_size=100, d_model=32, d_ff=48, d_kv=8, num_heads=2,
+                                      num_layers=1, num_decoder_layers=1, num_experts=4,
+                                      encoder_sparse_step=1, decoder_sparse_step=1,
+                                      decoder_start_token_id=0, pad_token_id=0)
+    model = tf.SwitchTransformersForConditionalGeneration(cfg).eval()
+    name = "encoder.block.0.layer.1.mlp.experts.expert_1"
+    with torch.no_grad():
+        model.get_submodule(f"{name}.wi").weight[[3, 30]] = 0
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 100, (8, 12), generator=g),
+             "decoder_input_ids": torch.randint(1, 100, (8, 12), generator=g)}
+    return model, batch, {f"{name}.act": [3, 30]}
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn, _planted_opt, _planted_llama, _planted_switch])
+def test_compact_removes_exactly_the_dead_units_and_keeps_the_outputs(make):
+    model, data, planted = make()
+    dead = dormant.probe(model, data).dead_units()
+    expected = {n: d.nonzero().flatten().tolist() for n, d in dead.items() if d.any()}
+    assert all(set(v) <= set(expected[n]) for n, v in planted.items())   # planted: dead
+    report = dormant.compact(model, data, held_out=data)
+    got = {s.site: s.removed for s in report.sites if s.removed}
+    assert got == {n: len(v) for n, v in expected.items()}
+    assert report.max_diff_probe <= 1e-4 and report.max_diff_held_out <= 1e-4
+    assert report.params_after < report.params_before
+    assert report.macs_after < report.macs_before
+    for s in report.sites:
+        assert s.bound == pytest.approx(1 - 0.05 ** (1 / s.samples))
+    assert "removed" in str(report) and dormant.probe(model, data).dead_fraction() == 0.0
+
+
+def test_a_compacted_hugging_face_model_saves_and_loads_back(tmp_path):
+    model, batch, _ = _planted_llama()
+    dormant.compact(model, batch)
+    assert model.model.layers[0].mlp.down_proj.in_features == 45
+    path = dormant.save_compacted(model, tmp_path / "llama.pt")
+    fresh, cfg = _llama()
+    import transformers as tf
+    again = dormant.load_compacted(tf.LlamaForCausalLM(cfg).eval(), path)
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, model(**batch).logits)
+    with pytest.raises(ValueError, match="was not written by dormant.save_compacted"):
+        torch.save({"x": 1}, tmp_path / "other.pt")
+        dormant.load_compacted(fresh, tmp_path / "other.pt")
