@@ -46,6 +46,7 @@ class _Site:
     max_pairs: float
     up: nn.Module | None = None
     calls: dict = field(default_factory=lambda: {"sparse": 0, "dense": 0})
+    gate_open: list = field(default_factory=list)   # gated: (tokens, open units) of this call
 
 
 class SparseInference:
@@ -148,7 +149,7 @@ def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: 
     _patch(consumer, _sparse_forward(state), restore)
     if gated_up and site.gated and not site.fused and site.act_module:
         state.up = model.get_submodule(site.up)
-        _gate_up(model.get_submodule(site.act_module), state.up, restore)
+        _gate_up(model.get_submodule(site.act_module), state.up, state.gate_open, restore)
     return state
 
 
@@ -163,13 +164,18 @@ def _sparse_forward(state: _Site):
 
     def forward(h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])
-        idx = flat.ne(0).any(0).nonzero().flatten()          # active in any token
-        if flat.shape[0] * idx.numel() > state.max_pairs or idx.numel() == 0:
+        n = flat.shape[0]
+        opened = state.gate_open.pop() if state.gate_open else None
+        if opened is not None and opened[0] == n:      # a gated unit is 0 where its gate is
+            idx = opened[1]
+        else:       # the units active in any token (one token, decoding: its nonzeros)
+            idx = (flat[0] if n == 1 else flat.ne(0).any(0)).nonzero().flatten()
+        if n * idx.numel() > state.max_pairs or idx.numel() == 0:
             state.calls["dense"] += 1
             y = flat @ rows
         else:
             state.calls["sparse"] += 1
-            y = F.embedding_bag(idx.expand(flat.shape[0], -1), rows,
+            y = F.embedding_bag(idx.expand(n, -1), rows,
                                 per_sample_weights=flat.index_select(1, idx), mode="sum")
         if bias is not None:
             y = y + bias
@@ -177,14 +183,14 @@ def _sparse_forward(state: _Site):
     return forward
 
 
-def _gate_up(act: nn.Module, up: nn.Module, restore: list) -> None:
+def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> None:
     """The up projection computed only for units whose gate is open: the gate's activation
-    (called first) leaves its open units for the up projection's next call."""
-    open_units: list = []
-
+    (called first) leaves its open units in `open_units` for the up projection's next call
+    and the down projection's (which pops them)."""
     def seen(module, inputs, output):
         flat = output.reshape(-1, output.shape[-1])
-        open_units[:] = [(flat.shape[0], flat.ne(0).any(0).nonzero().flatten())]
+        n = flat.shape[0]
+        open_units[:] = [(n, (flat[0] if n == 1 else flat.ne(0).any(0)).nonzero().flatten())]
 
     handle = act.register_forward_hook(seen)
     restore.append(handle.remove)
@@ -192,7 +198,7 @@ def _gate_up(act: nn.Module, up: nn.Module, restore: list) -> None:
     dense = type(up).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        pending = open_units.pop() if open_units else None
+        pending = open_units[0] if open_units else None
         flat = x.reshape(-1, x.shape[-1])
         if pending is None or pending[0] != flat.shape[0] or \
                 pending[1].numel() * 2 > weight.shape[0]:
@@ -207,32 +213,34 @@ def _gate_up(act: nn.Module, up: nn.Module, restore: list) -> None:
 
 @torch.no_grad()
 def _crossover(rows: torch.Tensor, consumer: nn.Module, reps: int = 5) -> int:
-    """The largest number of active units (one token) for which the gather is faster than
-    the dense product with this weight, measured on it."""
+    """The largest number of active units (one token) for which the sparse path -- finding
+    the active units included -- is faster than the dense product with this weight, measured
+    on it (0: always dense, e.g. where the layer is too small to gain)."""
     units = rows.shape[0]
-    h = torch.zeros(1, units, dtype=rows.dtype, device=rows.device)
+    sync = torch.cuda.synchronize if rows.device.type == "cuda" else (lambda: None)
 
     def clock(fn) -> float:
         fn()
-        if rows.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
             fn()
-            if rows.device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             best = min(best, time.perf_counter() - t)
         return best
 
-    dense = clock(lambda: h @ rows)
+    def sparse(h):
+        idx = h[0].nonzero().flatten()
+        return F.embedding_bag(idx[None], rows, per_sample_weights=h[:, idx], mode="sum")
+
+    g = torch.Generator().manual_seed(0)
     best = 0
     for share in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7):
         k = max(1, int(share * units))
-        idx = torch.arange(k, device=rows.device)
-        w = torch.ones(1, k, dtype=rows.dtype, device=rows.device)
-        if clock(lambda idx=idx, w=w: F.embedding_bag(idx[None], rows, per_sample_weights=w,
-                                                       mode="sum")) < dense:
+        h = torch.zeros(1, units, dtype=rows.dtype, device=rows.device)
+        h[0, torch.randperm(units, generator=g)[:k].to(rows.device)] = 1.0
+        if clock(lambda h=h: sparse(h)) < clock(lambda h=h: h @ rows):
             best = k
         else:
             break

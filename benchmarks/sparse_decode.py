@@ -1,0 +1,235 @@
+"""Greedy decode with a KV cache: dense vs compacted vs sparse vs both, interleaved in one run.
+
+OPT-style (fc1 -> ReLU -> fc2, F = 4d) and Llama-style (gated ReLU, F = 8/3 d) decoders built
+from config (nothing downloaded), at the activation sparsity of a random init and at planted
+sparsities (default 85% and 90% of a token's units exactly zero), with a share of units dead
+on every token (`--dead`, default 25%: what `dormant.compact` removes). Variants:
+
+    dense      the model as built
+    compacted  `dormant.compact` on a probe of prompts (dead units removed)
+    sparse     `dormant.sparse_inference` (consumers over the active units)
+    both       compacted, then sparse
+
+Prints, per model and sparsity: decode tokens/s (median over interleaved rounds) and the
+ratio to dense, the MLP block alone (one token), and next to each ratio its bytes-read limit
+(docs: ../shared/specs/sparse-inference.md §2): an OPT block must still read all of fc1
+(2 / (2 - s) at sparsity s), a gated block all of `gate` (3 / (1 + 2 (1 - s))); whole-model
+decode also reads attention and the LM head. Batch 4 and 16 show the crossover.
+
+    python benchmarks/sparse_decode.py                       # d = 1024, 4 layers, 128 tokens
+    python benchmarks/sparse_decode.py --quick               # a smoke run (d = 256)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+import dormant
+
+
+def _machine(threads: int) -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {threads} threads, torch {torch.__version__}"
+
+
+def build(arch: str, d: int, layers: int, vocab: int):
+    import transformers as tf
+    torch.manual_seed(0)
+    heads = max(1, d // 64)
+    if arch == "opt":
+        cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=d, ffn_dim=4 * d, num_hidden_layers=layers,
+                           num_attention_heads=heads, word_embed_proj_dim=d,
+                           max_position_embeddings=512, activation_function="relu")
+        model = tf.OPTForCausalLM(cfg)
+    else:
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=(8 * d) // 3,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=heads, hidden_act="relu", mlp_bias=True,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = tf.LlamaForCausalLM(cfg)
+    return model.eval()
+
+
+def _producers(model, arch: str):
+    if arch == "opt":
+        return [layer.fc1 for layer in model.model.decoder.layers]
+    return [layer.mlp.gate_proj for layer in model.model.layers]
+
+
+@torch.no_grad()
+def plant(model, arch: str, prompts, sparsity: float | None, dead: float) -> None:
+    """Biases that make a share `dead` of each layer's units dead on every token and, of the
+    rest, enough zero per token for a total `sparsity` (layer by layer, on `prompts`)."""
+    g = torch.Generator().manual_seed(0)
+    for producer in _producers(model, arch):
+        units = producer.out_features
+        n_dead = int(dead * units)
+        which = torch.randperm(units, generator=g)[:n_dead]
+        seen = []
+        h = producer.register_forward_hook(
+            lambda m, i, o, seen=seen, units=units: seen.append(o.reshape(-1, units)))
+        model(prompts)
+        h.remove()
+        pre = seen[0]
+        live = torch.ones(units, dtype=torch.bool)
+        live[which] = False
+        if sparsity is not None:
+            zero_live = 1 - (1 - sparsity) / (1 - dead)
+            q = torch.quantile(pre[:, live].flatten().float(), zero_live)
+            producer.bias[live] -= q
+        producer.bias[which] = -1e4
+
+
+@torch.no_grad()
+def measured_sparsity(model, prompts) -> float:
+    rows = dormant.diagnose(model, {"input_ids": prompts}).rows
+    return sum(r.sparsity * r.units for r in rows) / sum(r.units for r in rows)
+
+
+def limits(arch: str, d: int, f: int, layers: int, vocab: int, s: float, dead: float) -> dict:
+    """Bytes read per token (weights), dense / variant, for the MLP block and the model."""
+    mats = 2 if arch == "opt" else 3
+    attn = 4 * d * d
+    head = vocab * d
+
+    def mlp(compacted: bool, sparse: bool) -> float:
+        width = f * (1 - dead) if compacted else f
+        act = f * (1 - s)                         # active units of a token (live ones)
+        first = width * d                         # fc1 / gate: read whole
+        rest = (mats - 1) * (act if sparse else width) * d
+        return first + rest
+    out = {}
+    for name, c, sp in (("compacted", True, False), ("sparse", False, True), ("both", True, True)):
+        out[name] = (mlp(False, False) / mlp(c, sp),
+                     (layers * (attn + mlp(False, False)) + head)
+                     / (layers * (attn + mlp(c, sp)) + head))
+    return out
+
+
+def _time(fn, reps: int) -> float:
+    best = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best.append(time.perf_counter() - t)
+    return statistics.median(best)
+
+
+@torch.inference_mode()
+def decode(model, prompts, tokens: int):
+    return model.generate(prompts, max_new_tokens=tokens, min_new_tokens=tokens,
+                          do_sample=False, use_cache=True, pad_token_id=0)
+
+
+def variants(model, probe):
+    """dense, compacted, sparse, both (handles kept alive)."""
+    out = {"dense": (model, None)}
+    comp = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = dormant.compact(comp, {"input_ids": probe})
+        sparse = copy.deepcopy(model)
+        h1 = dormant.sparse_inference(sparse, {"input_ids": probe[:1]})
+        both = copy.deepcopy(comp)
+        h2 = dormant.sparse_inference(both, {"input_ids": probe[:1]})
+    out["compacted"] = (comp, report)
+    out["sparse"] = (sparse, h1)
+    out["both"] = (both, h2)
+    return out
+
+
+def mlp_block(model, arch: str):
+    return model.model.decoder.layers[0] if arch == "opt" else model.model.layers[0].mlp
+
+
+def run(args) -> list[str]:
+    torch.set_num_threads(args.threads)
+    lines = [f"machine: {_machine(args.threads)}",
+             f"d = {args.d}, {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
+             f"greedy with a KV cache, {args.rounds} interleaved rounds (median), dead units "
+             f"{args.dead:.0%}", ""]
+    head = ("| model | sparsity (measured) | batch | variant | tokens/s | × dense (limit) | "
+            "MLP block × dense (limit) |")
+    lines += [head, "|---|---|---:|---|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    g = torch.Generator().manual_seed(1)
+    for arch in args.archs.split(","):
+        for level in args.sparsities:
+            model = build(arch, args.d, args.layers, args.vocab)
+            probe = torch.randint(1, args.vocab, (16, 32), generator=g)
+            plant(model, arch, probe, level, args.dead if level is not None else 0.0)
+            s = measured_sparsity(model, probe)
+            f = _producers(model, arch)[0].out_features
+            lim = limits(arch, args.d, f, args.layers, args.vocab, s, args.dead if level else 0)
+            vs = variants(model, probe)
+            for batch in args.batches:
+                prompts = torch.randint(1, args.vocab, (batch, 16), generator=g)
+                times = {v: [] for v in vs}
+                block = {v: [] for v in vs}
+                x = torch.randn(1, 1, args.d)
+                for _ in range(args.rounds):               # interleaved
+                    for v, (m, _) in vs.items():
+                        times[v].append(_time(
+                            lambda m=m, p=prompts: decode(m, p, args.tokens), 1))
+                        mlp = mlp_block(m, arch)
+                        with torch.inference_mode():
+                            call = ((lambda mlp=mlp, x=x: mlp(x)) if arch != "opt" else
+                                    (lambda mlp=mlp, x=x: mlp.fc2(mlp.activation_fn(
+                                        mlp.fc1(x[0])))))
+                            block[v].append(_time(call, 20))
+                base_t = statistics.median(times["dense"])
+                base_b = statistics.median(block["dense"])
+                for v in vs:
+                    t, b = statistics.median(times[v]), statistics.median(block[v])
+                    lm = (f" ({lim[v][1]:.2f})" if v in lim else "")
+                    lb = (f" ({lim[v][0]:.2f})" if v in lim else "")
+                    row = (f"| {arch} | {'init' if level is None else f'{level:.0%}'} "
+                           f"({s:.1%}) | {batch} | {v} | {batch * args.tokens / t:.1f} | "
+                           f"{base_t / t:.2f}{lm} | {base_b / b:.2f}{lb} |")
+                    lines.append(row)
+                    print(row, flush=True)
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--dead", type=float, default=0.25)
+    p.add_argument("--archs", default="opt,llama")
+    p.add_argument("--sparsities", default="init,0.85,0.9")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--quick", action="store_true", help="d = 256, 2 layers, 16 tokens")
+    args = p.parse_args()
+    if args.quick:
+        args.d, args.layers, args.tokens, args.rounds = 256, 2, 16, 1
+        args.sparsities, args.batches = "0.9", "1"
+    args.sparsities = [None if x == "init" else float(x) for x in args.sparsities.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    lines = run(args)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
