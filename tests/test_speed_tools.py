@@ -77,7 +77,11 @@ def test_the_dense_fallback_and_the_measured_crossover():
     x = torch.randn(64, D)
     with torch.no_grad():
         want = model(x)
-        with dormant.sparse_inference(model, x, max_active=0.0) as h:
+        with dormant.sparse_inference(model, x, max_active=0.0) as h:   # never sparse:
+            _close(model(x), want)                 # the layer keeps its forward and layout
+            assert h.calls()["1"] == {"sparse": 0, "dense": 0}
+            assert model[2].weight.is_contiguous() and "forward" not in vars(model[2])
+        with dormant.sparse_inference(model, x, max_active=0.05) as h:  # 3 units x 64 tokens
             _close(model(x), want)
             assert h.calls()["1"] == {"sparse": 0, "dense": 1}
         with dormant.sparse_inference(model, x) as h:          # "auto": measured at setup

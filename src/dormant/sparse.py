@@ -134,18 +134,19 @@ def _unusable(model: nn.Module, site: Site) -> str:
 def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: list) -> _Site:
     consumer = model.get_submodule(site.consumers[0])
     weight = consumer.weight
-    if is_conv1d(consumer):                    # Conv1D stores (in, out): rows already
-        rows = weight.data
-    else:                                      # Linear (out, in): lay it out as (in, out)
-        rows = weight.data.t().contiguous()
-        weight.data = rows.t()
-        restore.append(lambda: setattr(weight, "data", weight.data.contiguous()))
+    conv1d = is_conv1d(consumer)               # Conv1D stores (in, out): rows already
+    rows = weight.data if conv1d else weight.data.t().contiguous()
     units = rows.shape[0]
     if max_active == "auto":
         pairs = _crossover(rows, consumer)
     else:                                      # 1.0: always sparse, whatever the tokens
         pairs = int(max_active * units) if max_active < 1 else float("inf")
     state = _Site(site.name, consumer, rows, pairs)
+    if pairs == 0:               # never faster here: the layer keeps its forward and layout
+        return state
+    if not conv1d:                             # Linear (out, in): laid out as (in, out)
+        weight.data = rows.t()
+        restore.append(lambda: setattr(weight, "data", weight.data.contiguous()))
     _patch(consumer, _sparse_forward(state), restore)
     if gated_up and site.gated and not site.fused and site.act_module:
         state.up = model.get_submodule(site.up)
