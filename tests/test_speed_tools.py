@@ -4,7 +4,6 @@ open): equal to dense to float rounding for 1, 4 and 64 tokens, fp32 and bf16, g
 generations identical, smooth activations refused, the model restored by `remove()`.
 `compact` removes exactly the units never active on the probe (planted), outputs unchanged;
 a compacted Hugging Face model saves and loads back. No timing here (benchmarks/)."""
-import copy
 
 import pytest
 import torch

@@ -269,6 +269,24 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_scan(args) -> int:
+    import torch
+    from .scan import main_progress, scan
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                        ("--max-tokens", args.max_tokens or 1)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    report = scan(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                  max_tokens=args.max_tokens, device=args.device,
+                  dtype=getattr(torch, args.dtype), rare=args.rare, progress=main_progress)
+    print(report)
+    if args.out:
+        folder = report.save(args.out)
+        print(f"saved {folder / 'scan.json'} (removal plan: dormant.compact(model, probe, "
+              f"plan='{folder / 'scan.json'}')) and {folder / 'scan.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dormant", description="Find, revive and remove dead (dormant) neurons.",
@@ -326,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", help="PNG path (default: OUT/curves.png)")
     q.add_argument("--root", default="runs", help="where the run directories are")
     q.set_defaults(func=cmd_report)
+
+    q = sub.add_parser("scan", help="which units of a trained model are dead, with the "
+                                    "evidence (a local HF directory, a saved module, "
+                                    "module:function)")
+    q.add_argument("model", help="a local Hugging Face model directory (nothing is downloaded), "
+                                 "a torch.save'd module, or module:function")
+    q.add_argument("--data", required=True,
+                   help="token ids (.npy, .pt, .jsonl) or a text file (tokenized with the "
+                        "model directory's tokenizer)")
+    q.add_argument("--out", help="folder for scan.json (with the removal plan) and scan.html")
+    q.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    q.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    q.add_argument("--max-tokens", type=int, help="read at most this many tokens")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--rare", type=float, default=1e-3,
+                   help="a unit is rarely active below this firing rate (default 0.001)")
+    q.set_defaults(func=cmd_scan)
 
     q = sub.add_parser("download", help="fetch a dataset (needs network; verifies checksums)")
     q.add_argument("dataset")

@@ -9,15 +9,18 @@ weights: a model built from its (unchanged) config is resized, then loaded.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from .batching import Forward, default_forward, eval_mode, iter_batches, probe_example, take, to_device
+from .batching import (Forward, default_forward, eval_mode, iter_batches, num_samples,
+                       probe_example, take, to_device)
 from .diagnose import _model_device, probe as run_probe
 from .flops import macs, positions
 from .sites import Site, _unwrap, find_sites
@@ -25,7 +28,7 @@ from .surgery import architecture, remove_units, resize
 from .tables import Column, Table
 
 __all__ = ["CompactReport", "SiteCompaction", "compact", "firing_bound", "load_compacted",
-           "save_compacted"]
+           "save_compacted", "sequences_behind"]
 
 FORMAT = "dormant-compacted/1"
 
@@ -34,6 +37,16 @@ def firing_bound(n: int, confidence: float = 0.95) -> float:
     """Upper bound on the firing probability of a unit never seen firing in `n` independent
     observations, at `confidence` (1.0 with no observation)."""
     return 1.0 if n <= 0 else 1.0 - (1.0 - confidence) ** (1.0 / n)
+
+
+def sequences_behind(stats: Mapping[str, Any], sites: Sequence[Site], n: int) -> dict[str, int]:
+    """Per site, the samples (sequences) behind its verdict, `n` in all. A site outside an
+    expert saw every one (its output rows may be tokens: OPT flattens them). An expert saw
+    the sequences of its routed tokens: at least ceil(tokens / tokens per sequence), the
+    conservative count used."""
+    per = max((stats[s.name].positions / n for s in sites if s.expert is None and n), default=1)
+    return {s.name: n if s.expert is None else
+            min(n, math.ceil(stats[s.name].positions / max(per, 1))) for s in sites}
 
 
 @dataclass(frozen=True)
@@ -86,11 +99,14 @@ class CompactReport:
 @torch.no_grad()
 def compact(model: nn.Module, probe: Any, *, forward: Forward | None = None,
             held_out: Any = None, sites: Sequence[Site] | None = None, batch_size: int = 512,
-            confidence: float = 0.95) -> CompactReport:
+            confidence: float = 0.95, plan: dict | str | os.PathLike | None = None
+            ) -> CompactReport:
     """Remove, physically and in place, every unit of `model` never active on `probe`
     (plain, gated and expert sites, conv channels; units on a residual stream only where
     Torch-Pruning proves the coupling). Outputs before and after are compared on `probe`
-    and on `held_out` data (max abs difference in the report)."""
+    and on `held_out` data (max abs difference in the report). `plan`: a removal plan of
+    `dormant scan` (its scan.json or the plan itself): exactly its units are removed (the
+    probe still checks the outputs and states the evidence)."""
     model = _unwrap(model)
     forward = forward or default_forward
     if not 0 < confidence < 1:
@@ -101,22 +117,52 @@ def compact(model: nn.Module, probe: Any, *, forward: Forward | None = None,
     sites = list(sites) if sites is not None else find_sites(model, example)
     mon = run_probe(model, probe, sites=sites, batch_size=batch_size, forward=forward)
     stats, dead = mon.stats(), mon.dead_units("never_active")
+    if plan is not None:
+        dead = _from_plan(plan, sites)
     before = _outputs(model, probe, forward, batch_size)
     held_before = _outputs(model, held_out, forward, batch_size) if held_out is not None else None
     pos = positions(model, take(example, 1))
     params0, macs0 = _params(model), macs(model, pos)
     removed = remove_units(model, [s for s in sites if s.producer is not None],
                            {n: d.cpu() for n, d in dead.items()}, example_input=example)
+    seqs = sequences_behind(stats, sites, sum(num_samples(b) for b in iter_batches(probe,
+                                                                               batch_size)))
     rows = []
     for s in sites:
         st, gone = stats[s.name], int(removed.get(s.name, torch.zeros(1)).sum())
-        rows.append(SiteCompaction(s.name, s.num_units, gone, st.positions, st.samples,
-                                   firing_bound(st.samples, confidence)))
+        rows.append(SiteCompaction(s.name, s.num_units, gone, st.positions, seqs[s.name],
+                                   firing_bound(seqs[s.name], confidence)))
     diff = _max_diff(before, _outputs(model, probe, forward, batch_size))
     held = (None if held_before is None
             else _max_diff(held_before, _outputs(model, held_out, forward, batch_size)))
     return CompactReport(rows, params0, _params(model), macs0,
                          macs(model, positions(model, take(example, 1))), diff, held, confidence)
+
+
+def _from_plan(plan, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
+    """{site: bool[units]} from a `dormant scan` removal plan (a dict, or a scan.json /
+    plan file)."""
+    from .scan import PLAN_FORMAT
+    if not isinstance(plan, dict):
+        path = Path(plan)
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"plan: {path} cannot be read ({type(err).__name__})") from None
+    plan = plan.get("plan", plan)
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"plan: not a removal plan of dormant scan (format {PLAN_FORMAT})")
+    by_name = {s.name: s for s in sites}
+    unknown = sorted(set(plan["sites"]) - set(by_name))
+    if unknown:
+        raise ValueError(f"plan: no site(s) {unknown} in this model (a plan of another model?)")
+    out = {n: torch.zeros(s.num_units, dtype=torch.bool) for n, s in by_name.items()}
+    for name, units in plan["sites"].items():
+        if any(not 0 <= u < by_name[name].num_units for u in units):
+            raise ValueError(f"plan: {name} has {by_name[name].num_units} units, the plan "
+                             f"names {units}")
+        out[name][units] = True
+    return out
 
 
 def _params(model: nn.Module) -> int:
