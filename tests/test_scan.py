@@ -84,6 +84,7 @@ def test_scan_finds_exactly_the_planted_dead_units_from_disk(make, tmp_path):
     assert dead == planted
     n = WORDS // 32
     for s in by_ids.sites:
+        assert sum(s.histogram) == s.units and s.histogram[0] == len(s.dead)
         assert s.sequences == n and s.tokens == n * 32      # tokens: per unit
         assert s.bound == pytest.approx(1 - 0.05 ** (1 / n))
     model, _ = dormant.scan.load_model(folder)
@@ -154,5 +155,6 @@ def test_the_scan_page_renders_in_headless_chromium(tmp_path):
                            page.as_uri()], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "<h2>Experts</h2>" in proc.stdout and proc.stdout.count("class=\"bar\"") >= 4
+    assert "Units by firing rate" in proc.stdout
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert not [line for line in console if "error" in line.lower()], console

@@ -39,6 +39,15 @@ from .sites import _unwrap, find_sites
 __all__ = ["ScanReport", "SiteScan", "load_model", "load_tokens", "scan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "dormant-removal-plan/1"
+# firing-rate bins of the histogram: never, (0, 1e-4), [1e-4, 1e-3), ..., [0.1, 0.5), [0.5, 1]
+RATE_BINS = ("0", "<1e-4", "<1e-3", "<1e-2", "<0.1", "<0.5", "≥0.5")
+
+
+def _histogram(rate: torch.Tensor) -> list[int]:
+    edges = torch.tensor([1e-4, 1e-3, 1e-2, 0.1, 0.5], dtype=rate.dtype)
+    bins = torch.bucketize(rate.cpu(), edges, right=True) + 1
+    bins[rate.cpu() == 0] = 0
+    return torch.bincount(bins, minlength=len(RATE_BINS)).tolist()
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class SiteScan:
     sparsity: float            # fraction of exact-zero outputs
     expert: str | None = None
     rare_rates: list = field(default_factory=list)   # [unit, rate, low, high] (95% Wilson)
+    histogram: list = field(default_factory=list)    # units per firing-rate bin (RATE_BINS)
 
 
 @dataclass
@@ -262,7 +272,7 @@ def scan(model: nn.Module | str | os.PathLike, data: Any, *, seq_len: int = 128,
                              never.nonzero().flatten().tolist(), rare_idx, st.positions,
                              seqs[s.name], firing_bound(seqs[s.name], confidence),
                              float(st.zeros.sum()) / max(st.positions * s.num_units, 1),
-                             s.expert, rates))
+                             s.expert, rates, _histogram(rate)))
     experts = _experts(mon, stats)
     return ScanReport(name, rows, n, int(ids.numel()), confidence, rare, experts)
 
@@ -292,6 +302,10 @@ def _html(r: ScanReport) -> str:
         f"<td>{'' if not s.dead else f'{s.bound:.2%}'}</td><td>{len(s.rare)}</td>"
         f"<td>{100 * s.sparsity:.1f}</td><td><div class='bar' style='width:"
         f"{100 * len(s.dead) / max(s.units, 1):.1f}%'></div></td></tr>" for s in r.sites)
+    hist_head = "".join(f"<th>{e(b)}</th>" for b in RATE_BINS)
+    hist = "".join(f"<tr><td>{e(s.site)}</td>" + "".join(
+        f"<td style='background:rgba(192,57,43,{c / max(s.units, 1):.3f})'>{c}</td>"
+        for c in s.histogram) + "</tr>" for s in r.sites)
     experts = "".join(f"<tr><td>{e(x['expert'])}</td><td>{x['tokens']}</td>"
                       f"<td>{100 * x['share']:.1f}</td></tr>" for x in r.experts)
     expert_table = (f"<h2>Experts</h2><table><tr><th>expert</th><th>tokens</th>"
@@ -305,7 +319,9 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child{{t
 never-active unit fires on a sequence with probability below it at {r.confidence:.0%}; rare:
 active on fewer than {r.rare:g} of the tokens. Never active in all: {r.dead} units.</p>
 <table><tr><th>site</th><th>units</th><th>never active</th><th>bound</th><th>rare</th>
-<th>sparsity %</th><th>dead %</th></tr>{rows}</table>{expert_table}</body></html>
+<th>sparsity %</th><th>dead %</th></tr>{rows}</table>
+<h2>Units by firing rate (share of tokens)</h2><table><tr><th>site</th>{hist_head}</tr>{hist}
+</table>{expert_table}</body></html>
 """
 
 
