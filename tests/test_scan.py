@@ -14,7 +14,7 @@ import torch
 
 import dormant
 from dormant.cli import main
-from dormant.scan import scan
+from dormant.scanning import load_model, scan
 
 tf = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -78,7 +78,7 @@ def _saved(tmp_path, make):
 def test_scan_finds_exactly_the_planted_dead_units_from_disk(make, tmp_path):
     folder, planted, ids = _saved(tmp_path, make)
     by_ids = scan(folder, tmp_path / "ids.npy", seq_len=32)
-    by_text = scan(folder, tmp_path / "text.txt", seq_len=32)
+    by_text = dormant.scan(folder, tmp_path / "text.txt", seq_len=32)
     assert by_ids.sites == by_text.sites                     # the same verdicts
     dead = {s.site: s.dead for s in by_ids.sites if s.dead}
     assert dead == planted
@@ -87,7 +87,7 @@ def test_scan_finds_exactly_the_planted_dead_units_from_disk(make, tmp_path):
         assert sum(s.histogram) == s.units and s.histogram[0] == len(s.dead)
         assert s.sequences == n and s.tokens == n * 32      # tokens: per unit
         assert s.bound == pytest.approx(1 - 0.05 ** (1 / n))
-    model, _ = dormant.scan.load_model(folder)
+    model, _ = load_model(folder)
     with torch.no_grad():                                    # no live unit called dead
         truth = dormant.probe(model, {"input_ids": ids[:n * 32].view(n, 32)}).dead_units()
     assert {k: v.nonzero().flatten().tolist() for k, v in truth.items() if v.any()} == planted

@@ -17,7 +17,7 @@ __all__ = [
 
 _LAZY = ("methods", "batching", "options", "train", "experiments", "report")
 _LAZY_NAMES = {"compact": "compaction", "save_compacted": "compaction", "load_compacted": "compaction",
-               "sparse_inference": "sparse"}
+               "sparse_inference": "sparse", "scan": "scanning"}
 
 
 def __getattr__(name: str):

@@ -271,7 +271,7 @@ def cmd_download(args) -> int:
 
 def cmd_scan(args) -> int:
     import torch
-    from .scan import main_progress, scan
+    from .scanning import main_progress, scan
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
                         ("--max-tokens", args.max_tokens or 1)):
         if value < 1:

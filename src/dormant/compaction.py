@@ -142,7 +142,7 @@ def compact(model: nn.Module, probe: Any, *, forward: Forward | None = None,
 def _from_plan(plan, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
     """{site: bool[units]} from a `dormant scan` removal plan (a dict, or a scan.json /
     plan file)."""
-    from .scan import PLAN_FORMAT
+    from .scanning import PLAN_FORMAT
     if not isinstance(plan, dict):
         path = Path(plan)
         try:
