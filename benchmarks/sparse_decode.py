@@ -16,7 +16,7 @@ ratio to dense, the MLP block alone (one token), and next to each ratio its byte
 (2 / (2 - s) at sparsity s), a gated block all of `gate` (3 / (1 + 2 (1 - s))); whole-model
 decode also reads attention and the LM head. Batch 4 and 16 show the crossover.
 
-    python benchmarks/sparse_decode.py                       # d = 1024, 4 layers, 128 tokens
+    python benchmarks/sparse_decode.py                       # d = 2048, 4 layers, 128 tokens
     python benchmarks/sparse_decode.py --quick               # a smoke run (d = 256)
 """
 from __future__ import annotations
@@ -207,7 +207,7 @@ def run(args) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d", type=int, default=1024)
+    p.add_argument("--d", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=128)

@@ -213,10 +213,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--pages-only", action="store_true", help="rewrite the page from results.json")
+    p.add_argument("--out", default=str(OUT.parent), help="where results go (its sparse_lm/ "
+                                                          "folder; results.md beside it)")
+    p.add_argument("--root", help="unused: this script keeps no run directories")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.eval_seqs, args.decode_tokens = "0", 30, 8, 8
-    path = OUT / "results.json"
+    out = Path(args.out) / "sparse_lm"
+    path = out / "results.json"
     if not args.pages_only:
         torch.set_num_threads(args.threads)
         tokens, digest = corpus(args.megabytes)
@@ -232,17 +236,18 @@ def main() -> None:
         if args.quick:
             print(table(results))
             return
-        OUT.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
             "command": " ".join(["python", "reproduce/sparse_lm.py", *sys.argv[1:]]),
             "python": sys.version.split()[0], "corpus_sha256": digest,
             "corpus_bytes": len(tokens), "torch": torch.__version__,
-            "options": {k: v for k, v in vars(args).items() if k != "pages_only"},
+            "options": {k: v for k, v in vars(args).items()
+                        if k not in ("pages_only", "out", "root")},
             "results": results}, indent=1))
     saved = json.loads(path.read_text())
     text = table(saved["results"])
     print(text)
-    write_block(ROOT / "docs" / "results.md", "sparse_lm", text)
+    write_block(Path(args.out).parent / "results.md", "sparse_lm", text)
 
 
 if __name__ == "__main__":

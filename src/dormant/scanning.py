@@ -176,9 +176,22 @@ def load_tokens(path: str | os.PathLike, *, seq_len: int, model_dir: Path | None
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
+    if suffix == ".npy":         # memory-mapped: batches are read as the scan goes
         import numpy as np
-        ids = torch.from_numpy(np.load(path, allow_pickle=False)).long()
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError:                  # an empty array cannot be mapped
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except ValueError as err:
+                raise ValueError(f"{path} is not an array of token ids ({err})") from None
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{path} holds {arr.dtype} values, not integer token ids")
+        arr = arr.reshape(-1)
+        if max_tokens is not None:
+            arr = arr[:max_tokens]
+        return _checked(arr, len(arr), seq_len, path, vocab,
+                        lambda: (int(arr.min()), int(arr.max())) if len(arr) else (0, 0))
     elif suffix == ".pt":
         ids = torch.load(path, map_location="cpu", weights_only=True)
         if not torch.is_tensor(ids):
@@ -192,14 +205,21 @@ def load_tokens(path: str | os.PathLike, *, seq_len: int, model_dir: Path | None
     ids = ids.flatten()
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    if ids.numel() < seq_len:
-        raise ValueError(f"{path} holds {ids.numel()} tokens, fewer than one sequence of "
+    return _checked(ids, ids.numel(), seq_len, path, vocab,
+                    lambda: (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0))
+
+
+def _checked(ids, count: int, seq_len: int, path: Path, vocab: int | None, bounds):
+    """`ids` (a tensor or a memory-mapped array) as (sequences, seq_len), checked."""
+    if count < seq_len:
+        raise ValueError(f"{path} holds {count} tokens, fewer than one sequence of "
                          f"--seq-len {seq_len}")
-    if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+    low, high = bounds()
+    if vocab is not None and (high >= vocab or low < 0):
         raise ValueError(f"{path}: token ids must be in [0, {vocab}) (the model's vocabulary), "
-                         f"got ids in [{int(ids.min())}, {int(ids.max())}]")
-    n = ids.numel() // seq_len
-    return ids[:n * seq_len].view(n, seq_len)
+                         f"got ids in [{low}, {high}]")
+    n = count // seq_len
+    return ids[:n * seq_len].reshape(n, seq_len)
 
 
 def _tokenize(path: Path, model_dir: Path | None) -> torch.Tensor:
@@ -240,12 +260,15 @@ def scan(model: nn.Module | str | os.PathLike, data: Any, *, seq_len: int = 128,
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = data if torch.is_tensor(data) else load_tokens(data, seq_len=seq_len, model_dir=hf,
                                                          vocab=vocab, max_tokens=max_tokens)
-    if ids.ndim != 2 or ids.shape[0] == 0:
+    if len(ids.shape) != 2 or ids.shape[0] == 0:
         raise ValueError(f"data: expected (sequences, tokens) ids, got shape {tuple(ids.shape)}")
     enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     dev = next(model.parameters()).device
-    batch = lambda x: ({"input_ids": x.to(dev), "decoder_input_ids": x.to(dev)} if enc_dec
-                       else {"input_ids": x.to(dev)})
+
+    def batch(rows) -> dict:               # a memory-mapped file: read here, one batch
+        x = torch.as_tensor(rows if torch.is_tensor(rows) else rows.astype("int64"),
+                            dtype=torch.long).to(dev)
+        return {"input_ids": x, "decoder_input_ids": x} if enc_dec else {"input_ids": x}
     sites = find_sites(model, batch(ids[:2]))
     mon = ActivityMonitor(model, sites, every=1, mode="any")
     say = progress or (lambda line: None)
@@ -274,7 +297,7 @@ def scan(model: nn.Module | str | os.PathLike, data: Any, *, seq_len: int = 128,
                              float(st.zeros.sum()) / max(st.positions * s.num_units, 1),
                              s.expert, rates, _histogram(rate)))
     experts = _experts(mon, stats)
-    return ScanReport(name, rows, n, int(ids.numel()), confidence, rare, experts)
+    return ScanReport(name, rows, n, n * int(ids.shape[1]), confidence, rare, experts)
 
 
 def _experts(mon: ActivityMonitor, stats) -> list[dict]:
