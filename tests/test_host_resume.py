@@ -140,3 +140,12 @@ def test_hf_resume_without_the_dormant_state_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"dormant.pt does not exist, so the method's "
                                                 r"state .* would be lost: pass .*resume_from="):
         _hf_run("redo", tmp_path, resume=str(folder))
+
+
+def test_a_method_that_needs_validation_scores_is_refused_by_a_host_up_front():
+    pytest.importorskip("transformers")
+    from dormant.integrations.hf import DormantTrainerCallback
+    with pytest.raises(ValueError, match=r"nnrelief: keep_best restores .* build it with "
+                                         r"keep_best=False"):
+        DormantTrainerCallback(method="nnrelief")
+

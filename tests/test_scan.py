@@ -99,6 +99,7 @@ def test_a_never_routed_expert_is_reported_not_dead(tmp_path):
     unrouted = [e["expert"] for e in report.experts if e["tokens"] == 0]
     assert unrouted == ["encoder.block.0.layer.1.mlp.experts.expert_2"]
     assert not any(s.dead for s in report.sites if s.expert in unrouted)
+    assert [e["expert"] for e in report.experts if e["dead"]] == unrouted
     assert "unrouted (units unobserved, not dead): encoder.block.0.layer.1.mlp.experts.expert_2" \
         in str(report)
 

@@ -278,7 +278,8 @@ def cmd_scan(args) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     report = scan(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                   max_tokens=args.max_tokens, device=args.device,
-                  dtype=getattr(torch, args.dtype), rare=args.rare, progress=main_progress)
+                  dtype=getattr(torch, args.dtype), rare=args.rare,
+                  expert_share=args.expert_share, progress=main_progress)
     print(report)
     if args.out:
         folder = report.save(args.out)
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     q.add_argument("--rare", type=float, default=1e-3,
                    help="a unit is rarely active below this firing rate (default 0.001)")
+    q.add_argument("--expert-share", type=float, default=0.0,
+                   help="an expert routed at most this share of its mixture's tokens is a dead "
+                        "expert (default 0: never routed)")
     q.set_defaults(func=cmd_scan)
 
     q = sub.add_parser("download", help="fetch a dataset (needs network; verifies checksums)")

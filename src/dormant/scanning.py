@@ -107,9 +107,11 @@ class ScanReport:
                 f"at {self.confidence:.0%}; rare = active on < {self.rare:g} of tokens\n"
                 + "\n".join(lines) + f"\nnever active: {self.dead} units")
         unrouted = [e["expert"] for e in self.experts if e["tokens"] == 0]
+        dead = [e["expert"] for e in self.experts if e["dead"]]
         if self.experts:
             text += (f"\nexperts: {len(self.experts)}, unrouted (units unobserved, not dead): "
-                     f"{', '.join(unrouted) or 'none'}")
+                     f"{', '.join(unrouted) or 'none'}; dead experts (routing share at most "
+                     f"the threshold): {', '.join(dead) or 'none'}")
         return text
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -246,9 +248,12 @@ def _tokenize(path: Path, model_dir: Path | None) -> torch.Tensor:
 def scan(model: nn.Module | str | os.PathLike, data: Any, *, seq_len: int = 128,
          batch_size: int = 8, max_tokens: int | None = None, device: str = "cpu",
          dtype: torch.dtype | None = None, rare: float = 1e-3, confidence: float = 0.95,
-         progress: Callable[[str], None] | None = None) -> ScanReport:
+         expert_share: float = 0.0, progress: Callable[[str], None] | None = None
+         ) -> ScanReport:
     """Scan `model` (a module, or what `load_model` reads) on `data` (a (sequences, seq_len)
-    tensor of token ids, or a file `load_tokens` reads). Memory: one batch plus the counters."""
+    tensor of token ids, or a file `load_tokens` reads); an expert routed at most
+    `expert_share` of its mixture's tokens is a dead expert. Memory: one batch plus the
+    counters (a .npy file is memory-mapped)."""
     if not 0 < rare < 1 or not 0 < confidence < 1:
         raise ValueError(f"rare and confidence must be in (0, 1), got {rare}, {confidence}")
     name, hf = str(model), None
@@ -296,14 +301,14 @@ def scan(model: nn.Module | str | os.PathLike, data: Any, *, seq_len: int = 128,
                              seqs[s.name], firing_bound(seqs[s.name], confidence),
                              float(st.zeros.sum()) / max(st.positions * s.num_units, 1),
                              s.expert, rates, _histogram(rate)))
-    experts = _experts(mon, stats)
+    experts = _experts(mon, expert_share)
     return ScanReport(name, rows, n, n * int(ids.shape[1]), confidence, rare, experts)
 
 
-def _experts(mon: ActivityMonitor, stats) -> list[dict]:
+def _experts(mon: ActivityMonitor, expert_share: float) -> list[dict]:
     from .diagnose import expert_rows
-    return [{"expert": e.expert, "mixture": e.mixture, "tokens": e.tokens, "share": e.share}
-            for e in expert_rows(mon)]
+    return [{"expert": e.expert, "mixture": e.mixture, "tokens": e.tokens, "share": e.share,
+             "dead": e.dead} for e in expert_rows(mon, expert_share)]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

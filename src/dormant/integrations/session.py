@@ -34,6 +34,10 @@ class Session:
             raise ValueError(f"{self.method.name} removes units physically; {host} keeps the "
                              "old parameters in its own wrappers (optimizer, strategy), so run "
                              "it in your own loop (docs/own-loop.md) or with dormant run")
+        if host is not None and getattr(getattr(self.method, "opts", None), "keep_best", False):
+            raise ValueError(f"{self.method.name}: keep_best restores each round's epoch with "
+                             f"the best validation score, which {host} does not hand the "
+                             f"callback: build it with keep_best=False")
         self.watch, self.every = monitor, every
         self.criterion, self.eps = criterion, eps
         self.forward = forward or default_forward
