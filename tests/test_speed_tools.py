@@ -70,6 +70,18 @@ def test_the_up_projection_is_computed_only_where_the_gate_is_open():
     assert torch.nn.Linear.forward is hook
 
 
+def test_gated_blocks_sharing_one_activation_module_stay_exact():
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    model = nn.Sequential(Gated(act), Gated(act)).eval()     # one ReLU instance, two sites
+    x = torch.randn(4, 3, D)
+    with torch.no_grad():
+        want = model(x)
+        with dormant.sparse_inference(model, x, max_active=1.0) as h:
+            _close(model(x), want)
+    assert all(s.up is None for s in h.sites.values())        # the up skip is off for them
+
+
 def test_the_dense_fallback_and_the_measured_crossover():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, F), nn.ReLU(), nn.Linear(F, D)).eval()

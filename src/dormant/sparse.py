@@ -107,9 +107,11 @@ def sparse_inference(model: nn.Module, example_input=None, *, sites: Sequence[Si
         warnings.warn(f"sparse_inference: left dense: {'; '.join(skipped)}", stacklevel=2)
     restore: list = []
     out = []
+    acts = [s.act_module for s in usable if s.act_module]
     try:
-        for s in usable:
-            out.append(_install(model, s, max_active, gated_up, restore))
+        for s in usable:         # an activation module shared by several sites: no up skip
+            alone = acts.count(s.act_module) == 1
+            out.append(_install(model, s, max_active, gated_up and alone, restore))
     except BaseException:
         while restore:
             restore.pop()()
