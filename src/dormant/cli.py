@@ -271,7 +271,7 @@ def cmd_download(args) -> int:
 
 def cmd_scan(args) -> int:
     import torch
-    from .scanning import main_progress, scan
+    from .scanning import scan
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
                         ("--max-tokens", args.max_tokens or 1)):
         if value < 1:
@@ -279,7 +279,8 @@ def cmd_scan(args) -> int:
     report = scan(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                   max_tokens=args.max_tokens, device=args.device,
                   dtype=getattr(torch, args.dtype), rare=args.rare,
-                  expert_share=args.expert_share, progress=main_progress)
+                  expert_share=args.expert_share,
+                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(report)
     if args.out:
         folder = report.save(args.out)

@@ -27,10 +27,11 @@ from .sites import Site, _unwrap, find_sites
 from .surgery import architecture, remove_units, resize
 from .tables import Column, Table
 
-__all__ = ["CompactReport", "SiteCompaction", "compact", "firing_bound", "load_compacted",
+__all__ = ["PLAN_FORMAT", "CompactReport", "SiteCompaction", "compact", "firing_bound", "load_compacted",
            "save_compacted", "sequences_behind"]
 
 FORMAT = "dormant-compacted/1"
+PLAN_FORMAT = "dormant-removal-plan/1"      # the removal plans `dormant scan` writes
 
 
 def firing_bound(n: int, confidence: float = 0.95) -> float:
@@ -142,7 +143,6 @@ def compact(model: nn.Module, probe: Any, *, forward: Forward | None = None,
 def _from_plan(plan, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
     """{site: bool[units]} from a `dormant scan` removal plan (a dict, or a scan.json /
     plan file)."""
-    from .scanning import PLAN_FORMAT
     if not isinstance(plan, dict):
         path = Path(plan)
         try:

@@ -23,7 +23,6 @@ import importlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,12 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .compaction import firing_bound, sequences_behind
+from .compaction import PLAN_FORMAT, firing_bound, sequences_behind
 from .monitor import ActivityMonitor
 from .sites import _unwrap, find_sites
 
 __all__ = ["ScanReport", "SiteScan", "load_model", "load_tokens", "scan", "PLAN_FORMAT"]
 
-PLAN_FORMAT = "dormant-removal-plan/1"
 # firing-rate bins of the histogram: never, (0, 1e-4), [1e-4, 1e-3), ..., [0.1, 0.5), [0.5, 1]
 RATE_BINS = ("0", "<1e-4", "<1e-3", "<1e-2", "<0.1", "<0.5", "≥0.5")
 
@@ -352,6 +350,3 @@ active on fewer than {r.rare:g} of the tokens. Never active in all: {r.dead} uni
 </table>{expert_table}</body></html>
 """
 
-
-def main_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

@@ -140,12 +140,12 @@ def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: 
     rows = weight.data if conv1d else weight.data.t().contiguous()
     units = rows.shape[0]
     if max_active == "auto":
-        pairs = _crossover(rows, consumer)
+        pairs = _crossover(rows)
     else:                                      # 1.0: always sparse, whatever the tokens
         pairs = int(max_active * units) if max_active < 1 else float("inf")
-    state = _Site(site.name, consumer, rows, pairs)
     if pairs == 0:               # never faster here: the layer keeps its forward and layout
-        return state
+        return _Site(site.name, consumer, weight.data if conv1d else weight.data.t(), pairs)
+    state = _Site(site.name, consumer, rows, pairs)
     if not conv1d:                             # Linear (out, in): laid out as (in, out)
         weight.data = rows.t()
         restore.append(lambda: setattr(weight, "data", weight.data.contiguous()))
@@ -171,8 +171,8 @@ def _sparse_forward(state: _Site):
         opened = state.gate_open.pop() if state.gate_open else None
         if opened is not None and opened[0] == n:      # a gated unit is 0 where its gate is
             idx = opened[1]
-        else:       # the units active in any token (one token, decoding: its nonzeros)
-            idx = (flat[0] if n == 1 else flat.ne(0).any(0)).nonzero().flatten()
+        else:
+            idx = _active(flat)
         if n * idx.numel() > state.max_pairs or idx.numel() == 0:
             state.calls["dense"] += 1
             y = flat @ rows
@@ -186,14 +186,18 @@ def _sparse_forward(state: _Site):
     return forward
 
 
+def _active(flat: torch.Tensor) -> torch.Tensor:
+    """The units (columns) active in any token (one token, decoding: its nonzeros)."""
+    return (flat[0] if flat.shape[0] == 1 else flat.ne(0).any(0)).nonzero().flatten()
+
+
 def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> None:
     """The up projection computed only for units whose gate is open: the gate's activation
     (called first) leaves its open units in `open_units` for the up projection's next call
     and the down projection's (which pops them)."""
     def seen(module, inputs, output):
         flat = output.reshape(-1, output.shape[-1])
-        n = flat.shape[0]
-        open_units[:] = [(n, (flat[0] if n == 1 else flat.ne(0).any(0)).nonzero().flatten())]
+        open_units[:] = [(flat.shape[0], _active(flat))]
 
     handle = act.register_forward_hook(seen)
     restore.append(handle.remove)
@@ -215,7 +219,7 @@ def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> 
 
 
 @torch.no_grad()
-def _crossover(rows: torch.Tensor, consumer: nn.Module, reps: int = 5) -> int:
+def _crossover(rows: torch.Tensor, reps: int = 5) -> int:
     """The largest number of active units (one token) for which the sparse path -- finding
     the active units included -- is faster than the dense product with this weight, measured
     on it (0: always dense, e.g. where the layer is too small to gain)."""

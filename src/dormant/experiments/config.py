@@ -84,7 +84,6 @@ class ExperimentConfig:
             (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
             (self.device == "cpu" or self.device.startswith(("cuda", "mps")),
              f"device must be cpu, cuda[:N] or mps, got {self.device!r}"),
-            (_device_usable(self.device), f"device {self.device!r}: {_device_problem(self.device)}"),
             (0 <= self.seed < 2 ** 63, f"seed must be an integer in [0, 2**63), got {self.seed}"),
             (self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
@@ -96,6 +95,9 @@ class ExperimentConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        problem = _device_problem(self.device)
+        if problem:
+            raise ConfigError(f"device {self.device!r}: {problem}")
         self._check_options()
         return self
 
@@ -285,8 +287,4 @@ def _device_problem(device: str) -> str:
     if device.startswith("mps") and device != "mps":
         return "expected mps"
     return ""
-
-
-def _device_usable(device: str) -> bool:
-    return not _device_problem(device)
 
