@@ -2,7 +2,7 @@
 
 OPT-style (fc1 -> ReLU -> fc2, F = 4d) and Llama-style (gated ReLU, F = 8/3 d) decoders built
 from config (nothing downloaded), at the activation sparsity of a random init and at planted
-sparsities (default 85% and 90% of a token's units exactly zero), with a share of units dead
+sparsities (default: init, 85% and 90% of a token's units exactly zero), with a share of units dead
 on every token (`--dead`, default 25%: what `dormant.compact` removes). Variants:
 
     dense      the model as built

@@ -12,7 +12,7 @@ drawn so that its pre-activations start at variance q* (its input is a LayerNorm
 output of unit variance) -- the edge-of-chaos prescription applied to the MLP's activation.
 Same seeds, same budget for every variant.
 
-    python reproduce/sparse_lm.py                 # 3 seeds x 2 models x 3 activations (~15 min)
+    python reproduce/sparse_lm.py                 # 3 seeds x 2 models x 3 activations (~25 min)
     python reproduce/sparse_lm.py --quick         # 1 seed, 30 steps
     python reproduce/sparse_lm.py --pages-only    # rewrite docs/results.md from results.json
 """
@@ -205,7 +205,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--megabytes", type=float, default=4.0)
     p.add_argument("--eval-seqs", type=int, default=64)

@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dormant", description="Find, revive and remove dead (dormant) neurons.",
         epilog="Examples: dormant list | dormant help synaptic-stripping | dormant compare --preset dying-relu | "
                "dormant run --dataset fashion-mnist --model lenet300 --epochs 5 | "
-               "dormant doctor runs/<run-dir> | dormant report results/")
+               "dormant doctor runs/<run-dir> | dormant report results/ | "
+               "dormant scan <hf-model-dir> --data tokens.npy --out scan/")
     sub = p.add_subparsers(dest="command", required=True)
 
     kinds = ("datasets, models, methods, presets, activations, criteria, pruners, schedules, "
@@ -359,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     q.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     q.add_argument("--max-tokens", type=int, help="read at most this many tokens")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype for the scan (default float32)")
     q.add_argument("--rare", type=float, default=1e-3,
                    help="a unit is rarely active below this firing rate (default 0.001)")
     q.add_argument("--expert-share", type=float, default=0.0,
