@@ -111,8 +111,8 @@ def bench(name: str, every: int, steps: int, rounds: int, batch: int, fused: boo
         elif label == "against":
             mon = against(model, sites, every=1, mode="train").__enter__()
         elif label != "plain":
-            mon = ActivityMonitor(model, sites, every=every if label == "sampled" else 1,
-                                  mode="train", fused=label == "fused").__enter__()
+            mon = ActivityMonitor(model, sites, every_steps=every if label == "sampled" else 1,
+                                  mode="train", fused=label == "fused").open()
         variants[label] = (model, opt, mon)
     times: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants)

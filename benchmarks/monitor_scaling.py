@@ -69,7 +69,7 @@ def train_ratios(model, batch, loss, sites, n: int, steps: int, rounds: int) -> 
     for label, every in (("plain", 0), ("sampled", 10), ("exact", 1)):
         m = copy.deepcopy(model).train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-        mon = ActivityMonitor(m, sites, every=every, mode="train").__enter__() if every else None
+        mon = ActivityMonitor(m, sites, every_steps=every, mode="train").open() if every else None
 
         def run(m=m, opt=opt, mon=mon):
             for b in xs:

@@ -242,7 +242,7 @@ def test_compiled_training_matches_eager_and_compiles_again_after_each_removal(m
     runs = {}
     for mode in ("off", "reduce-overhead"):
         data, model = _vgg()
-        rows, mon = Rows(), MonitorCallback(every=2)
+        rows, mon = Rows(), MonitorCallback(every_steps=2)
         demp = DemP(reg_peak=1.0, noise_peak=0.0, prune_every=20, span=1.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         trainer = Trainer(model, data, opt, epochs=2, batch_size=64, show_progress=False,

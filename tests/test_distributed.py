@@ -29,7 +29,7 @@ def _worker(rank, world, init_file, out_dir):
         model, x = _model_and_data()
         shard = x[rank::world]
         sites = find_sites(model, shard[:2])
-        with ActivityMonitor(model, sites, every=1) as mon, torch.no_grad():
+        with ActivityMonitor(model, sites, every_steps=1) as mon, torch.no_grad():
             model(shard)
         mon._flush()                                # this rank's counters, not reduced
         local = {n: (c["active"] == 0) for n, c in mon._counters.items()}

@@ -171,7 +171,7 @@ def test_transformer_encoder_layer_with_relu_by_name(mode):
     assert torch.equal(report.dead[sites[0].name], ~(pre[0] > 0).flatten(0, 1).any(0))
     assert layer.training is False and torch.backends.mha.get_fastpath_enabled()
     layer.train()
-    with dormant.ActivityMonitor(layer, sites, every=1, mode="train") as mon:
+    with dormant.ActivityMonitor(layer, sites, every_steps=1, mode="train") as mon:
         layer(x).sum().backward()
         mon.step()
     assert mon.observed and mon.stats()[sites[0].name].samples == B

@@ -60,7 +60,7 @@ def _hf_run(name, out, resume=None):
     pytest.importorskip("accelerate")
     from dormant.integrations.hf import DormantTrainerCallback
     model = Net()
-    cb = DormantTrainerCallback(method=build(name, **METHOD_ARGS[name]), every=1)
+    cb = DormantTrainerCallback(method=build(name, **METHOD_ARGS[name]), every_steps=1)
     args = tf.TrainingArguments(output_dir=str(out), num_train_epochs=EPOCHS,
                                 per_device_train_batch_size=BATCH, learning_rate=0.05,
                                 report_to=[], use_cpu=True, save_strategy="epoch",
@@ -95,7 +95,7 @@ def _lightning_run(name, out, resume=None):
     L.seed_everything(0, verbose=False)
     x, y = _data()
     module = Module()
-    cb = DormantCallback(method=build(name, **METHOD_ARGS[name]), every=1)
+    cb = DormantCallback(method=build(name, **METHOD_ARGS[name]), every_steps=1)
     ckpt = ModelCheckpoint(dirpath=out, save_top_k=-1, every_n_epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

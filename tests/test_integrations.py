@@ -52,7 +52,7 @@ def test_hf_trainer_callback_logs_dead_fractions_and_applies_redo(tmp_path):
     out_dense = model.get_submodule("bert.encoder.layer.0.output.dense")
     with torch.no_grad():
         dense.bias[[1, 4, 9]] = -1e4                      # three units dead from the start
-    callback = DormantTrainerCallback(method=dormant.methods.build("redo", tau=0.0), every=1)
+    callback = DormantTrainerCallback(method=dormant.methods.build("redo", tau=0.0), every_steps=1)
     args = tf.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2,
                                 per_device_train_batch_size=16, per_device_eval_batch_size=32,
                                 learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no",

@@ -213,7 +213,7 @@ def test_sampled_mode_watches_every_kth_step_only():
     model = ZOO["sequential-mlp"][0]()
     batches = [torch.randn(6, 3, 4) for _ in range(9)]
     sites = find_sites(model, batches[0])
-    with ActivityMonitor(model, sites, every=3) as mon:
+    with ActivityMonitor(model, sites, every_steps=3) as mon:
         attached = []
         for x in batches:
             attached.append(_hooks(model) > 0)
@@ -300,7 +300,7 @@ def test_dynamic_dnr_and_eps():
 def test_invalid_arguments():
     model = ZOO["sequential-mlp"][0]()
     with pytest.raises(ValueError, match="every"):
-        ActivityMonitor(model, example_input=torch.randn(2, 3, 4), every=0)
+        ActivityMonitor(model, example_input=torch.randn(2, 3, 4), every_steps=0)
     with pytest.raises(ValueError, match="example_input"):
         ActivityMonitor(model)
     with pytest.raises(KeyError, match="valid criteria"):

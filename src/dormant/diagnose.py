@@ -1,33 +1,36 @@
 """One-call diagnosis: an exact probe pass in eval mode, reported per site."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .batching import (Forward, default_forward, eval_mode, iter_batches, model_input, take,
-                       to_device)
+from .batching import (Forward, default_forward, eval_mode, iter_batches, model_input,
+                       num_samples, take, to_device)
 from .dataflow import no_fastpath
 from .monitor import ActivityMonitor
 from .sites import Site, _unwrap, find_sites
+from .taps import Listener
 
-__all__ = ["diagnose", "Diagnosis", "ExpertRow", "expert_rows", "probe"]
+__all__ = ["diagnose", "diagnosis", "Diagnosis", "ExpertRow", "expert_rows", "probe"]
 
 
 def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: float = 0.0,
           batch_size: int = 512, max_batches: int | None = None, max_samples: int | None = None,
-          device: torch.device | str | None = None,
-          forward: Forward | None = None, monitor_type: type = ActivityMonitor
-          ) -> ActivityMonitor:
+          device: torch.device | str | None = None, forward: Forward | None = None,
+          listeners: Sequence[Listener] = ()) -> ActivityMonitor:
     """Run probe `data` through `model` in eval mode under no_grad with an exact monitor; the
     model's train/eval flags are restored afterwards. Returns the (detached) monitor.
 
     `data`: a tensor, an ``(inputs, targets)`` tuple, a mapping of tensors, or an iterable of
     batches (`dormant.batching`); `forward(model, batch)` makes the call (default: ``model(x)``,
-    ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple). `monitor_type`: an
-    `ActivityMonitor` subclass that records more (`dormant.metrics` keeps the features).
+    ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple). `listeners`: more tap
+    listeners (`dormant.taps`) that see the same outputs in the same pass (the plasticity
+    features, `dormant.metrics.FeatureRecorder`); one with a ``batch(n)`` method is told each
+    batch's number of samples before its forward.
     """
     model = _unwrap(model)
     forward = forward or default_forward
@@ -39,19 +42,24 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
         if not distributed or sites is None:
             raise ValueError("probe data is empty" + (" on this rank: pass sites= so that it "
                                                       "can still take part" if distributed else ""))
-        return monitor_type(model, sites, eps=eps, every=1, mode="any")   # counts zero:
+        return ActivityMonitor(model, sites, eps=eps, mode="any")   # counts zero:
         # the all-reduce of the other ranks' counts gives this rank the global decision
     first = to_device(first, device)
     if sites is None:
         sites = find_sites(model, take(model_input(first), 2))
-    mon = monitor_type(model, sites, eps=eps, every=1, mode="any")
+    mon = ActivityMonitor(model, sites, eps=eps, mode="any")
+    for listener in listeners:
+        mon.taps.listen(listener)
+    told = [listener.batch for listener in listeners if hasattr(listener, "batch")]
     # the fused encoder path would skip the hooks: off for the probe
     with eval_mode(model), mon, torch.no_grad(), no_fastpath():
-        forward(model, first)
-        for i, batch in enumerate(batches, start=1):
+        for i, batch in enumerate(itertools.chain([first], batches)):
             if max_batches is not None and i >= max_batches:
                 break
-            forward(model, to_device(batch, device))
+            batch = to_device(batch, device)
+            for tell in told:
+                tell(num_samples(batch))
+            forward(model, batch)
     return mon
 
 
@@ -222,6 +230,12 @@ def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: fl
     mon = probe(model, data, sites=sites, eps=eps, batch_size=batch_size,
                 max_batches=max_batches, max_samples=max_samples, device=device,
                 forward=forward)
+    return diagnosis(mon, criterion, expert_share, **criterion_params)
+
+
+def diagnosis(mon: ActivityMonitor, criterion: str = "never_active", expert_share: float = 0.0,
+              **criterion_params) -> Diagnosis:
+    """The `Diagnosis` of an exact probe pass already made (`probe`'s monitor)."""
     dead = mon.dead_units(criterion, **criterion_params)
     sparsity = mon.activation_sparsity()
     stats = mon.stats()
@@ -230,5 +244,6 @@ def diagnose(model: nn.Module, data, *, criterion: str = "never_active", eps: fl
     # an expert sees only its routed tokens: the samples are those of the other sites
     samples = max((s.samples for s in stats.values() if s.site.expert is None),
                   default=max(s.samples for s in stats.values()))
-    return Diagnosis(rows, criterion, eps, samples, dead, dict(criterion_params),
-                     expert_rows(mon, expert_share), expert_share)
+    return Diagnosis(rows, criterion, eps=mon.eps, samples=samples, dead=dead,
+                     params=dict(criterion_params), experts=expert_rows(mon, expert_share),
+                     expert_share=expert_share)

@@ -14,7 +14,7 @@ Singular values come from one SVD of ``A`` in float64 (``N x units`` is small fo
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from .sites import Site
 
 __all__ = ["singular_values", "effective_rank", "stable_rank", "approximate_rank",
            "weight_magnitude", "feature_norm", "distance_from", "fraction_active",
-           "site_features", "plasticity"]
+           "site_features", "plasticity", "plasticity_from", "FeatureRecorder"]
 
 
 def singular_values(features: torch.Tensor) -> torch.Tensor:
@@ -100,23 +100,48 @@ def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> floa
     return float(total.sqrt())
 
 
-class _FeatureMonitor(ActivityMonitor):
-    """An exact monitor that also keeps each site's per-sample features: the activation
-    output averaged over positions/tokens, ``(N, units)``."""
+class FeatureRecorder:
+    """A tap listener (`dormant.taps`) that keeps each site's per-sample features: the
+    activation output averaged over positions/tokens, ``(N, units)``, for the first
+    `max_samples` samples of a pass (all without it), and hands the same outputs on to
+    `also` (e.g. an `ActivityMonitor.observe` that counts exactly those samples).
 
-    def reset(self) -> None:
-        super().reset()
-        self.features: dict[str, list[torch.Tensor]] = {n: [] for n in self.sites}
+    The pass calls `batch(n)` before each forward of an ``n``-sample batch; an output whose
+    first dim is the batch's samples is cut to those still wanted. A routed expert's output
+    (rows = its tokens) is taken whole while any sample of its batch is wanted."""
+
+    def __init__(self, sites: Sequence[Site] | None = None, max_samples: int | None = None,
+                 also: Sequence[Callable[[Site, torch.Tensor], None]] = ()):
+        self.only = None if sites is None else {s.name for s in sites}
+        self.features: dict[str, list[torch.Tensor]] = {}
+        self.max_samples, self.also = max_samples, list(also)
+        self.seen = 0
+        self._n = self._keep = None
+
+    def batch(self, n: int) -> None:
+        keep = n if self.max_samples is None else max(min(n, self.max_samples - self.seen), 0)
+        self.seen += keep
+        self._n, self._keep = n, keep
 
     @torch.no_grad()
-    def _observe(self, site: Site, y: torch.Tensor) -> None:
-        super()._observe(site, y)
+    def __call__(self, site: Site, y: torch.Tensor) -> None:
+        if self._keep == 0 or (self.only is not None and site.name not in self.only):
+            return
         y = y.detach()
+        if self._keep is not None and self._keep < self._n and y.ndim > 1 and y.shape[0] == self._n:
+            y = y[:self._keep]
+        for listener in self.also:
+            listener(site, y)
         if y.ndim == 1:
             y = y.unsqueeze(0)
         d = site.unit_dim % y.ndim
         inner = tuple(i for i in range(1, y.ndim) if i != d)
-        self.features[site.name].append((y.mean(inner) if inner else y).float().cpu())
+        self.features.setdefault(site.name, []).append(
+            (y.mean(inner) if inner else y).float().cpu())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``{site: (N, units)}`` of the sites that saw any output."""
+        return {n: torch.cat(f) for n, f in self.features.items() if f}
 
 
 def site_features(model: nn.Module, data: Any, *, sites: Sequence[Site] | None = None,
@@ -124,9 +149,31 @@ def site_features(model: nn.Module, data: Any, *, sites: Sequence[Site] | None =
                   ) -> tuple[dict[str, torch.Tensor], ActivityMonitor]:
     """Per site, the ``(N, units)`` features of the probe `data` (eval mode, no grad; at most
     `max_samples` samples), and the exact monitor of the same pass."""
+    rec = FeatureRecorder()
     mon = probe(model, data, sites=sites, max_samples=max_samples, forward=forward,
-                monitor_type=_FeatureMonitor)
-    return {n: torch.cat(f) for n, f in mon.features.items() if f}, mon
+                listeners=[rec])
+    return rec.result(), mon
+
+
+def plasticity_from(model: nn.Module, features: Mapping[str, torch.Tensor],
+                    mon: ActivityMonitor, taus: Sequence[float] = (0.025, 0.1)
+                    ) -> dict[str, float]:
+    """The plasticity metrics (`plasticity`) from a pass's features and the exact monitor of
+    the same samples."""
+    out: dict[str, float] = {}
+    dormant = {tau: mon.dead_fraction("dormant", per_site=True, tau=tau) for tau in taus}
+    alive = mon.dead_fraction(per_site=True)
+    for name, a in features.items():
+        out[f"erank/{name}"] = effective_rank(a)
+        out[f"stable_rank/{name}"] = stable_rank(a)
+        out[f"approx_rank/{name}"] = approximate_rank(a)
+        out[f"approx_rank_sq/{name}"] = approximate_rank(a, squared=True)
+        out[f"fau/{name}"] = 1.0 - alive[name]
+        out[f"feature_norm/{name}"] = feature_norm(a)
+        for tau in taus:
+            out[f"dormant_{tau:g}/{name}"] = dormant[tau][name]
+    out["weight_magnitude"] = weight_magnitude(model)
+    return out
 
 
 def plasticity(model: nn.Module, data: Any, *, sites: Sequence[Site] | None = None,
@@ -139,16 +186,4 @@ def plasticity(model: nn.Module, data: Any, *, sites: Sequence[Site] | None = No
     ``weight_magnitude``."""
     feats, mon = site_features(model, data, sites=sites, max_samples=max_samples,
                                forward=forward)
-    out: dict[str, float] = {}
-    dormant = {tau: mon.dead_fraction("dormant", per_site=True, tau=tau) for tau in taus}
-    for name, a in feats.items():
-        out[f"erank/{name}"] = effective_rank(a)
-        out[f"stable_rank/{name}"] = stable_rank(a)
-        out[f"approx_rank/{name}"] = approximate_rank(a)
-        out[f"approx_rank_sq/{name}"] = approximate_rank(a, squared=True)
-        out[f"fau/{name}"] = 1.0 - mon.dead_fraction(per_site=True)[name]
-        out[f"feature_norm/{name}"] = feature_norm(a)
-        for tau in taus:
-            out[f"dormant_{tau:g}/{name}"] = dormant[tau][name]
-    out["weight_magnitude"] = weight_magnitude(model)
-    return out
+    return plasticity_from(model, feats, mon, taus)

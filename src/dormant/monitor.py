@@ -1,6 +1,6 @@
 """ActivityMonitor: streaming per-unit activity counters with explicit dead-unit criteria.
 
-The monitor observes each site's activation output through hooks (see `dormant.sites.Tap`)
+The monitor observes each site's activation output through its taps (`dormant.taps`)
 and accumulates, on the device of the activations and without any host sync:
 
     positions       outputs seen per unit (batch x tokens x spatial positions)
@@ -26,15 +26,16 @@ sum instead of several small updates per step). Small CPU outputs of one positio
 (an MLP's (batch, units)) are counted on one thread: for them, waking the OpenMP team costs
 more than the reductions.
 
-Training-time cost: hooks are attached only on watched steps. With ``every=k`` and a call of
+Training-time cost: hooks are attached only on watched steps. With ``every_steps=k`` and a call of
 `step()` after each optimizer step, the monitor attaches its hooks for every k-th step and
 removes them otherwise, so unwatched steps pay nothing (a registered hook alone costs a few
 percent on small models). Rates from a sampled monitor are unbiased estimates over the
 training batches; a "never active" decision needs every sample, so decisions that act on a
-model should come from an exact probe pass (``every=1``, e.g. `diagnose`).
+model should come from an exact probe pass (``every_steps=1``, e.g. `diagnose`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -45,6 +46,7 @@ import torch.nn as nn
 
 from .registry import Registry
 from .sites import Site, _unwrap, find_sites
+from .taps import MODES, SiteTaps
 
 __all__ = ["ActivityMonitor", "SiteStats", "CRITERIA", "register_criterion"]
 
@@ -99,7 +101,7 @@ class SiteStats:
     batches: int
     eps: float
     mode: str
-    every: int
+    every_steps: int
 
     @property
     def active_rate(self) -> torch.Tensor:
@@ -121,7 +123,7 @@ class SiteStats:
 
     @property
     def definition(self) -> dict:
-        return {"eps": self.eps, "mode": self.mode, "every": self.every,
+        return {"eps": self.eps, "mode": self.mode, "every_steps": self.every_steps,
                 "samples": self.samples, "batches": self.batches}
 
 
@@ -154,6 +156,12 @@ def dormant(s: SiteStats, tau: float = 0.0) -> torch.Tensor:
 def always_zero(s: SiteStats) -> torch.Tensor:
     """Dead: output exactly 0 for every sample and position seen (ignores eps)."""
     return s.zeros == s.positions
+
+
+def _renamed(owner: str, every: int) -> int:
+    warnings.warn(f"{owner}: every=... is now every_steps=... (it counts training steps; a "
+                  "method's every counts epochs)", FutureWarning, stacklevel=3)
+    return every
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,11 +199,13 @@ class ActivityMonitor:
         sites: Site objects; default: `find_sites(model, example_input)`.
         example_input: a small batch, needed when `sites` is not given.
         eps: an output counts as active when > eps.
-        every: watch every k-th step (see `step`); 1 = every forward.
+        every_steps: watch every k-th training step (see `step`); 1 = every forward. (Methods'
+            ``every`` counts epochs; a monitor counts steps, hence the name; ``every=`` is
+            still accepted, with a warning.)
         mode: ``"train"``, ``"eval"`` or ``"any"``: which forwards to count.
         fused: count non-negative sites (ReLU & co. with eps 0) with one compiled kernel
             (``torch.compile``): one pass over each activation instead of four, for the exact
-            mode (``every=1``) on large activations. The first watched step compiles (about a
+            mode (``every_steps=1``) on large activations. The first watched step compiles (about a
             minute on a CPU, a new batch shape a few seconds); the counts are the same. True
             uses inductor; a string names another ``torch.compile`` backend.
         track_max: also keep each unit's largest output (`SiteStats.max`; None without it).
@@ -204,11 +214,13 @@ class ActivityMonitor:
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, *,
-                 example_input=None, eps: float = 0.0, every: int = 1, mode: str = "any",
-                 fused: bool | str = False, track_max: bool = False):
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if mode not in ("train", "eval", "any"):
+                 example_input=None, eps: float = 0.0, every_steps: int = 1, mode: str = "any",
+                 fused: bool | str = False, track_max: bool = False, every: int | None = None):
+        if every is not None:
+            every_steps = _renamed("ActivityMonitor", every)
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+        if mode not in MODES:
             raise ValueError(f"mode must be 'train', 'eval' or 'any', got {mode!r}")
         if not eps >= 0 or eps == float("inf"):       # nan fails every comparison
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
@@ -220,11 +232,10 @@ class ActivityMonitor:
         self.sites: dict[str, Site] = {s.name: s for s in sites}
         if len(self.sites) != len(sites):
             raise ValueError("site names must be unique")
-        self.eps, self.every, self.mode = float(eps), int(every), mode
+        self.eps, self.every_steps, self.mode = float(eps), int(every_steps), mode
         self.fused, self.track_max = fused, bool(track_max)
         self._compiled: Callable | None = None
-        self._handles: list = []
-        self._calls: dict[tuple[str, str], int] = {}
+        self.taps = SiteTaps(self.model, list(self.sites.values()), self.observe, mode=mode)
         self._entered = False
         self._step = 0
         self._counters: dict[str, dict] = {}
@@ -260,7 +271,9 @@ class ActivityMonitor:
                      not inner and y.device.type == "cpu" and y.numel() < SERIAL_NUMEL
                      and _openmp(), self._fast(site))
 
-    def _observe(self, site: Site, y: torch.Tensor) -> None:
+    def observe(self, site: Site, y: torch.Tensor) -> None:
+        """Count one activation output of `site` (what the taps call; public for callers that
+        already hold the output)."""
         # Runs inside the forward: device ops only, no .item(), no branching on values; on
         # `y.detach()`, so nothing joins the autograd graph (no no_grad context: entering one
         # costs as much as a small reduction). Each step's per-unit vectors wait in
@@ -352,71 +365,6 @@ class ActivityMonitor:
                 dynamic=None))
         return self._compiled
 
-    # -- hooks ---------------------------------------------------------------------------
-    def _wants(self, module: nn.Module) -> bool:
-        return self.mode == "any" or (module.training == (self.mode == "train"))
-
-    def _make_hook(self, key, by_call: dict[int, Site], ncalls: int, kind: str) -> Callable:
-        def hook(module, inputs, output=None):
-            idx = self._calls.get(key, 0)
-            self._calls[key] = idx + 1
-            site = by_call.get(idx % ncalls)
-            if site is None or not self._wants(module):
-                return
-            if kind == "input":
-                y = inputs[0]
-            elif kind == "recompute":
-                y = site.tap.fn(output)
-            elif kind == "routed":      # one expert's routed tokens (counted on the host)
-                y = site.tap.fn(module, inputs)
-                if y.shape[0] == 0:     # no token routed: no evidence, nothing counted
-                    return
-            else:
-                y = output
-            self._observe(site, y)
-        # Inside a torch.compile'd model the counting runs eagerly behind a graph break: its
-        # Python bookkeeping (call counters, pending lists) would otherwise become guards
-        # that recompile the graph at every step. Eager models call `hook` directly.
-        outside = torch.compiler.disable(hook)
-
-        def dispatch(module, inputs, output=None):
-            if torch.compiler.is_compiling():
-                return outside(module, inputs, output)
-            return hook(module, inputs, output)
-        return dispatch
-
-    def _attach(self) -> None:
-        if self._handles:
-            return
-        groups: dict[tuple[str, str, str], dict[int, Site]] = {}
-        for s in self.sites.values():          # a fused experts module: one hook per expert
-            own = s.name if s.tap.kind == "routed" else ""
-            groups.setdefault((s.tap.module, s.tap.kind, own), {})[s.tap.call_index] = s
-        modules = dict(self.model.named_modules())
-        reused = False
-        try:
-            for (mod_name, kind, own), by_call in groups.items():
-                if mod_name not in modules:
-                    raise KeyError(f"site module {mod_name!r} not found in the model")
-                ncalls = next(iter(by_call.values())).tap.calls
-                reused |= ncalls > 1
-                hook = self._make_hook((mod_name, kind, own), by_call, ncalls, kind)
-                m = modules[mod_name]
-                h = m.register_forward_pre_hook(hook) if kind == "input" else m.register_forward_hook(hook)
-                self._handles.append(h)
-            if reused:  # call counters restart at every forward of the whole model
-                self._handles.append(self.model.register_forward_pre_hook(
-                    lambda *_: self._calls.clear()))
-        except BaseException:
-            self._detach()
-            raise
-
-    def _detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._calls.clear()
-
     @property
     def observed(self) -> bool:
         """True once any activation was counted on this process."""
@@ -424,38 +372,45 @@ class ActivityMonitor:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        """True while the hooks are registered (on watched steps of a sampled monitor)."""
+        return self.taps.attached
 
-    def __enter__(self) -> "ActivityMonitor":
+    def open(self) -> "ActivityMonitor":
+        """Start watching: the hooks are attached (on watched steps only when
+        ``every_steps > 1``) until `close`. Returns the monitor; ``with monitor:`` does the
+        same and closes it on exit."""
         self._entered = True
         self._step = 0
-        self._attach()
+        self.taps.attach()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._entered = False
-        self._detach()
-
     def close(self) -> None:
-        """Remove every hook (same as leaving the context)."""
-        self.__exit__(None, None, None)
+        """Remove every hook (the counters stay readable)."""
+        self._entered = False
+        self.taps.detach()
+
+    def __enter__(self) -> "ActivityMonitor":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def set_step(self, step: int) -> None:
         """Align the watch phase with a training step counter (e.g. after a resume)."""
         self._step = int(step)
-        if self._entered and self.every > 1:
-            self._attach() if self._step % self.every == 0 else self._detach()
+        if self._entered and self.every_steps > 1:
+            self._watch(self._step % self.every_steps == 0)
 
     def step(self) -> None:
         """Call once per training step (after the optimizer step): arms the hooks for the next
         step when it is a watched one (every k-th), disarms them otherwise."""
-        if not self._entered or self.every == 1:
+        if not self._entered or self.every_steps == 1:
             return
         self._step += 1
-        if self._step % self.every == 0:
-            self._attach()
-        elif self._handles:
-            self._detach()
+        self._watch(self._step % self.every_steps == 0)
+
+    def _watch(self, on: bool) -> None:
+        self.taps.attach() if on else self.taps.detach()
 
     # -- results -------------------------------------------------------------------------
     def _gathered(self) -> dict[str, dict]:
@@ -503,7 +458,7 @@ class ActivityMonitor:
                                   count(c["active_batches"]), c["sum"].clone(), abs_sum.clone(),
                                   c["max"].clone() if self.track_max else None,
                                   c["positions"], c["samples"], c["batches"],
-                                  self.eps, self.mode, self.every)
+                                  self.eps, self.mode, self.every_steps)
         return out
 
     def dead_units(self, criterion: str | Callable = "never_active", **params) -> dict[str, torch.Tensor]:
@@ -568,11 +523,26 @@ class ActivityMonitor:
         """Per site: fraction of outputs that are exactly zero (Price et al. 2024)."""
         return self.dynamic_dnr(per_site=True)
 
+    def subset(self, sites: Sequence[Site]) -> "ActivityMonitor | None":
+        """A closed monitor holding a copy of this one's counters for `sites` only (None when
+        one of them is not watched here, or differs from the site watched under its name)."""
+        if any(self.sites.get(s.name) != s for s in sites):
+            return None
+        self._flush()
+        out = ActivityMonitor(self.model, sites, eps=self.eps, every_steps=self.every_steps,
+                              mode=self.mode, track_max=self.track_max)
+        for s in sites:
+            out._counters[s.name] = {k: (v.clone() if torch.is_tensor(v) else v)
+                                     for k, v in self._counters[s.name].items()}
+        out._step = self._step
+        return out
+
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Counters as tensors and ints (loads with ``torch.load(weights_only=True)``)."""
         self._flush()
-        return {"eps": self.eps, "mode": self.mode, "every": self.every, "step": self._step,
+        return {"eps": self.eps, "mode": self.mode, "every_steps": self.every_steps,
+                "step": self._step,
                 "sites": {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c.items()}
                           for n, c in self._counters.items()}}
 

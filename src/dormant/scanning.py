@@ -273,7 +273,7 @@ def scan(model: nn.Module | str | os.PathLike, data: Any, *, seq_len: int = 128,
                             dtype=torch.long).to(dev)
         return {"input_ids": x, "decoder_input_ids": x} if enc_dec else {"input_ids": x}
     sites = find_sites(model, batch(ids[:2]))
-    mon = ActivityMonitor(model, sites, every=1, mode="any")
+    mon = ActivityMonitor(model, sites, mode="any")
     say = progress or (lambda line: None)
     t0, n = time.perf_counter(), ids.shape[0]
     with mon:

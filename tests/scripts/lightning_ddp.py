@@ -41,7 +41,7 @@ def main(out: str, devices: int) -> None:
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(256, 10, generator=g), torch.randint(0, 3, (256,), generator=g)
-    cb = DormantCallback(method="synaptic-stripping", every=1)
+    cb = DormantCallback(method="synaptic-stripping", every_steps=1)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", logger=False, callbacks=[cb],
                         enable_checkpointing=False, enable_progress_bar=False,

@@ -27,7 +27,8 @@ from ..activations import make_activation
 from ..models import build_model, initialize
 from ..schedules import make_scheduler
 from ..surgery import architecture, resize
-from ..train import CheckpointCallback, JsonlLogger, MonitorCallback, Trainer, make_optimizer
+from ..session import Session
+from ..train import CheckpointCallback, JsonlLogger, SessionCallback, Trainer, make_optimizer
 from ..train.loop import rank_and_world
 from ..jsonl import write_jsonl
 from ..train.callbacks import TaskCallback, load_checkpoint
@@ -98,13 +99,15 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
         _barrier(world)
         if (rd / "result.json").exists():      # finished while we waited for the lock
             return _finished(rd, cfg, log)
+        session = Session(method, every_steps=cfg.monitor_every, eps=cfg.eps,
+                          criterion=cfg.criterion)
         extra = []
         if tensorboard is not None and rank == 0:
             from ..integrations.tensorboard import TensorBoardCallback
-            extra.append(TensorBoardCallback(Path(tensorboard) / rd.name))
+            extra.append(TensorBoardCallback(Path(tensorboard) / rd.name, session=session))
         if rank != 0:
             show_progress, epoch_log = False, None
-        result = _train(cfg, rd, method, show_progress, log, epoch_log, extra)
+        result = _train(cfg, rd, session, show_progress, log, epoch_log, extra)
         _barrier(world)        # rank 0 lets go of the lock once every rank is done
         return result
 
@@ -159,13 +162,13 @@ def _check_config_file(rd: Path, cfg: ExperimentConfig, log) -> None:
                               "copied. Move the directory away to train this config afresh")
 
 
-def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, epoch_log,
-           extra=()) -> dict:
+def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: bool, log,
+           epoch_log, extra=()) -> dict:
     data, model = build(cfg)
     arch_built = architecture(model)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
-    period = getattr(method, "schedule_period", lambda: None)()  # pruning rounds restart it
+    period = getattr(session.method, "schedule_period", lambda: None)()  # pruning rounds restart it
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, period, **cfg.schedule_args)
     ckpt = CheckpointCallback(rd / "checkpoint.pt", identity=cfg.label())
     history = JsonlLogger(rd / "metrics.jsonl")
@@ -173,9 +176,7 @@ def _train(cfg: ExperimentConfig, rd: Path, method, show_progress: bool, log, ep
     if cfg.tasks:
         from ..data.tasks import TaskSchedule
         tasks = [TaskCallback(TaskSchedule(**cfg.tasks), data)]
-    callbacks = [*tasks, MonitorCallback(every=cfg.monitor_every, eps=cfg.eps, criterion=cfg.criterion),
-                 *([method] if method is not None else []), history,
-                 *extra, ckpt]
+    callbacks = [*tasks, SessionCallback(session), history, *extra, ckpt]
     trainer = Trainer(model, data, optimizer, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, scheduler=scheduler, callbacks=callbacks,
                       show_progress=show_progress, epoch_log=epoch_log,

@@ -3,9 +3,11 @@
     trainer = transformers.Trainer(model, args, train_dataset=..., eval_dataset=...,
                                    callbacks=[DormantTrainerCallback(method="redo")])
 
-At each epoch's end it probes the probe data exactly (dead fraction per site, activation
-sparsity), adds the dynamic DNR of the watched training steps and the method's metrics, and
-logs them through the Trainer (``state.log_history`` and every logging integration). A method
+At each epoch's end it logs the metrics of a `dormant.session.Session` -- the same keys as
+`dormant run` and the Lightning callback: the dynamic DNR and gradient norm of the watched
+steps; from one exact pass over the probe data the dead fraction, activation sparsity and
+plasticity metrics per site; the distance from the initial weights; the test data's sparsity
+after the last epoch when ``test=`` is given; and the method's metrics -- through the Trainer (``state.log_history`` and every logging integration). A method
 is driven through the Method API: prepared at ``on_train_begin`` with the Trainer's model,
 optimizer and ``max_steps``, its gradient work before each optimizer step, its decisions after
 it. Batches are dicts: the default forward call is ``model(**batch)`` (labels included, which
@@ -25,7 +27,7 @@ from transformers import TrainerCallback
 
 from ..batching import Forward
 from ..methods import Method
-from .session import Session
+from ..session import SESSION_FORMAT, Session, numbers
 
 __all__ = ["DormantTrainerCallback"]
 
@@ -34,10 +36,11 @@ class DormantTrainerCallback(TrainerCallback):
     """Monitor dead units and apply a dormant method inside ``transformers.Trainer``.
 
     method: a `dormant.methods.Method`, a registered name, or None (monitor only); monitor:
-    watch every `every`-th training step and probe exactly at each epoch's end; probe: data
-    for the probe and the method's decisions (default: the Trainer's training dataloader, the
-    only one it hands callbacks at train start; pass a validation loader to decide on
-    validation data); forward: ``forward(model, batch)`` (default ``model(**batch)``);
+    watch every `every_steps`-th training step and measure exactly at each epoch's end;
+    probe: data for the measurement and the method's decisions (default: the Trainer's
+    training dataloader, the only one it hands callbacks at train start; pass a validation
+    loader to decide on validation data); test: data whose activation sparsity is measured
+    after the last epoch; plasticity: the plasticity metrics too; forward: ``forward(model, batch)`` (default ``model(**batch)``);
     resume_from: the checkpoint folder a resumed ``train()`` starts from, when it is not
     ``<output_dir>/checkpoint-<step>`` (where the Trainer writes them).
     """
@@ -45,11 +48,14 @@ class DormantTrainerCallback(TrainerCallback):
     STATE = "dormant.pt"
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
-                 every: int = 10, probe: Any = None, forward: Forward | None = None,
-                 criterion: str = "never_active", resume_from: str | os.PathLike | None = None):
-        self.session = Session(method, monitor=monitor, every=every, criterion=criterion,
-                               forward=forward, host="the Hugging Face Trainer")
-        self.probe = probe
+                 every_steps: int = 10, probe: Any = None, test: Any = None,
+                 forward: Forward | None = None, criterion: str = "never_active",
+                 plasticity: bool = True, resume_from: str | os.PathLike | None = None,
+                 every: int | None = None):
+        self.session = Session(method, monitor=monitor, every_steps=every_steps, every=every,
+                               criterion=criterion, forward=forward, plasticity=plasticity,
+                               host="the Hugging Face Trainer")
+        self.probe, self.test = probe, test
         self.resume_from = resume_from
         self.history: list[dict] = []      # one row of dormant metrics per epoch
         self._pending: dict = {}
@@ -63,8 +69,9 @@ class DormantTrainerCallback(TrainerCallback):
         if state.global_step > 0:           # train(resume_from_checkpoint=...)
             self._restore(args, state)
         epochs = int(args.num_train_epochs) if float(args.num_train_epochs).is_integer() else None
-        self.session.start(model, optimizer, probe=probe, example=example,
-                           total_steps=state.max_steps, epochs=epochs, seed=args.seed)
+        self.session.start(model, optimizer, probe=probe, example=example, test=self.test,
+                           total_steps=state.max_steps, epochs=epochs, seed=args.seed,
+                           step=state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.session.after_backward()
@@ -73,7 +80,9 @@ class DormantTrainerCallback(TrainerCallback):
         self.session.after_step()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        metrics = {f"dormant/{k}": v for k, v in self.session.end_epoch().items()}
+        final = state.max_steps > 0 and state.global_step >= state.max_steps
+        metrics = {f"dormant/{k}": v for k, v in
+                   numbers(self.session.end_epoch(final=final)).items()}
         self.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
         state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
         self._pending = metrics
@@ -92,7 +101,7 @@ class DormantTrainerCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             tmp = folder / (self.STATE + ".tmp")
-            torch.save({"format": "dormant-session/1", "session": self.session.state_dict(),
+            torch.save({"format": SESSION_FORMAT, "session": self.session.state_dict(),
                         "history": self.history}, tmp)
             os.replace(tmp, folder / self.STATE)
 
@@ -111,7 +120,7 @@ class DormantTrainerCallback(TrainerCallback):
         except Exception as err:
             raise ValueError(f"dormant: {path} cannot be read ({type(err).__name__}: "
                              f"{str(err)[:200]}): {fix}") from None
-        if not isinstance(saved, dict) or saved.get("format") != "dormant-session/1":
+        if not isinstance(saved, dict) or saved.get("format") != SESSION_FORMAT:
             raise ValueError(f"dormant: {path} is not a dormant state: {fix}")
         self.session.load_state_dict(saved["session"])
         self.history = list(saved["history"])

@@ -2,9 +2,12 @@
 
     trainer = lightning.Trainer(max_epochs=10, callbacks=[DormantCallback(method="synaptic-stripping")])
 
-At each training epoch's end it logs, through the LightningModule's logger, the dynamic DNR of
-the watched steps, the dead fraction and activation sparsity per site on the probe data (the
-first validation dataloader by default), and the method's metrics. A method is driven through
+At each training epoch's end it logs, through the LightningModule's logger, the metrics of a
+`dormant.session.Session` -- the same keys as `dormant run` and the HF callback: the dynamic
+DNR and gradient norm of the watched steps; from one exact pass over the probe data (the first
+validation dataloader by default) the dead fraction, activation sparsity and plasticity
+metrics per site; the distance from the initial weights; the test data's sparsity after the
+last epoch when ``test=`` is given; and the method's metrics. A method is driven through
 the Method API (prepared at train start with the first optimizer and the estimated number of
 steps). Under ``strategy="ddp"`` every statistic is all-reduced before a decision, so every
 rank takes the same one; a method that draws random numbers (ReDo) needs the same seed on
@@ -22,7 +25,7 @@ import lightning.pytorch as pl
 
 from ..batching import Forward
 from ..methods import Method
-from .session import Session
+from ..session import Session, numbers
 
 __all__ = ["DormantCallback"]
 
@@ -31,18 +34,22 @@ class DormantCallback(pl.Callback):
     """Monitor dead units and apply a dormant method inside ``lightning.Trainer``.
 
     method: a `dormant.methods.Method`, a registered name, or None (monitor only); monitor:
-    watch every `every`-th training step and probe exactly at each epoch's end; probe: data
-    for the probe and the method's decisions (default: the first validation dataloader, else
-    the training one); forward: ``forward(module, batch)`` (default ``module(batch[0])`` for a
-    tuple, ``module(**batch)`` for a dict).
+    watch every `every_steps`-th training step and measure exactly at each epoch's end;
+    probe: data for the measurement and the method's decisions (default: the first
+    validation dataloader, else the training one); test: data whose activation sparsity is
+    measured after the last epoch; plasticity: the plasticity metrics too; forward:
+    ``forward(module, batch)`` (default ``module(batch[0])`` for a tuple, ``module(**batch)``
+    for a dict).
     """
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
-                 every: int = 10, probe: Any = None, forward: Forward | None = None,
-                 criterion: str = "never_active"):
-        self.session = Session(method, monitor=monitor, every=every, criterion=criterion,
-                               forward=forward, host="Lightning")
-        self.probe = probe
+                 every_steps: int = 10, probe: Any = None, test: Any = None,
+                 forward: Forward | None = None, criterion: str = "never_active",
+                 plasticity: bool = True, every: int | None = None):
+        self.session = Session(method, monitor=monitor, every_steps=every_steps, every=every,
+                               criterion=criterion, forward=forward, plasticity=plasticity,
+                               host="Lightning")
+        self.probe, self.test = probe, test
         self.history: list[dict] = []
 
     def _probe(self, trainer) -> Any:
@@ -56,8 +63,8 @@ class DormantCallback(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         self.session.start(pl_module, trainer.optimizers[0], probe=self._probe(trainer),
-                           total_steps=int(trainer.estimated_stepping_batches), epochs=epochs,
-                           seed=0)
+                           test=self.test, total_steps=int(trainer.estimated_stepping_batches),
+                           epochs=epochs, seed=0, step=trainer.global_step)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         self.session.after_backward()
@@ -66,7 +73,9 @@ class DormantCallback(pl.Callback):
         self.session.after_step()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        metrics = {f"dormant/{k}": float(v) for k, v in self.session.end_epoch().items()}
+        final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        metrics = {f"dormant/{k}": v for k, v in
+                   numbers(self.session.end_epoch(final=final)).items()}
         self.history.append({"epoch": trainer.current_epoch, **metrics})
         pl_module.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=False)
 

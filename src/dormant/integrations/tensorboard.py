@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from ..diagnose import probe as probe_pass
+from ..monitor import ActivityMonitor
+from ..session import Session
 from ..train.callbacks import Callback
 
 __all__ = ["TensorBoardCallback", "TensorBoardLogger"]
@@ -39,7 +41,11 @@ class TensorBoardLogger:
     def log_activity(self, model: nn.Module, data: Any, step: int, *, sites=None,
                      eps: float = 0.0, forward=None) -> None:
         """Histogram per site of the units' active rates on `data` (0 = never active)."""
-        mon = probe_pass(model, data, sites=sites, eps=eps, forward=forward)
+        self.log_pass(probe_pass(model, data, sites=sites, eps=eps, forward=forward), step)
+
+    def log_pass(self, mon: ActivityMonitor, step: int) -> None:
+        """Histogram per site of the units' active rates in a probe pass already made (a
+        `Session`'s epoch-end pass, `Session.last`)."""
         for name, stats in mon.stats().items():
             self.writer.add_histogram(f"activity/{name}", stats.active_rate.float().cpu(), step)
         self.writer.flush()
@@ -50,10 +56,11 @@ class TensorBoardLogger:
 
 class TensorBoardCallback(Callback):
     """For the built-in Trainer: each epoch's metrics as scalars, and the activity histogram
-    of every site on the validation split."""
+    of every site on the validation split: from `session`'s epoch-end pass when given (no
+    pass of its own; put it after the session's callback), else from a pass of its own."""
 
-    def __init__(self, log_dir: str | os.PathLike):
-        self.log_dir = log_dir
+    def __init__(self, log_dir: str | os.PathLike, session: Session | None = None):
+        self.log_dir, self.session = log_dir, session
         self.logger: TensorBoardLogger | None = None
 
     def on_fit_start(self, trainer) -> None:
@@ -61,7 +68,11 @@ class TensorBoardCallback(Callback):
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         self.logger.log_metrics(metrics, epoch)
-        if not metrics.get("diverged"):
+        if metrics.get("diverged"):
+            return
+        if self.session is not None and self.session.last is not None:
+            self.logger.log_pass(self.session.last, epoch)
+        else:
             self.logger.log_activity(trainer.model, trainer.data.val, epoch)
 
     def on_fit_end(self, trainer) -> None:

@@ -138,10 +138,10 @@ class AP(IMP):
     def _prepare(self) -> None:
         super()._prepare()
         if self.opts.neuron_fraction is not None:
-            self.monitor = ActivityMonitor(self.model, self.sites, every=10, mode="train")
+            self.monitor = ActivityMonitor(self.model, self.sites, every_steps=10, mode="train")
             if self._monitor_state is not None:
                 self.monitor.load_state_dict(self._monitor_state)
-            self.monitor.__enter__()
+            self.monitor.open()
             self.monitor.set_step(self.step)
 
     def _after_step(self) -> None:

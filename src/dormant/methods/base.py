@@ -131,6 +131,7 @@ class Method:
         self._probe: Any = None
         self._saved_masks: dict | None = None
         self._changed = False
+        self._offered: tuple[ActivityMonitor, list] | None = None   # see end_epoch(observed=)
 
     def __repr__(self) -> str:
         changed = ", ".join(f"{k}={v!r}" for k, v in self.opts.changed().items())
@@ -340,11 +341,25 @@ class Method:
 
     def observe(self) -> ActivityMonitor:
         """An exact probe pass over the probe data (eval mode, no grad); the caller's random
-        state is untouched (a DataLoader would draw from it)."""
+        state is untouched (a DataLoader would draw from it). Inside `end_epoch`, the caller's
+        own pass of the epoch (``observed=``) stands in for it while it applies: same eps,
+        every probe sample, the method's sites among its own, no weight changed since."""
         self._require_probe()
+        offered = self._offered_pass()
+        if offered is not None:
+            return offered
         with torch.random.fork_rng(devices=[]):
             return probe(self.model, self._probe, sites=self.sites, eps=self.opts.eps,
                          max_samples=self.opts.probe_samples, forward=self.forward)
+
+    def _offered_pass(self) -> ActivityMonitor | None:
+        if self._offered is None:
+            return None
+        mon, versions = self._offered
+        if (self.opts.probe_samples is not None or mon.eps != self.opts.eps
+                or versions != _versions(self.model)):
+            return None
+        return mon.subset(self.sites)
 
     # -- the loop's events ---------------------------------------------------------------
     def _require_prepared(self) -> None:
@@ -364,8 +379,8 @@ class Method:
         self._after_step()
         return self._changed
 
-    def end_epoch(self, val_score: float | None = None,
-                  evaluate: Evaluate | None = None) -> EpochResult:
+    def end_epoch(self, val_score: float | None = None, evaluate: Evaluate | None = None, *,
+                  observed: ActivityMonitor | None = None) -> EpochResult:
         """At the end of an epoch: the method's epoch-cadence decisions and its metrics.
 
         val_score: the epoch's validation score (higher is better), for methods that keep
@@ -373,12 +388,19 @@ class Method:
         evaluate: ``evaluate(model) -> dict`` of metrics, called when the method changed the
             model after the caller measured it (best epoch restored, final removal); its
             values are merged into the result.
+        observed: the caller's exact probe pass (`dormant.diagnose.probe`) over this method's
+            probe data, of the model as it is now: a decision of this epoch reads it instead of
+            passing the data through the model again, as long as it applies (see `observe`).
         """
         self._require_prepared()
         self.epoch += 1
         self._changed = False
         result = EpochResult()
-        self._end_epoch(result, val_score, evaluate)
+        self._offered = (observed, _versions(self.model)) if observed is not None else None
+        try:
+            self._end_epoch(result, val_score, evaluate)
+        finally:
+            self._offered = None
         result.model_changed = self._changed
         return result
 
@@ -413,6 +435,12 @@ class Method:
         """Restore a saved state; call before `prepare` (which re-attaches the masks)."""
         self._saved_masks = state.get("masks")
         self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+
+
+def _versions(model: nn.Module) -> list[tuple[int, int]]:
+    """Identity and in-place version of every parameter and buffer: any edit changes it."""
+    m = _unwrap(model)
+    return [(id(t), t._version) for t in (*m.parameters(), *m.buffers())]
 
 
 def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..monitor import ActivityMonitor
 from ..options import option
 from ..sites import Site, _unwrap
+from ..taps import SiteTaps
 from ..units import fan_in_rows, outgoing, tensor
 from .base import EpochResult, Method, MethodOptions
 from .redo import recycle
@@ -70,15 +70,14 @@ def outgoing_magnitude(model: nn.Module, site: Site) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
-class _BatchStats(ActivityMonitor):
-    """Training-time hooks that keep the last batch's mean |h| per unit."""
+class _BatchMeans:
+    """A tap listener (`dormant.taps`): the last training batch's mean |h| per unit."""
 
-    def reset(self) -> None:
-        super().reset()
+    def __init__(self):
         self.batch: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def _observe(self, site: Site, y: torch.Tensor) -> None:
+    def __call__(self, site: Site, y: torch.Tensor) -> None:
         y = y.detach()
         if y.ndim == 1:
             y = y.unsqueeze(0)
@@ -116,7 +115,8 @@ class ContinualBackprop(Method):
         self.ages: dict[str, torch.Tensor] = {}
         self.carry: dict[str, float] = {}
         self.replaced_epoch = self.replaced_total = 0
-        self.stats: _BatchStats | None = None
+        self.stats: _BatchMeans | None = None
+        self._taps: SiteTaps | None = None
         self._gen: torch.Generator | None = None
         self._saved: dict | None = None
 
@@ -132,7 +132,9 @@ class ContinualBackprop(Method):
         if self._saved is not None:
             self._gen.set_state(self._saved)
             self._saved = None
-        self.stats = _BatchStats(self.model, self.sites, every=1, mode="train").__enter__()
+        self.stats = _BatchMeans()
+        self._taps = SiteTaps(self.model, self.sites, self.stats, mode="train")
+        self._taps.attach()
 
     # -- the step ------------------------------------------------------------------------
     def _step_means(self) -> dict[str, torch.Tensor]:
@@ -222,8 +224,8 @@ class ContinualBackprop(Method):
         self.replaced_epoch = 0
 
     def finalize(self):
-        if self.stats is not None:
-            self.stats.close()
+        if self._taps is not None:
+            self._taps.close()
         return super().finalize()
 
     def state_dict(self) -> dict:

@@ -10,12 +10,10 @@ from typing import Sequence
 
 import torch
 
-from ..diagnose import diagnose
 from ..jsonl import read_jsonl, write_jsonl
 from ..methods.base import Method
-from ..metrics import distance_from, plasticity
-from ..monitor import ActivityMonitor
-from ..sites import Site, _unwrap, find_sites
+from ..session import Session
+from ..sites import Site, _unwrap
 from ..surgery import architecture, resize
 
 
@@ -39,10 +37,15 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class MonitorCallback(Callback):
-    """Watches training (sampled: every k-th step) and probes exactly at each epoch end.
+class SessionCallback(Callback):
+    """The Trainer's adapter of a `dormant.session.Session`: maps the loop's events to the
+    session's calls. The session's probe is the Trainer's `probe_split` (validation), the
+    method's probe its own ``probe`` option's split, the test split's sparsity is measured
+    after the last epoch, and the run's length is the Trainer's. A model the method changed
+    after the epoch was measured (best epoch restored, final removal) is measured again on
+    validation and test data by the Trainer (`Trainer.measure`), not by the method.
 
-    Adds to the epoch metrics:
+    Adds to the epoch metrics (docs/metrics.md):
       dynamic_dnr, dnr/<site>  -- zero-output rate on training batches (watched steps)
       dead_fraction, dead_units, dead/<site> -- never-active units on the probe split,
                                   exact, eval mode
@@ -52,121 +55,52 @@ class MonitorCallback(Callback):
       erank/<site>, stable_rank/<site>, approx_rank[_sq]/<site>, fau/<site>,
       feature_norm/<site>, dormant_<tau>/<site>, weight_magnitude
                                -- plasticity metrics on the first 1024 probe samples
-                                  (dormant.metrics, docs/metrics.md)
       grad_norm                -- mean global gradient L2 norm over the watched steps
       distance_from_init       -- ||theta - theta_0||_2 over the parameters that still have
                                   their initial shape (a physical removal changes the others)
+    and the method's own metrics.
     """
 
-    def __init__(self, sites: Sequence[Site] | None = None, *, every: int = 10, eps: float = 0.0,
-                 probe_split: str = "val", criterion: str = "never_active"):
-        self.sites, self.every, self.eps = sites, every, eps
-        self.probe_split, self.criterion = probe_split, criterion
-        self.monitor: ActivityMonitor | None = None
-        self.dead: dict[str, torch.Tensor] = {}
-        self.initial: dict[str, torch.Tensor] = {}    # theta_0 (saved with checkpoints)
-        self._grad_sum: torch.Tensor | None = None    # sum of watched steps' norms, device
-        self._grad_steps = 0
+    def __init__(self, session: Session, probe_split: str = "val"):
+        self.session, self.probe_split = session, probe_split
+
+    @property
+    def method(self) -> Method | None:
+        return self.session.method
+
+    def _splits(self, data) -> dict:
+        m = self.session.method
+        return {"probe": data.split(self.probe_split),
+                "method_probe": data.split(m.opts.probe) if m is not None else None}
 
     def on_fit_start(self, trainer) -> None:
-        if self.sites is None:
-            self.sites = find_sites(trainer.model, trainer.data.train.inputs[:2])
-        self.monitor = ActivityMonitor(trainer.model, self.sites, eps=self.eps,
-                                       every=self.every, mode="train").__enter__()
-        self.monitor.set_step(trainer.step)  # same watched steps after a resume
-        if not self.initial:
-            self.initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
-    def on_after_backward(self, trainer) -> None:
-        if not self.monitor.attached:        # the monitor's watched steps only
-            return
-        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
-        self._grad_sum = norm if self._grad_sum is None else self._grad_sum + norm  # no sync
-        self._grad_steps += 1
-
-    def on_step_end(self, trainer, loss) -> None:
-        self.monitor.step()
-
-    def state_dict(self) -> dict:
-        return {"initial": self.initial}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.initial = dict(state.get("initial", {}))
-
-    def on_model_changed(self, trainer) -> None:
-        """Sites shrank: start a new monitor on them (this epoch's training-batch rates
-        restart from the change)."""
-        self.monitor.close()
-        self.sites = find_sites(trainer.model, trainer.data.train.inputs[:2])
-        self.monitor = ActivityMonitor(trainer.model, self.sites, eps=self.eps,
-                                       every=self.every, mode="train").__enter__()
-        self.monitor.set_step(trainer.step)
-
-    def on_epoch_end(self, trainer, epoch, metrics) -> None:
-        if metrics.get("diverged"):     # NaN activations: no statistic would mean anything
-            self.monitor.reset()
-            return
-        metrics.update(self.monitor.dnr_metrics())
-        self.monitor.reset()
-        report = diagnose(trainer.model, trainer.data.split(self.probe_split), sites=self.sites,
-                          eps=self.eps, criterion=self.criterion)
-        self.dead = report.dead
-        metrics.update(report.metrics())
-        metrics["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
-        # the plasticity metrics (dormant.metrics) on the first 1024 probe samples
-        metrics.update(plasticity(trainer.model, trainer.data.split(self.probe_split),
-                                  sites=self.sites, max_samples=1024))
-        if self._grad_steps:
-            metrics["grad_norm"] = self._grad_sum.item() / self._grad_steps
-            self._grad_sum, self._grad_steps = None, 0
-        metrics["distance_from_init"] = distance_from(trainer.model, {
-            n: self.initial[n] for n, p in trainer.model.named_parameters()
-            if n in self.initial and self.initial[n].shape == p.shape})
-        if epoch == trainer.epochs or trainer.stop:
-            test = diagnose(trainer.model, trainer.data.test, sites=self.sites, eps=self.eps)
-            metrics["test_sparsity"] = sum(r.sparsity for r in test.rows) / len(test.rows)
-
-    def on_fit_end(self, trainer) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-
-
-class MethodCallback(Callback):
-    """The Trainer's adapter of the Method API: maps the loop's events to a method's calls.
-
-    The probe is the method's `probe` split of the Trainer's data, the run's length is the
-    Trainer's, best-epoch selection reads the epoch's validation accuracy, and a model the
-    method changed after the epoch was measured (best epoch restored, final removal) is
-    measured again on validation and test data here, by the Trainer, not by the method.
-    """
-
-    def __init__(self, method: Method):
-        self.method = method
-
-    def on_fit_start(self, trainer) -> None:
-        m, data = self.method, trainer.data
-        m.step, m.epoch = trainer.step, trainer.epoch    # the Trainer's counters (resume)
+        data = trainer.data
+        if self.method is not None:      # the Trainer's counters (a resumed run)
+            self.method.step, self.method.epoch = trainer.step, trainer.epoch
         per_epoch = -(-len(data.train) // trainer.batch_size)
-        m.prepare(trainer.model, trainer.optimizer, probe=data.split(m.opts.probe),
-                  total_steps=trainer.epochs * per_epoch, epochs=trainer.epochs,
-                  seed=trainer.seed, example=data.train.inputs[:2])
+        self.session.start(trainer.model, trainer.optimizer, **self._splits(data),
+                           example=data.train.inputs[:2], test=data.test,
+                           total_steps=trainer.epochs * per_epoch, epochs=trainer.epochs,
+                           seed=trainer.seed, step=trainer.step)
 
     def on_after_backward(self, trainer) -> None:
-        self.method.after_backward()
+        self.session.after_backward()
 
     def on_data_changed(self, trainer) -> None:
-        self.method.set_probe(trainer.data.split(self.method.opts.probe))
+        self.session.set_probe(**self._splits(trainer.data), test=trainer.data.test)
 
     def on_step_end(self, trainer, loss) -> None:
-        if self.method.after_step():
+        if self.session.after_step():
             trainer.model_changed()
+
+    def on_model_changed(self, trainer) -> None:
+        self.session.model_changed()
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         before = {k: metrics[k] for k in ("val_acc", "test_acc")}
-        result = self.method.end_epoch(val_score=metrics["val_acc"], evaluate=trainer.measure)
+        result = self.session.end_epoch(
+            val_score=metrics["val_acc"], evaluate=trainer.measure,
+            final=epoch == trainer.epochs or trainer.stop, diverged=bool(metrics.get("diverged")))
         if result.restored:     # the epoch's own accuracy, before the best one came back
             metrics["last_test_acc"], metrics["last_val_acc"] = before["test_acc"], before["val_acc"]
         metrics.update(result)
@@ -174,13 +108,29 @@ class MethodCallback(Callback):
             trainer.model_changed()
 
     def on_fit_end(self, trainer) -> None:
-        self.method.finalize()
+        self.session.close()
 
     def state_dict(self) -> dict:
-        return self.method.state_dict()
+        return self.session.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.method.load_state_dict(state)
+        if set(state) == {"initial"}:    # a MonitorCallback's, before the Session
+            state = {"method": None, "monitor": None, **state}
+        self.session.load_state_dict(state)
+
+
+def MonitorCallback(sites: Sequence[Site] | None = None, *, every_steps: int = 10,
+                    eps: float = 0.0, probe_split: str = "val",
+                    criterion: str = "never_active", every: int | None = None) -> SessionCallback:
+    """Watch and measure, no method: a `SessionCallback` over ``Session(None, ...)``."""
+    return SessionCallback(Session(None, sites=sites, every_steps=every_steps, every=every,
+                                   eps=eps, criterion=criterion), probe_split)
+
+
+def MethodCallback(method: Method) -> SessionCallback:
+    """Drive a method, measure nothing more (what ``Trainer(callbacks=[method])`` makes): a
+    `SessionCallback` over ``Session(method, monitor=False)``."""
+    return SessionCallback(Session(method, monitor=False))
 
 
 class TaskCallback(Callback):
@@ -338,6 +288,12 @@ class CheckpointCallback(Callback):
                 "it to train the run again from its start") from None
         if trainer.scheduler is not None and state["scheduler"] is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
+        if len(state["callbacks"]) != len(trainer.callbacks):
+            raise CorruptCheckpointError(
+                f"{self.path} holds the state of {len(state['callbacks'])} callbacks, this run "
+                f"has {len(trainer.callbacks)} (written by an older dormant, whose monitor and "
+                "method were two callbacks, or by another run): delete it to train the run "
+                "again from its start")
         for cb, s in zip(trainer.callbacks, state["callbacks"]):
             cb.load_state_dict(s)
         torch.set_rng_state(state["rng"])

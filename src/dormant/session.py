@@ -1,0 +1,279 @@
+"""One training run's dormant side, whoever owns the loop: the sites, a sampled monitor of
+the training steps, an optional method driven through the Method API, and the whole
+end-of-epoch measurement. The built-in `Trainer` (`dormant.train.callbacks.SessionCallback`),
+the Lightning callback and the Hugging Face callback are short adapters that map their
+framework's events to these calls, so every host logs the same metrics.
+
+    session = Session("synaptic-stripping", every_steps=10)
+    session.start(model, optimizer, probe=val_data, total_steps=..., epochs=...)
+    for epoch ...:
+        for batch ...:
+            loss.backward(); session.after_backward(); optimizer.step()
+            session.after_step()                 # True: the method removed units
+        metrics = session.end_epoch()            # one exact probe pass, then the method
+    session.close()
+
+At each epoch's end the probe data goes through the model once (eval mode, no grad, every
+sample): that pass gives the dead fraction and activation sparsity per site, the plasticity
+metrics (on its first `plasticity_samples` samples), the activity histograms a logger may
+draw (`last`), and -- when the method observes the same data -- the method's decision.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .batching import Forward, capture_inputs, default_forward, probe_example
+from .diagnose import diagnosis, probe
+from .methods import EpochResult, Method, build
+from .metrics import FeatureRecorder, distance_from, plasticity_from
+from .monitor import ActivityMonitor, _renamed
+from .sites import Site, find_sites
+
+__all__ = ["Session", "SESSION_FORMAT", "numbers"]
+
+SESSION_FORMAT = "dormant-session/1"
+
+
+class Session:
+    """A monitor, the epoch-end measurement and (optionally) a method for one training run.
+
+    method: a `Method`, a registered name, or None; monitor: watch training batches every
+    `every_steps`-th step (dynamic DNR, gradient norm) and measure the model on the probe
+    data at each epoch's end (False: drive the method only); criterion/eps: the definition
+    of dead; plasticity: also the plasticity metrics (`dormant.metrics`) on the first
+    `plasticity_samples` probe samples; sites:
+    the sites to watch (default: every site `find_sites` finds); forward: how a batch is
+    fed to the model; host: the framework that owns the parameters (a method that removes
+    units is then refused, and so is one that keeps the best epoch).
+    """
+
+    def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
+                 every_steps: int = 10, criterion: str = "never_active", eps: float = 0.0,
+                 plasticity: bool = True, plasticity_samples: int = 1024,
+                 sites: list[Site] | None = None, forward: Forward | None = None,
+                 host: str | None = None, every: int | None = None):
+        if every is not None:
+            every_steps = _renamed("Session", every)
+        self.method = build(method) if isinstance(method, str) else method
+        _check_host(self.method, host)
+        self.watch, self.every_steps = monitor, every_steps
+        self.criterion, self.eps = criterion, eps
+        self.plasticity, self.plasticity_samples = plasticity, plasticity_samples
+        self.forward = forward or default_forward
+        self.given_sites = sites
+        self.model: nn.Module | None = None
+        self.probe: Any = None               # the epoch-end pass's data
+        self.test: Any = None                # measured once, after the last epoch
+        self.sites: list[Site] = []
+        self.inputs: Any = None              # the model's inputs for site discovery
+        self.monitor: ActivityMonitor | None = None
+        self.last: ActivityMonitor | None = None   # the last epoch-end pass (histograms)
+        self.initial: dict[str, torch.Tensor] = {}  # theta_0, for distance_from_init
+        self.step = 0
+        self._grad_sum: torch.Tensor | None = None  # watched steps' gradient norms (device)
+        self._grad_steps = 0
+        self._arch: list | None = None
+        self._saved: dict | None = None      # a checkpoint's state, applied at `start`
+
+    # -- the run's events ----------------------------------------------------------------
+    def start(self, model: nn.Module, optimizer, *, probe: Any = None, example: Any = None,
+              method_probe: Any = ..., test: Any = None, total_steps: int | None = None,
+              epochs: int | None = None, seed: int = 0, step: int = 0) -> None:
+        """Before the first step (of a resumed run too, after `load_state_dict`). `probe`:
+        the data of the epoch-end pass; `method_probe`: the method's decision data (default:
+        the same); `example`: a batch for site discovery (default: the probe's first
+        samples); `test`: data whose activation sparsity is measured after the last epoch;
+        `step`: optimizer steps already taken (a resumed run)."""
+        self.model, self.probe, self.test, self.step = model, probe, test, int(step)
+        self.inputs = (capture_inputs(model, example, self.forward) if example is not None
+                       else probe_example(model, probe, self.forward) if probe is not None
+                       else None)
+        if self.inputs is None:
+            raise ValueError("dormant: give probe data (a validation loader) or an example batch")
+        saved, self._saved = self._saved or {}, None
+        if self.watch:
+            self._find_sites()
+            self.monitor = self._new_monitor()
+            if saved.get("monitor") is not None:
+                self.monitor.load_state_dict(saved["monitor"])
+            self.monitor.set_step(self.step)
+            self.initial = dict(saved.get("initial") or {}) or {
+                n: p.detach().clone() for n, p in model.named_parameters()}
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer     # accelerate's wrapper: hooks go on the real one
+        if self.method is not None:
+            if saved.get("method") is not None:
+                self.method.load_state_dict(saved["method"])     # before prepare: masks
+            self.method.prepare(model, optimizer, probe=probe if method_probe is ... else
+                                method_probe, total_steps=total_steps, epochs=epochs,
+                                seed=seed, forward=self.forward, example=self.inputs)
+
+    def after_backward(self) -> None:
+        """After ``loss.backward()``, before the optimizer step."""
+        if self.monitor is not None and self.monitor.attached:     # watched steps only
+            self._add_grad_norm()
+        if self.method is not None:
+            self.method.after_backward()
+
+    def after_step(self) -> bool:
+        """After the optimizer step. True when the method removed units (the caller rebuilds
+        what holds the old parameters; the session re-finds its sites itself)."""
+        self.step += 1
+        if self.monitor is not None:
+            self.monitor.step()
+        changed = self.method.after_step() if self.method is not None else False
+        if changed:
+            self.model_changed()
+        return changed
+
+    def end_epoch(self, val_score: float | None = None, evaluate=None, *,
+                  final: bool = False, diverged: bool = False) -> EpochResult:
+        """The epoch's metrics (and the method's flags, `EpochResult`): the watched steps'
+        dynamic DNR and gradient norm, one exact pass over the probe data (dead fraction,
+        sparsity, plasticity), the test data's sparsity when `final`, then the method's
+        decision and metrics. A `diverged` epoch (NaN activations) is not measured."""
+        out = EpochResult()
+        if self.watch and not diverged:
+            out.update(self.measure(final))
+        elif self.monitor is not None:
+            self.monitor.reset()
+        if self.method is not None:
+            same = self.last is not None and self.method._probe is self.probe
+            result = self.method.end_epoch(val_score=val_score, evaluate=evaluate,
+                                           observed=self.last if same else None)
+            out.update(result)
+            out.model_changed, out.new_round = result.model_changed, result.new_round
+            out.restored = result.restored
+            if result.model_changed:
+                self.model_changed()
+        return out
+
+    def set_probe(self, probe: Any, method_probe: Any = ..., test: Any = ...) -> None:
+        """Observe other data from now on (continual learning: the current task's)."""
+        self.probe = probe
+        if test is not ...:
+            self.test = test
+        if self.method is not None:
+            self.method.set_probe(probe if method_probe is ... else method_probe)
+
+    def model_changed(self) -> None:
+        """Units were removed physically: sites and monitor follow the new shapes (a no-op
+        when they already do)."""
+        if not self.watch or self._arch == _shapes(self.model):
+            return
+        self.monitor.close()
+        self._find_sites()
+        self.monitor = self._new_monitor()
+        self.monitor.set_step(self.step)
+
+    def close(self) -> None:
+        """After training: hooks gone, the method's masks folded into the weights."""
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.method is not None and self.method.model is not None:
+            self.method.finalize()
+
+    # -- the measurement -----------------------------------------------------------------
+    def measure(self, final: bool = False) -> dict[str, float]:
+        """Everything but the method: the watched steps' rates (then reset), and one exact
+        pass over the probe data; after the last epoch (`final`) the test data's sparsity."""
+        out: dict[str, float] = {}
+        out.update(self.monitor.dnr_metrics())
+        self.monitor.reset()
+        first = features = None
+        listeners = []
+        if self.plasticity:
+            first = ActivityMonitor(self.model, self.sites, eps=self.eps)
+            features = FeatureRecorder(self.sites, self.plasticity_samples, also=[first.observe])
+            listeners.append(features)
+        with torch.random.fork_rng(devices=[]):    # a DataLoader draws its seed from it
+            self.last = probe(self.model, self.probe, sites=self.sites, eps=self.eps,
+                              forward=self.forward, listeners=listeners)
+        report = diagnosis(self.last, self.criterion)
+        out.update(report.metrics())
+        out["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
+        if self.plasticity:
+            out.update(plasticity_from(self.model, features.result(), first))
+        out.update(self._grad_and_distance())
+        if final and self.test is not None:
+            with torch.random.fork_rng(devices=[]):
+                test = probe(self.model, self.test, sites=self.sites, eps=self.eps,
+                             forward=self.forward)
+            rates = test.activation_sparsity()
+            out["test_sparsity"] = sum(rates.values()) / len(rates)
+        return out
+
+    def _grad_and_distance(self) -> dict[str, float]:
+        out = {}
+        if self._grad_steps:
+            out["grad_norm"] = self._grad_sum.item() / self._grad_steps
+            self._grad_sum, self._grad_steps = None, 0
+        out["distance_from_init"] = distance_from(self.model, {
+            n: self.initial[n] for n, p in self.model.named_parameters()
+            if n in self.initial and self.initial[n].shape == p.shape})
+        return out
+
+    def _add_grad_norm(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
+        self._grad_sum = norm if self._grad_sum is None else self._grad_sum + norm  # no sync
+        self._grad_steps += 1
+
+    def _find_sites(self) -> None:
+        self.sites = (list(self.given_sites) if self.given_sites is not None and
+                      self._arch is None else find_sites(self.model, self.inputs))
+        self._arch = _shapes(self.model)
+
+    def _new_monitor(self) -> ActivityMonitor:
+        return ActivityMonitor(self.model, self.sites, every_steps=self.every_steps,
+                               eps=self.eps, mode="train").open()
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry for a resumed run to equal a straight one: the
+        method's state (masks, counters, snapshots), the monitor's counters, the initial
+        weights (distance from init)."""
+        return {"method": self.method.state_dict() if self.method is not None else None,
+                "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+                "initial": self.initial}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` before `start` (which applies it)."""
+        if not isinstance(state, dict) or not {"method", "monitor"} <= set(state):
+            raise ValueError("dormant: not a Session state (expected the keys 'method' and "
+                             f"'monitor', got {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+        if (state["method"] is None) != (self.method is None):
+            raise ValueError("dormant: the checkpoint was saved "
+                             f"{'without' if state['method'] is None else 'with'} a method and "
+                             f"this run has {'one' if self.method is not None else 'none'}: "
+                             "resume with the callback the run was trained with")
+        self._saved = state
+
+
+def numbers(metrics: dict) -> dict[str, float]:
+    """The metrics a framework's logger takes: numbers (and flags, as 0/1) only; tables such
+    as a removal's new widths are left out."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _shapes(model: nn.Module) -> list:
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def _check_host(method: Method | None, host: str | None) -> None:
+    """Hosts that own the parameters in their own wrappers refuse what they cannot carry."""
+    if host is None or method is None:
+        return
+    if method.changes_model:
+        raise ValueError(f"{method.name} removes units physically; {host} keeps the old "
+                         "parameters in its own wrappers (optimizer, strategy), so run it in "
+                         "your own loop (docs/own-loop.md) or with dormant run")
+    if getattr(getattr(method, "opts", None), "keep_best", False):
+        raise ValueError(f"{method.name}: keep_best restores each round's epoch with the best "
+                         f"validation score, which {host} does not hand the callback: build "
+                         "it with keep_best=False")
