@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -32,18 +31,7 @@ import warnings
 import torch
 
 import dormant
-
-
-def _machine(threads: int) -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {threads} threads, torch {torch.__version__}"
+from dormant.rundir import machine
 
 
 def build(arch: str, d: int, layers: int, vocab: int):
@@ -158,7 +146,7 @@ def mlp_block(model, arch: str):
 
 def run(args) -> list[str]:
     torch.set_num_threads(args.threads)
-    lines = [f"machine: {_machine(args.threads)}",
+    lines = [f"machine: {machine(args.threads)}",
              f"d = {args.d}, {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
              f"greedy with a KV cache, {args.rounds} interleaved rounds (median), dead units "
              f"{args.dead:.0%}", ""]

@@ -19,7 +19,7 @@ from dormant.cli import main
 from dormant.methods import build
 from dormant.data.base import CorruptDataError, DataNotFoundError
 from dormant.experiments import ExperimentConfig, run_experiment
-from dormant.experiments.rundir import CorruptRunError, run_lock
+from dormant.rundir import CorruptRunError, run_lock
 from dormant.jsonl import read_jsonl
 from dormant.train.callbacks import CorruptCheckpointError, load_checkpoint
 

@@ -301,6 +301,17 @@ def test_layers_point_downward():
             "('dormant.methods', 'dormant.train', 'dormant.experiments'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    # the session sits between the methods and the loops; experiments never read reports
+    for module, below in (("dormant.session", ("dormant.train", "dormant.experiments",
+                                               "dormant.integrations")),
+                          ("dormant.experiments", ("dormant.report",))):
+        code = (f"import sys, {module}; print(sorted(m for m in sys.modules "
+                f"if m.startswith({below!r})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == "[]", module
+    import dormant.rundir
+    assert "from ." not in open(dormant.rundir.__file__).read()   # the bottom layer
 
 
 def test_a_tuple_batch_for_a_model_with_more_inputs_warns_instead_of_dropping_silently():

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 from ..tables import Column, Table, mean_std, rows_table
 from .config import ConfigError, ExperimentConfig
 from .run import run_experiment
-from .rundir import writable_dir
+from ..rundir import CompareFiles, RunFiles, machine, writable_dir
 
 # (metric key in the final epoch, column title, scale, format)
 COLUMNS = (
@@ -251,7 +251,7 @@ def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, d
     """compare.md/.csv/.json and runs.jsonl.gz in `out`; `threads`: what each run had;
     `where`: the machine line taken when the runs started (default: now)."""
     from ..jsonl import read_jsonl
-    from ..report import HISTORIES, machine
+    files = CompareFiles(out)
     out.mkdir(parents=True, exist_ok=True)
     t = table(rows, cols)
     header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
@@ -261,9 +261,9 @@ def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, d
     for (name, res), (_, cfg) in zip(results, configs):
         rel = os.path.relpath(os.path.abspath(res["run_dir"]), os.path.abspath(out))
         runs.append({"variant": name, "seed": cfg.seed, "run_dir": rel,
-                     "metrics": read_jsonl(Path(res["run_dir"]) / "metrics.jsonl")})
-    _write_histories(out / HISTORIES, runs)
-    (out / "compare.json").write_text(json.dumps(
+                     "metrics": read_jsonl(RunFiles(res["run_dir"]).metrics)})
+    _write_histories(files.histories, runs)
+    files.compare.write_text(json.dumps(
         {"spec": spec.to_dict(), "command": command, "machine": where or machine(threads),
          "rows": rows, "titles": {c[0]: c[1] for c in cols},
          "formats": {c[0]: c[3] for c in cols},
@@ -287,7 +287,6 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
     for option, folder in (("root", root), ("out", out), ("tensorboard", tensorboard)):
         if folder is not None:           # before the first run trains, not after the last
             writable_dir(folder, option)
-    from ..report import machine
     where = machine(run_threads(jobs))   # the code the runs start with, not what HEAD is later
     results = list(zip([n for n, _ in configs],
                        _run_all(configs, root, jobs, show_progress, log, tensorboard)))

@@ -1,26 +1,17 @@
-"""One experiment: a run directory named by the config hash; finished runs are skipped and
-interrupted ones resume from their last epoch checkpoint.
-
-    runs/<dataset>-<model>[-<method>]-s<seed>-<hash>/
-        config.json     the full config
-        metrics.jsonl   one line of metrics per epoch
-        checkpoint.pt   the last epoch's state (model, optimizer, callbacks, RNG)
-        model.pt        final weights (state_dict)
-        result.json     written last: the run is finished
-"""
+"""One experiment: a run directory ``runs/<dataset>-<model>[-<method>]-s<seed>-<hash>/``
+named by the config hash (its files: `dormant.rundir.RunFiles`); finished runs are skipped
+and interrupted ones resume from their last epoch checkpoint."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..data import load_dataset
 from .. import methods
 from ..activations import make_activation
@@ -33,20 +24,11 @@ from ..train.loop import rank_and_world
 from ..jsonl import write_jsonl
 from ..train.callbacks import TaskCallback, load_checkpoint
 from .config import ExperimentConfig
-from .rundir import CorruptRunError, run_lock, writable_dir, write_json
+from ..rundir import CorruptRunError, RunFiles, code_version, run_lock, writable_dir, write_json
 
 
 def run_dir(cfg: ExperimentConfig, root: str | os.PathLike = "runs") -> Path:
     return Path(root) / cfg.label()
-
-
-def _code_version() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent)
-        return f"{__version__}+{out.stdout.strip()}" if out.returncode == 0 else __version__
-    except (OSError, subprocess.SubprocessError):
-        return __version__
 
 
 def _dataset_key(cfg: ExperimentConfig) -> str:
@@ -87,7 +69,8 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     if tensorboard is not None:
         writable_dir(tensorboard, "tensorboard")
     rd = run_dir(cfg, root)
-    if (rd / "result.json").exists():
+    files = RunFiles(rd)
+    if files.result.exists():
         return _finished(rd, cfg, log)
     method = methods.build(cfg.method, **cfg.method_args)  # refuse bad options early
     rank, world = rank_and_world()
@@ -97,7 +80,7 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     lock = run_lock(rd, log=log) if rank == 0 else contextlib.nullcontext()
     with lock:
         _barrier(world)
-        if (rd / "result.json").exists():      # finished while we waited for the lock
+        if files.result.exists():      # finished while we waited for the lock
             return _finished(rd, cfg, log)
         session = Session(method, every_steps=cfg.monitor_every, eps=cfg.eps,
                           criterion=cfg.criterion)
@@ -131,11 +114,12 @@ def _barrier(world: int) -> None:
 
 
 def _finished(rd: Path, cfg: ExperimentConfig, log) -> dict:
+    files = RunFiles(rd)
     try:
-        result = json.loads((rd / "result.json").read_text())
+        result = json.loads(files.result.read_text())
         saved = ExperimentConfig.from_dict(result["config"]).label()
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CorruptRunError(f"{rd / 'result.json'} is damaged ({type(err).__name__}: "
+        raise CorruptRunError(f"{files.result} is damaged ({type(err).__name__}: "
                               f"{str(err)[:200]}); delete it and run the same command again: "
                               "the run resumes from its last checkpoint") from None
     if saved != cfg.label():
@@ -149,7 +133,7 @@ def _finished(rd: Path, cfg: ExperimentConfig, log) -> dict:
 def _check_config_file(rd: Path, cfg: ExperimentConfig, log) -> None:
     """A run directory is named by its config's hash: its config.json must hold that config.
     A damaged one is rewritten; another config is refused."""
-    path = rd / "config.json"
+    path = RunFiles(rd).config
     try:
         saved = ExperimentConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -164,14 +148,15 @@ def _check_config_file(rd: Path, cfg: ExperimentConfig, log) -> None:
 
 def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: bool, log,
            epoch_log, extra=()) -> dict:
+    files = RunFiles(rd)
     data, model = build(cfg)
     arch_built = architecture(model)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     period = getattr(session.method, "schedule_period", lambda: None)()  # pruning rounds restart it
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs, period, **cfg.schedule_args)
-    ckpt = CheckpointCallback(rd / "checkpoint.pt", identity=cfg.label())
-    history = JsonlLogger(rd / "metrics.jsonl")
+    ckpt = CheckpointCallback(files.checkpoint, identity=cfg.label())
+    history = JsonlLogger(files.metrics)
     tasks = []
     if cfg.tasks:
         from ..data.tasks import TaskSchedule
@@ -189,8 +174,8 @@ def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: boo
         log(f"[resume] {rd} from epoch {trainer.epoch}")
         history.restore(trainer.epoch)
     elif writer:
-        write_json(rd / "config.json", cfg.to_dict())
-        write_jsonl(rd / "metrics.jsonl", [])
+        write_json(files.config, cfg.to_dict())
+        write_jsonl(files.metrics, [])
     t0 = time.perf_counter()
     trainer.fit()
     _barrier(trainer.world)                      # rank 0 has written the last epoch
@@ -199,20 +184,20 @@ def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: boo
     history = history.rows
     arch = architecture(model)
     if writer:
-        tmp = rd / "model.pt.tmp"
+        tmp = files.model.with_suffix(".pt.tmp")
         torch.save(model.state_dict(), tmp)
-        os.replace(tmp, rd / "model.pt")
+        os.replace(tmp, files.model)
         if arch != arch_built:                   # compacted during training (DemP)
-            write_json(rd / "architecture.json", arch)
+            write_json(files.architecture, arch)
     result = {"config": cfg.to_dict(), "final": history[-1], "run_dir": str(rd),
               "train_time": sum(r["train_time"] for r in history),
               "wall_time": time.perf_counter() - t0,
               "params": sum(p.numel() for p in model.parameters()),
-              "version": _code_version(), "torch": torch.__version__,
+              "version": code_version(), "torch": torch.__version__,
               **({"world_size": trainer.world, "ranks_identical": True}
                  if trainer.world > 1 else {})}
     if writer:
-        write_json(rd / "result.json", result)
+        write_json(files.result, result)
     return result
 
 
@@ -221,20 +206,21 @@ def load_run(path: str | os.PathLike, datasets: dict | None = None):
     checkpoint. `datasets`, a dict kept by the caller, shares loaded datasets between the
     runs it loads (keyed by the config fields that decide the dataset)."""
     rd = Path(path)
-    if not (rd / "config.json").exists():
+    files = RunFiles(rd)
+    if not files.config.exists():
         raise FileNotFoundError(f"{rd} is not a run directory (no config.json)")
-    cfg = ExperimentConfig.from_dict(json.loads((rd / "config.json").read_text()))
+    cfg = ExperimentConfig.from_dict(json.loads(files.config.read_text()))
     key = _dataset_key(cfg)
     data, model = build(cfg, None if datasets is None else datasets.get(key))
     if datasets is not None:
         datasets[key] = data
     arch = None
-    if (rd / "model.pt").exists():
-        state = torch.load(rd / "model.pt", map_location=cfg.device, weights_only=True)
-        if (rd / "architecture.json").exists():
-            arch = json.loads((rd / "architecture.json").read_text())
-    elif (rd / "checkpoint.pt").exists():
-        ckpt = load_checkpoint(rd / "checkpoint.pt")
+    if files.model.exists():
+        state = torch.load(files.model, map_location=cfg.device, weights_only=True)
+        if files.architecture.exists():
+            arch = json.loads(files.architecture.read_text())
+    elif files.checkpoint.exists():
+        ckpt = load_checkpoint(files.checkpoint)
         state, arch = ckpt["model"], ckpt.get("arch")
     else:
         raise FileNotFoundError(f"{rd} has no weights yet (no model.pt or checkpoint.pt)")

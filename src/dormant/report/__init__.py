@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..jsonl import read_jsonl
+from ..rundir import HISTORIES, CompareFiles, RunFiles, machine
 from ..tables import Column, Stat, Table, mean_std, stat
 from ..tables import paired as paired_stat
 
@@ -22,29 +23,6 @@ __all__ = ["Comparison", "load_comparison", "run_dirs", "curves", "plot_curves",
            "results_block"]
 
 Series = dict[str, tuple[list[float], list[float], list[float]]]   # variant -> (x, mean, std)
-
-
-def machine(threads: int | None = None) -> str:
-    """One line naming the machine, torch, the threads each run had (default: this
-    process's) and the code version, for results files."""
-    import platform
-    import subprocess
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    threads = threads or torch.get_num_threads()
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"{threads} thread{'s' if threads > 1 else ''}"
-            + (f", code {rev}" if rev else ""))
 
 
 @dataclass
@@ -76,14 +54,14 @@ class Comparison:
 
 
 def _history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunFiles(run_dir).metrics
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: was the run deleted?")
     return read_jsonl(path)
 
 
 def _compare_json(out: Path) -> dict:
-    path = out / "compare.json"
+    path = CompareFiles(out).compare
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `dormant compare ... --out {out}` first")
     fix = (f"re-run the comparison with `--out {out}` (finished runs are reused, so it only "
@@ -135,13 +113,10 @@ def run_dirs(out: str | os.PathLike, root: str | os.PathLike | None = None
     return [(r["variant"], _resolve(r["run_dir"], out, root)) for r in _compare_json(out)["runs"]]
 
 
-HISTORIES = "runs.jsonl.gz"
-
-
 def _archived(out: Path) -> list[dict] | None:
     """The runs' metrics that `dormant compare` keeps beside compare.json, if any."""
     import gzip
-    path = out / HISTORIES
+    path = CompareFiles(out).histories
     if not path.exists():
         return None
     import zlib
@@ -170,7 +145,7 @@ def load_comparison(out: str | os.PathLike, root: str | os.PathLike | None = Non
     runs = []
     for i, r in enumerate(data["runs"]):
         rd = _resolve(r["run_dir"], out, root)
-        if not (rd / "metrics.jsonl").exists():
+        if not RunFiles(rd).metrics.exists():
             archive = _archived(out) if archive is None else archive
             if archive is not None and i < len(archive) and \
                     archive[i]["run_dir"] == r["run_dir"]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import Comparison, _pyplot, by_round, curves, load_comparison, plain, run_dirs
+from ..rundir import RunFiles
 from ..tables import Column, mean_std, rows_table
 
 __all__ = ["write_report", "FIGURES"]
@@ -205,8 +206,8 @@ def _table(cmp: Comparison) -> str:
 def _runs_section(out: Path, root) -> str:
     items = []
     for variant, rd in run_dirs(out, root):
-        cfg = rd / "config.json"
-        res = rd / "result.json"
+        cfg = RunFiles(rd).config
+        res = RunFiles(rd).result
         config = json.loads(cfg.read_text()) if cfg.exists() else {}
         result = json.loads(res.read_text()) if res.exists() else {}
         changed = {k: v for k, v in config.items() if v not in ({}, None)}
