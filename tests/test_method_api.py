@@ -349,3 +349,31 @@ def test_bf16_autocast_and_channels_last_train_and_survive_a_removal():
         with pytest.raises(ValueError, match=msg):
             Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.05), epochs=1,
                     batch_size=BATCH, **kw)
+
+
+def test_a_method_registers_beside_its_class_and_a_scoped_registry_forgets_it():
+    from dormant.methods import METHODS, Method, build, from_options, parse_options
+
+    with METHODS.scoped():
+        @METHODS.register
+        class Halve(Method):
+            """Halves every weight at each epoch's end (a test method)."""
+            name = "halve"
+            uses_sites = False
+
+            def update(self, act=True):
+                if act:
+                    with torch.no_grad():
+                        for p in self.model.parameters():
+                            p.mul_(0.5)
+
+        assert "halve" in METHODS and METHODS.describe()["halve"].startswith("Halves")
+        method = build("halve", every=2)
+        assert from_options("halve", parse_options("halve", every=2)).opts == method.opts
+        with pytest.raises(ValueError, match="already registered"):
+            METHODS.register(Halve)
+    assert "halve" not in METHODS
+    with pytest.raises(KeyError, match="unknown method 'halve'; valid methods: ap, "):
+        build("halve")
+    with pytest.raises(TypeError, match="has no `name`"):
+        METHODS.register(lambda: None)

@@ -2,6 +2,7 @@
 valid ones."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator
 
 
@@ -19,6 +20,9 @@ class Registry:
         @MODELS.register("mlp")
         def mlp(...): ...
         MODELS.get("mlp")
+
+    A class that carries its own ``name`` registers under it with the bare decorator
+    (``@METHODS.register``); `scoped` undoes every registration made inside it (tests).
     """
 
     def __init__(self, kind: str, plural: str | None = None):
@@ -27,7 +31,14 @@ class Registry:
         self._items: dict[str, Callable] = {}
         self._help: dict[str, str] = {}
 
-    def register(self, name: str, help: str | None = None) -> Callable:
+    def register(self, name: str | Callable, help: str | None = None) -> Callable:
+        if not isinstance(name, str):        # bare @register on an object with a .name
+            obj = name
+            if not isinstance(getattr(obj, "name", None), str):
+                raise TypeError(f"@{self.kind} registry: {obj!r} has no `name` to register "
+                                "under: use @register('its-name')")
+            return self.register(obj.name, help)(obj)
+
         def deco(obj: Callable) -> Callable:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
@@ -51,6 +62,16 @@ class Registry:
 
     def describe(self) -> dict[str, str]:
         return {n: self._help[n] for n in self.names()}
+
+    @contextlib.contextmanager
+    def scoped(self) -> Iterator["Registry"]:
+        """Registrations made inside the block are gone after it (tests register their own
+        methods, models, ... without leaking them into the next test)."""
+        items, helps = dict(self._items), dict(self._help)
+        try:
+            yield self
+        finally:
+            self._items, self._help = items, helps
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

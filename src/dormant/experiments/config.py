@@ -104,7 +104,7 @@ class ExperimentConfig:
     def _check_options(self) -> None:
         """Model/schedule option names and method options (built once, cheaply) are checked
         here, so a comparison fails before its first run trains, not in its fifth."""
-        from ..methods import build
+        from ..methods import from_options
         _check_names("model", self.model, MODELS.get(self.model), self.model_args, skip=3)
         _check_names("schedule", self.schedule, SCHEDULES.get(self.schedule),
                      self.schedule_args, skip=1)
@@ -133,7 +133,7 @@ class ExperimentConfig:
             make_activation(self.activation, **self.activation_args)
             if self.init == "eoc":
                 self._check_eoc()
-            method = build(self.method, **self.method_args)
+            method = from_options(self.method, self.method_options())
             if method is not None:
                 method.check_budget(epochs=self.epochs)
         except (TypeError, ValueError) as err:
@@ -149,6 +149,17 @@ class ExperimentConfig:
                              f"got {self.activation!r}")
         eoc.prescribe(self.activation, a.get("sparsity", 0.85), a.get("q_star", 1.0),
                       a.get("v_prime"))
+
+    def method_options(self):
+        """The method's options, parsed (converted and checked) once per config: validation
+        and the run build the method from them (`dormant.methods.from_options`)."""
+        from ..methods import parse_options
+        key = json.dumps(dict(self.method_args), sort_keys=True, default=repr)
+        cached = self.__dict__.get("_parsed_method")
+        if cached is None or cached[0] != (self.method, key):
+            cached = ((self.method, key), parse_options(self.method, **self.method_args))
+            object.__setattr__(self, "_parsed_method", cached)
+        return cached[1]
 
     # -- identity ------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -72,7 +72,7 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
     files = RunFiles(rd)
     if files.result.exists():
         return _finished(rd, cfg, log)
-    method = methods.build(cfg.method, **cfg.method_args)  # refuse bad options early
+    method = methods.from_options(cfg.method, cfg.method_options())   # parsed by validate
     rank, world = rank_and_world()
     if rank == 0:
         rd.mkdir(parents=True, exist_ok=True)

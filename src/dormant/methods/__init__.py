@@ -9,13 +9,15 @@ A method is an object driven from any training loop (the Method API, `methods.ba
     method.finalize()
 
 Each method declares its options once, as a dataclass (`Method.Options`): the Python call,
-``--method-args`` and YAML configs are checked through it before anything trains.
+``--method-args`` and YAML configs are checked through it before anything trains, and parsed
+once (`from_options` builds a method from options parsed already). Each registers itself
+beside its class (``@METHODS.register``); adding one is a new file and one import line here
+(docs/adding-a-method.md).
 """
 from __future__ import annotations
 
 from ..options import OptionError
-from ..registry import Registry
-from .base import EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
+from .base import METHODS, EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
 from .ap import AP
 from .continual_backprop import ContinualBackprop
 from .demp import DemP
@@ -29,13 +31,7 @@ from .synaptic_stripping import SynapticStripping
 __all__ = ["AP", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning",
            "L2Init", "METHODS", "Method", "MethodOptions", "NNrelief", "OptionError", "ReDo",
            "ShrinkPerturb", "StructuredPruning", "SynapticStripping", "build",
-           "describe_options", "method_options", "prunable_weights", "weight_sparsity"]
-
-METHODS = Registry("method")
-METHODS.register("none", help="Plain training (the baseline).")(None)
-for _cls in (SynapticStripping, ReDo, IMP, AP, NNrelief, DemP, StructuredPruning,
-             ContinualBackprop, ShrinkPerturb, L2Init):
-    METHODS.register(_cls.name)(_cls)
+           "describe_options", "from_options", "method_options", "parse_options", "prunable_weights", "weight_sparsity"]
 
 
 def _class(name: str) -> type[Method] | None:
@@ -63,3 +59,16 @@ def build(name: str, **options) -> Method | None:
             raise OptionError(f"method 'none' has no options; got {sorted(options)}")
         return None
     return cls(**options)
+
+
+def from_options(name: str, options: MethodOptions | None) -> Method | None:
+    """Method `name` from options parsed already (`parse_options`): nothing is parsed again."""
+    cls = _class(name)
+    return None if cls is None else cls(_parsed=options)
+
+
+def parse_options(name: str, **options) -> MethodOptions | None:
+    """Method `name`'s options, each converted and checked (as `build` does); None for
+    ``none``."""
+    method = build(name, **options)
+    return None if method is None else method.opts

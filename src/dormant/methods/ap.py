@@ -40,7 +40,7 @@ from ..monitor import ActivityMonitor
 from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune, select_lowest
 from ..sites import _unwrap
-from .base import EpochResult, check_option
+from .base import METHODS, EpochResult, check_option
 from .iterative import IMP
 
 __all__ = ["AP", "ap_decision", "official_round"]
@@ -91,6 +91,7 @@ def official_round(w_end: Mapping[str, torch.Tensor], w_start: Mapping[str, torc
     return new, pruned
 
 
+@METHODS.register
 class AP(IMP):
     """IMP + AP: a share p_ap of each round's pruning budget goes to negative weights that
     barely moved and feed a ReLU (Liu et al. 2023).

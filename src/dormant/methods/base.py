@@ -35,12 +35,17 @@ from ..diagnose import probe
 from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
+from ..registry import Registry
 from ..sites import (Site, _unwrap, find_sites, fused_experts, fused_experts_message,
                      fused_layout, is_producer)
 from ..units import incoming, outgoing
 
-__all__ = ["EpochResult", "Method", "MethodOptions", "PeriodicOptions", "prunable_weights",
-           "weight_sparsity"]
+__all__ = ["EpochResult", "METHODS", "Method", "MethodOptions", "PeriodicOptions",
+           "prunable_weights", "weight_sparsity"]
+
+# Every method registers itself beside its class: ``@METHODS.register`` (under its `name`).
+METHODS = Registry("method")
+METHODS.register("none", help="Plain training (the baseline).")(None)
 
 Evaluate = Callable[[nn.Module], Mapping[str, Any]]
 
@@ -114,7 +119,11 @@ class Method:
     uses_sites = True                    # False: acts on every parameter (no site discovery)
 
     def __init__(self, **options: Any):
-        self.opts = self.Options.parse(self.name, options)
+        parsed = options.pop("_parsed", None)       # options parsed already (`from_options`)
+        if parsed is not None and (options or not isinstance(parsed, self.Options)):
+            raise TypeError(f"{self.name}: _parsed must be the only argument, a "
+                            f"{self.Options.__name__}")
+        self.opts = parsed if parsed is not None else self.Options.parse(self.name, options)
         self.sites: list[Site] | None = (list(self.opts.sites) if self.opts.sites is not None
                                          else None)
         self.model: nn.Module | None = None

@@ -41,7 +41,7 @@ from ..options import option
 from ..sites import Site, _unwrap
 from ..taps import SiteTaps
 from ..units import fan_in_rows, outgoing, tensor
-from .base import EpochResult, Method, MethodOptions
+from .base import METHODS, EpochResult, Method, MethodOptions
 from .redo import recycle
 
 __all__ = ["ContinualBackprop", "outgoing_magnitude"]
@@ -86,6 +86,7 @@ class _BatchMeans:
         self.batch[site.name] = y.abs().mean(dims)
 
 
+@METHODS.register
 class ContinualBackprop(Method):
     """Replace a small share of mature, low-utility units every step (Dohare et al. 2024).
 

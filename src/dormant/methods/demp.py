@@ -60,8 +60,8 @@ from ..options import option
 from ..schedules import one_cycle
 from ..sites import NORMS, _unwrap
 from ..units import fan_in_rows
-from .base import EpochResult
-from .structural import Structural, StructuralOptions
+from .base import METHODS, EpochResult
+from .removal import RemovalMethod, RemovalOptions
 
 __all__ = ["DemP", "regulariser_grad", "live_masks", "add_masked_noise"]
 
@@ -124,7 +124,8 @@ def add_masked_noise(params: list[torch.Tensor], masks: list[torch.Tensor], sigm
                                 value=sigma)
 
 
-class DemP(Structural):
+@METHODS.register
+class DemP(RemovalMethod):
     """Make units die on purpose (one-cycle regulariser + noise on live units) and remove them
     physically during training, so training and inference get faster.
 
@@ -138,7 +139,7 @@ class DemP(Structural):
     name = "demp"
 
     @dataclass
-    class Options(StructuralOptions):
+    class Options(RemovalOptions):
         reg_peak: float = option(1e-3, "peak of the regulariser strength lambda(t)", at_least=0)
         noise_peak: float = option(5e-5, "peak of the noise scale sigma(t)", at_least=0)
         span: float = option(0.9, "lambda and sigma follow the one-cycle curve over this "

@@ -27,7 +27,8 @@ from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune
 from ..sites import _unwrap, is_producer
 from ..units import fan_in_rows
-from .base import EpochResult, Method, MethodOptions, check_option, weight_sparsity
+from .base import (METHODS, EpochResult, Method, MethodOptions, check_option,
+                   weight_sparsity)
 
 __all__ = ["IterativePruning", "IMP"]
 
@@ -214,6 +215,7 @@ class IterativePruning(Method):
         self.best = None if best is None else (float(best["val"]), best["state"])
 
 
+@METHODS.register
 class IMP(IterativePruning):
     """Iterative pruning with a base pruner (global magnitude by default) and rewinding.
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from ..batching import Forward, default_forward, eval_mode, num_samples, to_device
 from ..options import option
+from .base import METHODS
 from ..sites import CONVS, _unwrap, is_conv1d
 from ..units import as_rows, from_rows, incoming, outgoing, tensor, unit_mask_for
 from .iterative import IterativePruning, RoundOptions
@@ -158,6 +159,7 @@ def layer_inputs(model: nn.Module, batches: Iterable[Any], names: list[str], per
     return out
 
 
+@METHODS.register
 class NNrelief(IterativePruning):
     """Keep, per unit, the connections that carry a fraction alpha of its input activity.
 

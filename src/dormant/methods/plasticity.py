@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..options import option
 from ..sites import _unwrap
-from .base import Method, MethodOptions, PeriodicOptions
+from .base import METHODS, Method, MethodOptions, PeriodicOptions
 
 __all__ = ["ShrinkPerturb", "L2Init", "fresh_parameters"]
 
@@ -37,6 +37,7 @@ def fresh_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in clone.named_parameters()}
 
 
+@METHODS.register
 class ShrinkPerturb(Method):
     """theta <- shrink theta + perturb theta_fresh, on a cadence (Ash & Adams 2020).
 
@@ -74,6 +75,7 @@ class ShrinkPerturb(Method):
         self.applied = int(state.get("applied", 0))
 
 
+@METHODS.register
 class L2Init(Method):
     """Regularise towards the initial weights: grad += 2 lam (theta - theta_0) (Kumar et al.).
 

@@ -36,7 +36,7 @@ from ..optim import zero_state
 from ..options import option
 from ..sites import _unwrap
 from ..units import Slice, incoming, outgoing, tensor, unit_mask_for
-from .base import Method, PeriodicOptions
+from .base import METHODS, Method, PeriodicOptions
 
 __all__ = ["ReDo", "recycle", "recycle_all"]
 
@@ -102,6 +102,7 @@ def _write(model, sl: Slice, units, num_units, source, optimizer) -> None:
         zero_state(optimizer, t, where)
 
 
+@METHODS.register
 class ReDo(Method):
     """Recycle dormant units: re-initialise incoming, zero outgoing, reset optimizer state.
 

@@ -24,8 +24,8 @@ from ..options import option
 from ..sites import _unwrap
 from ..surgery import coupled_sites
 from ..units import fan_in_rows
-from .base import EpochResult, check_option
-from .structural import Structural, StructuralOptions
+from .base import METHODS, EpochResult, check_option
+from .removal import RemovalMethod, RemovalOptions
 
 __all__ = ["StructuredPruning", "lowest_norm_units"]
 
@@ -38,7 +38,8 @@ def lowest_norm_units(scores: torch.Tensor, n: int) -> torch.Tensor:
     return flags
 
 
-class StructuredPruning(Structural):
+@METHODS.register
+class StructuredPruning(RemovalMethod):
     """Gradual L1-norm (or BN-scale) channel pruning to a target width, removed physically.
 
     sparsity: fraction of each site's units removed by `end` (ignored where `widths` gives
@@ -48,7 +49,7 @@ class StructuredPruning(Structural):
     name = "structured"
 
     @dataclass
-    class Options(StructuralOptions):
+    class Options(RemovalOptions):
         sparsity: float = option(0.5, "fraction of each site's units removed by `end`",
                                  within=(0, 1), bounds="[)")
         widths: Mapping[str, int] | None = option(None, "final width per site (overrides "

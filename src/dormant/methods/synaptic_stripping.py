@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from ..options import option
 from ..sites import _unwrap
 from ..units import fan_in_rows, rows_to_weight, site_rows, weight_name
-from .base import Method, PeriodicOptions, weight_sparsity
+from .base import METHODS, Method, PeriodicOptions, weight_sparsity
 
 __all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
 
@@ -84,6 +84,7 @@ def beyond_reach(rows: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     return dead & ~(rows < 0).any(dim=1)
 
 
+@METHODS.register
 class SynapticStripping(Method):
     """Prune the most negative incoming weights of dead ReLU units; they come back to life.
 

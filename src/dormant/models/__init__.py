@@ -19,12 +19,12 @@ INITS = Registry("initialisation")
 
 
 @INITS.register("default")
-def default_init(model: nn.Module, example: torch.Tensor, activation: str) -> None:
+def init_default(model: nn.Module, example: torch.Tensor, activation: str) -> None:
     """PyTorch's default initialisation (what the model was built with)."""
 
 
 @INITS.register("eoc")
-def eoc_init(model: nn.Module, example: torch.Tensor, activation: str, sparsity: float = 0.85,
+def init_eoc(model: nn.Module, example: torch.Tensor, activation: str, sparsity: float = 0.85,
              q_star: float = 1.0, v_prime: float | None = None, head: str = "default") -> None:
     """Edge of chaos for a sparsity-inducing activation (Price et al. 2024): sets tau, m,
     sigma_w^2, sigma_b^2 (dormant.eoc.eoc_init). ReLU is shifted_relu at sparsity 0.5."""
@@ -226,7 +226,7 @@ def resnet20(input_shape, num_classes, activation="relu", width: float = 1.0,
     return ResNet20(_image_shape("resnet20", input_shape), num_classes, activation, width, blocks)
 
 
-class Mlp(nn.Module):
+class TransformerMlp(nn.Module):
     """timm-style MLP block; with post_act=True an activation also follows fc2 (as in the
     Synaptic Stripping code, where both linears of the block feed a ReLU)."""
 
@@ -247,7 +247,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.mlp = Mlp(dim, dim * mlp_ratio, activation, post_act, dropout)
+        self.mlp = TransformerMlp(dim, dim * mlp_ratio, activation, post_act, dropout)
 
     def forward(self, x):
         h = self.ln1(x)

@@ -19,11 +19,11 @@ from ..surgery import count_units, remove_units
 from ..units import fan_in_rows
 from .base import EpochResult, Method, MethodOptions
 
-__all__ = ["Structural", "StructuralOptions"]
+__all__ = ["RemovalMethod", "RemovalOptions"]
 
 
 @dataclass
-class StructuralOptions(MethodOptions):
+class RemovalOptions(MethodOptions):
     """Options of methods that remove units physically (their own step cadence)."""
     prune_every: int = option(500, "optimizer steps between removals", at_least=1)
     round_to: int = option(1, "keep every site's width a multiple of this (hardware-friendly "
@@ -31,11 +31,11 @@ class StructuralOptions(MethodOptions):
                            "incoming L1 norm", at_least=1)
 
 
-class Structural(Method):
+class RemovalMethod(Method):
     """Base of DemP and the structured baseline (see the module docstring). `prepare` needs
     ``total_steps``; a removal makes `after_step`/`end_epoch` report a changed model."""
 
-    Options = StructuralOptions
+    Options = RemovalOptions
     needs = ("total_steps",)
     changes_model = True
 
