@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install dormant, run the built-in dead-neuron comparison
 #   make test   create .venv, install dormant, lint (ruff), run the test suite
+# and one for while you work:
+#   make check  lint and the fast tests (those not marked slow): under a minute
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test check install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks reproduce
 	$(PY) -m pytest -q
+
+check: $(STAMP)
+	$(PY) -m ruff check src tests examples benchmarks reproduce
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/monitor_overhead.py

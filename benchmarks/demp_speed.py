@@ -42,8 +42,7 @@ from dormant.models import build_model
 from dormant.schedules import make_scheduler
 from dormant.tables import Column, Table
 from dormant.train import Trainer
-from dormant.train.loop import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compiled,
-                                 synchronize)
+from dormant.train.loop import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compiled, synchronize
 
 
 def trainer(model, data, epochs, lr, callbacks, seed, batch_size=128, **execution):
@@ -194,6 +193,28 @@ def tradeoff(rows: dict[str, list[dict]], t_dense: float) -> Table:
     return t
 
 
+def _checked(p: argparse.ArgumentParser, args) -> tuple[list, list[int]]:
+    """The arguments checked; (pct_start values, prune_every values)."""
+    if args.epochs < 1 or args.train_batch < 1 or args.batch < 1:
+        p.error("--epochs, --train-batch and --batch must be >= 1")
+    if args.width is not None and args.width <= 0:
+        p.error("--width must be > 0")
+    if args.round_to < 0:
+        p.error("--round-to must be >= 0 (0 or 1: no rounded run)")
+    try:
+        pct_starts = [None] if args.pct_start is None else [
+            float(v) for v in args.pct_start.split(",")]
+        cadences = [int(v) for v in args.prune_every.split(",")]
+    except ValueError as e:
+        p.error(f"--pct-start takes numbers and --prune-every whole numbers, comma-separated "
+                f"({e})")
+    if any(v is not None and not 0 < v < 1 for v in pct_starts):
+        p.error("--pct-start must be in (0, 1)")
+    if any(v < 1 for v in cadences):
+        p.error("--prune-every must be >= 1")
+    return pct_starts, cadences
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,23 +256,7 @@ def main() -> None:
                         "(compiled again after each removal; reduce-overhead: CUDA graphs), "
                         "and a compiled inference line")
     args = p.parse_args()
-    if args.epochs < 1 or args.train_batch < 1 or args.batch < 1:
-        p.error("--epochs, --train-batch and --batch must be >= 1")
-    if args.width is not None and args.width <= 0:
-        p.error("--width must be > 0")
-    if args.round_to < 0:
-        p.error("--round-to must be >= 0 (0 or 1: no rounded run)")
-    try:
-        pct_starts = [None] if args.pct_start is None else [
-            float(v) for v in args.pct_start.split(",")]
-        cadences = [int(v) for v in args.prune_every.split(",")]
-    except ValueError as e:
-        p.error(f"--pct-start takes numbers and --prune-every whole numbers, comma-separated "
-                f"({e})")
-    if any(v is not None and not 0 < v < 1 for v in pct_starts):
-        p.error("--pct-start must be in (0, 1)")
-    if any(v < 1 for v in cadences):
-        p.error("--prune-every must be >= 1")
+    pct_starts, cadences = _checked(p, args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")

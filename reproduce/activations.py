@@ -35,9 +35,19 @@ from dormant.activations import make_activation
 from dormant.data import load_dataset
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.models import build_model
-from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
-                            read_section, regenerate, results_block, variant_table, versus,
-                            write_section)
+from dormant.report import (
+    comparisons,
+    final,
+    final_values,
+    load_comparison,
+    plot_series,
+    read_section,
+    regenerate,
+    results_block,
+    variant_table,
+    versus,
+    write_section,
+)
 from dormant.tables import Column, Table
 
 SPARSITIES = (0.6, 0.7, 0.8, 0.85, 0.9)

@@ -13,8 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import (by_round, comparisons, load_comparison, paired, plot_series,
-                            read_section, regenerate, results_block, write_section)
+from dormant.report import (
+    by_round,
+    comparisons,
+    load_comparison,
+    paired,
+    plot_series,
+    read_section,
+    regenerate,
+    results_block,
+    write_section,
+)
 from dormant.tables import Column, Stat, Table
 
 MODELS = {  # model -> (epochs per round, learning rate)

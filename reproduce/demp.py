@@ -14,8 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import (comparisons, final, final_values, load_comparison, plot_series,
-                            read_section, regenerate, results_block, variant_table, write_section)
+from dormant.report import (
+    comparisons,
+    final,
+    final_values,
+    load_comparison,
+    plot_series,
+    read_section,
+    regenerate,
+    results_block,
+    variant_table,
+    write_section,
+)
 from dormant.tables import Column, Table, mean_std, stat
 
 MODELS = {"vgg-small": {}, "resnet20": {}}

@@ -13,8 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
-from dormant.report import (by_round, comparisons, load_comparison, paired,
-                            read_section, regenerate, round_ends, results_block, write_section)
+from dormant.report import (
+    by_round,
+    comparisons,
+    load_comparison,
+    paired,
+    read_section,
+    regenerate,
+    results_block,
+    round_ends,
+    write_section,
+)
 from dormant.tables import Column, Table, mean_std, stat
 
 MODELS = {  # model -> (pruning iterations, epochs per iteration, relief options)

@@ -15,9 +15,20 @@ from pathlib import Path
 
 from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser, run_compare
 from dormant.experiments.presets import PLASTICITY_METHODS as METHODS
-from dormant.report import (Cell, comparisons, curves, final, load_comparison, plot_series,
-                            read_section, regenerate, variant_table, window, results_block,
-                            write_section)
+from dormant.report import (
+    Cell,
+    comparisons,
+    curves,
+    final,
+    load_comparison,
+    plot_series,
+    read_section,
+    regenerate,
+    results_block,
+    variant_table,
+    window,
+    write_section,
+)
 from dormant.tables import Column, stat
 
 OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0},

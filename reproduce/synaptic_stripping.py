@@ -31,9 +31,18 @@ from dormant.experiments import CompareSpec, ExperimentConfig, reproduce_parser,
 from dormant.experiments.compare import columns_for, to_markdown
 from dormant.experiments.run import load_run
 from dormant.methods.synaptic_stripping import beyond_reach
-from dormant.report import (comparisons, final_values, load_comparison, plot_curves,
-                            read_section, regenerate, run_dirs, table_rows, write_block,
-                            write_section)
+from dormant.report import (
+    comparisons,
+    final_values,
+    load_comparison,
+    plot_curves,
+    read_section,
+    regenerate,
+    run_dirs,
+    table_rows,
+    write_block,
+    write_section,
+)
 from dormant.tables import Column, Table, mean_std, reduction, stat
 from dormant.units import fan_in_rows
 

@@ -60,6 +60,7 @@ def test_compare_from_yaml(tmp_path, capsys):
                         f"{tmp_path / 'o'} --no-progress --seeds 3")
 
 
+@pytest.mark.slow
 def test_compare_in_parallel_matches_serial_and_reports(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("base: {dataset: synthetic, epochs: 2, model_args: {width: 8}}\n"

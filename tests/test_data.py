@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dormant.data import (CorruptDataError, DataNotFoundError, batches, load_dataset)
+from dormant.data import CorruptDataError, DataNotFoundError, batches, load_dataset
 from dormant.data import fashion_mnist as fm
 from dormant.registry import UnknownNameError
 
@@ -69,6 +69,7 @@ def test_search_order():
 
 @pytest.mark.skipif(fm._find("train-images-idx3-ubyte", fm.search_dirs()) is None,
                     reason="Fashion-MNIST not installed")
+@pytest.mark.slow
 def test_real_fashion_mnist():
     d = load_dataset("fashion-mnist")
     assert (len(d.train), len(d.val), len(d.test)) == (55000, 5000, 10000)

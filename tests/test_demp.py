@@ -226,6 +226,7 @@ def test_round_to_keeps_widths_at_multiples(method):
     assert any(w < 30 for w in widths)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_compiles_again_after_each_removal(monkeypatch):
     """Trainer(compile=...): the training forward goes through torch.compile (here its eager
     backend: dynamo's capture, guards and recompiles without inductor's compile time), with
@@ -263,11 +264,13 @@ def test_compiled_training_matches_eager_and_compiles_again_after_each_removal(m
         Trainer(model, data, opt, epochs=1, batch_size=8, compile="fast")
 
 
+@pytest.mark.slow
 def test_a_compiled_model_stays_compiled_through_many_removals(monkeypatch):
     """Twelve removals, one unit each: the model is compiled once per width and stays
     compiled past dynamo's recompile limit (8 graphs per function), which would otherwise
     send it back to eager."""
     from torch._dynamo.utils import counters
+
     from dormant.surgery import remove_units
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, mode=None: real(m, backend="eager"))

@@ -40,6 +40,7 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_all_reduce_gives_every_rank_the_global_decision(tmp_path):
     world = 2
@@ -74,6 +75,7 @@ def _empty_shard_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_rank_with_an_empty_probe_shard_takes_the_same_decision(tmp_path):
     mp.spawn(_empty_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f"empty{r}.pt", weights_only=True) for r in range(2))
@@ -91,6 +93,7 @@ METHOD_ARGS = {"none": "", "synaptic-stripping": "factor=0.2", "redo": "tau=0.1"
                "shrink-perturb": "shrink=0.8,perturb=0.05", "l2-init": "lam=0.01"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_dormant_run_under_torchrun_writes_one_run_and_matches_one_process(method, tmp_path):
     """torchrun --nproc_per_node 2 -m dormant run: each rank trains its half of every global

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from dormant import eoc
+from dormant import eoc, find_sites
 from dormant.activations import ACTIVATIONS, make_activation
 from dormant.models import build_model
-from dormant import find_sites
 
 # (kind, s, tau) -> {V': (m, sigma_w^2, sigma_b^2, V'')}, q* = 1 (spec §4.3)
 TABLE = {

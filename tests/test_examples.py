@@ -16,6 +16,7 @@ def _run(name: str, *args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_own_loop_runs_every_method():
     from dormant.methods import METHODS
     out = _run("own_loop.py")
@@ -27,6 +28,7 @@ def test_own_loop_runs_every_method():
     assert "new_round" in out and "restored" in out
 
 
+@pytest.mark.slow
 def test_dict_batches_revives_the_killed_units():
     out = _run("dict_batches.py")
     assert "before: 32 of 64 hidden units dead" in out
@@ -35,6 +37,7 @@ def test_dict_batches_revives_the_killed_units():
     assert dead_after < 32
 
 
+@pytest.mark.slow
 def test_physical_removal_shrinks_the_model_and_the_ema_follows():
     pytest.importorskip("torch_pruning")
     out = _run("physical_removal.py")
@@ -44,6 +47,7 @@ def test_physical_removal_shrinks_the_model_and_the_ema_follows():
     assert ema == final < first
 
 
+@pytest.mark.slow
 def test_a_bad_method_name_is_refused():
     out = subprocess.run([sys.executable, str(EXAMPLES / "own_loop.py"), "gizmo"],
                          capture_output=True, text=True, timeout=60)

@@ -3,8 +3,14 @@ import json
 import pytest
 import torch
 
-from dormant.experiments import (CompareSpec, ConfigError, ExperimentConfig, load_run,
-                                 run_compare, run_experiment)
+from dormant.experiments import (
+    CompareSpec,
+    ConfigError,
+    ExperimentConfig,
+    load_run,
+    run_compare,
+    run_experiment,
+)
 from dormant.methods import METHODS, Method
 from dormant.train.callbacks import load_checkpoint
 

@@ -16,11 +16,11 @@ import torch
 
 import dormant
 from dormant.cli import main
-from dormant.methods import build
 from dormant.data.base import CorruptDataError, DataNotFoundError
 from dormant.experiments import ExperimentConfig, run_experiment
-from dormant.rundir import CorruptRunError, run_lock
 from dormant.jsonl import read_jsonl
+from dormant.methods import build
+from dormant.rundir import CorruptRunError, run_lock
 from dormant.train.callbacks import CorruptCheckpointError, load_checkpoint
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
@@ -33,6 +33,7 @@ def _epochs(rd: Path) -> list[int]:
 
 
 # -- one writer per run directory --------------------------------------------------------------
+@pytest.mark.slow
 def test_two_dormant_runs_of_one_config_write_each_epoch_once(tmp_path):
     argv = [sys.executable, "-m", "dormant.cli", "run", "--dataset", "synthetic",
             "--model-args", "width=256,depth=4", "--epochs", "6", "--root", str(tmp_path),
@@ -49,6 +50,7 @@ def test_two_dormant_runs_of_one_config_write_each_epoch_once(tmp_path):
     assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_a_held_lock_is_waited_for_and_a_dead_owners_lock_is_taken_over(tmp_path):
     rd = tmp_path / TINY.label()
     rd.mkdir()
@@ -247,6 +249,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
 def test_killing_compare_ends_its_workers(tmp_path):
     code = textwrap.dedent(f"""
@@ -375,6 +378,7 @@ def test_bad_comparison_files_are_refused(text, message, tmp_path, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_report_reads_a_comparison_from_another_directory(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)
@@ -469,6 +473,7 @@ def test_variant_names_are_escaped_in_compare_md_and_plotted_as_text(tmp_path):
     ("gz:truncate", "runs.jsonl.gz is damaged"),
     ("gz:not-runs", "runs.jsonl.gz is damaged (an entry lacks its run_dir or metrics)"),
 ])
+@pytest.mark.slow
 def test_damaged_comparison_files_are_refused_naming_the_file(tmp_path, damage, message, capsys):
     out = _comparison(tmp_path)
     kind, _, how = damage.partition(":")
@@ -508,6 +513,7 @@ def test_a_full_disk_leaves_no_half_checkpoint_and_says_what_to_do(tmp_path, mon
     assert not list(tmp_path.glob("*/*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
 def test_a_killed_compare_worker_is_a_clear_error_and_the_rerun_resumes(tmp_path):
     spec = _yaml(tmp_path, "base: {dataset: synthetic, epochs: 40, model_args: {width: 512}}\n"

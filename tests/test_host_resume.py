@@ -75,6 +75,7 @@ def _hf_run(name, out, resume=None):
 def _lightning_run(name, out, resume=None):
     L = pytest.importorskip("lightning")
     from lightning.pytorch.callbacks import ModelCheckpoint
+
     from dormant.integrations.lightning import DormantCallback
 
     class Module(L.LightningModule):
@@ -117,6 +118,7 @@ def _same(a, b):
     assert ha == hb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHOD_ARGS))
 def test_hf_trainer_resume_equals_the_straight_run(name, tmp_path):
     straight = _hf_run(name, tmp_path)
@@ -125,6 +127,7 @@ def test_hf_trainer_resume_equals_the_straight_run(name, tmp_path):
     _same(straight, resumed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHOD_ARGS))
 def test_lightning_resume_equals_the_straight_run(name, tmp_path):
     straight = _lightning_run(name, tmp_path)

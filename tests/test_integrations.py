@@ -100,6 +100,7 @@ def test_tensorboard_logs_the_runs_metrics_and_unit_activity(tmp_path):
     assert [h.step for h in hist] == [1, 2] and hist[-1].histogram_value.num == 16
 
 
+@pytest.mark.slow
 def test_lightning_callback_under_ddp_on_cpu(tmp_path):
     """Two gloo processes: each rank logs the same dead fraction, equal to a brute-force count
     on the whole probe set, and takes the same stripping decisions (bitwise equal weights);

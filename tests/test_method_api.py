@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset as TorchDataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset as TorchDataset
+from zoo import ConvBN
 
 import dormant
 from dormant.data.base import Dataset, Split
 from dormant.methods import METHODS, OptionError, build, describe_options
 from dormant.train import Trainer, evaluate
-
-from zoo import ConvBN
 
 SEED, EPOCHS, BATCH = 0, 3, 64
 ROUNDS = {"rounds": 2, "epochs_per_round": 1}
@@ -153,6 +153,7 @@ def _own_loop(name, kind):
     return model, log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "dict"])
 @pytest.mark.parametrize("name", NAMES)
 def test_own_loop_matches_the_trainer(name, kind):
@@ -290,6 +291,7 @@ def test_a_probe_pass_leaves_the_random_state_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.slow
 def test_layers_point_downward():
     """Methods never import the training loop; the report imports neither."""
     code = ("import sys, dormant.methods, dormant.report; "
@@ -377,3 +379,32 @@ def test_a_method_registers_beside_its_class_and_a_scoped_registry_forgets_it():
         build("halve")
     with pytest.raises(TypeError, match="has no `name`"):
         METHODS.register(lambda: None)
+
+
+def test_the_adding_a_method_example_runs_as_written():
+    """docs/adding-a-method.md's example, imports made absolute, registered in a scoped
+    registry and driven by the Trainer."""
+    import re
+    from pathlib import Path
+
+    from dormant.methods import METHODS
+    text = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace("from ..", "from dormant.").replace("from .base", "from dormant.methods.base")
+    with METHODS.scoped():
+        exec(compile(code, "adding-a-method.md", "exec"), {"__name__": "example"})
+        data, model = _data("mlp"), _model("mlp", _data("mlp"))
+        with torch.no_grad():
+            model.get_submodule(_first_producer(model)).bias[:3] = -1e4   # three dead units
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        t = Trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.0), epochs=1,
+                    batch_size=BATCH, callbacks=[build("halve-dead", factor=0.5)],
+                    show_progress=False)
+        rows = t.fit()
+    assert rows[-1]["halve/units"] >= 3
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "halve-dead" not in METHODS
+
+
+def _first_producer(model):
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from dormant.data import load_dataset
 from dormant.experiments import ExperimentConfig, run_experiment
 from dormant.methods import METHODS, build
-from dormant.train import Trainer
-from dormant.data import load_dataset
 from dormant.models import build_model
+from dormant.train import Trainer
 
 QUIET = dict(show_progress=False, log=lambda *a: None)
 ROUNDS = {"rounds": 2, "epochs_per_round": 1}          # 3 epochs
@@ -48,6 +48,7 @@ def _interrupting(cls):
     return Interrupted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_gives_the_same_run(name, tmp_path):
     cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},

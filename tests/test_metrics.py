@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dormant.metrics import (approximate_rank, distance_from, effective_rank, feature_norm,
-                             fraction_active, stable_rank, weight_magnitude)
+from dormant.metrics import (
+    approximate_rank,
+    distance_from,
+    effective_rank,
+    feature_norm,
+    fraction_active,
+    stable_rank,
+    weight_magnitude,
+)
 
 
 def _numpy_ranks(a: np.ndarray):

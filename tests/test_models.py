@@ -51,6 +51,7 @@ def test_bad_model_options_are_refused():
     assert "relu" in ACTIVATIONS
 
 
+@pytest.mark.slow
 def test_importing_dormant_pulls_no_optional_dependency():
     import subprocess
     import sys

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn as nn
-
-from dormant.sites import is_nonneg
-from dormant import ActivityMonitor, CRITERIA, diagnose, find_sites
-from dormant.monitor import SiteStats
 from zoo import ZOO, activation_outputs, kill_some, reduce_dims
+
+from dormant import CRITERIA, ActivityMonitor, diagnose, find_sites
+from dormant.monitor import SiteStats
+from dormant.sites import is_nonneg
 
 
 def _hooks(model):
@@ -47,6 +47,7 @@ def test_counts_are_exact_against_brute_force(name):
         assert st.samples == 15 and st.batches == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["conv-bn-relu-flatten", "tanh-sigmoid-silu", "vit-tiny"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("grad", [False, True])

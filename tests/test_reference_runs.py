@@ -5,8 +5,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from pin_reference_runs import OUT, configs, record  # noqa: E402
 
@@ -28,7 +26,6 @@ def test_reference_labels_are_pinned():
     assert sorted(c.label() for c in configs()) == sorted(pinned)
 
 
-@pytest.mark.slow
 def test_reference_runs_give_the_pinned_metrics(tmp_path):
     pinned = json.loads(OUT.read_text())
     got = json.loads(json.dumps(record(str(tmp_path))))

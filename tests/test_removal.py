@@ -105,6 +105,7 @@ def _kill(model, site, units):
                 t.masked_fill_(where, -1.0 if sl.kind == "bias" else 0.0)
 
 
+@pytest.mark.slow
 def test_structured_runs_on_a_compiled_model():
     model = llama()
     compiled = torch.compile(model, backend="eager")

@@ -43,6 +43,7 @@ def test_the_report_is_self_contained_with_every_figure_that_applies(report):
     assert "<th>dead units %</th>" in page and "Tiny demo" in page
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_headless_chromium(report, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

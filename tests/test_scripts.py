@@ -77,6 +77,7 @@ def test_new_options_leave_existing_run_names_alone(tmp_path):
 
 @pytest.mark.skipif(fm._find("train-images-idx3-ubyte", fm.search_dirs()) is None,
                     reason="Fashion-MNIST not installed")
+@pytest.mark.slow
 def test_demp_speed_output_parses_into_the_summary(tmp_path, monkeypatch, capsys):
     """The summary reads what the benchmark prints (the two formats stay in step)."""
     script = ROOT / "benchmarks/demp_speed.py"

@@ -15,9 +15,9 @@ from dormant.methods import build
 from dormant.methods.base import _versions
 from dormant.monitor import ActivityMonitor
 from dormant.session import Session
+from dormant.sites import find_sites
 from dormant.taps import SiteTaps
 from dormant.train import SessionCallback, Trainer
-from dormant.sites import find_sites
 
 TRAINER_KEYS = {"epoch", "step", "train_loss", "diverged", "val_loss", "val_acc", "test_loss",
                 "test_acc", "lr", "train_time"}

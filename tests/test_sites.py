@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn as nn
+from zoo import ZOO, activation_outputs
 
 import dormant
 from dormant import NoSitesError, find_sites, make_site
-from zoo import ZOO, activation_outputs
 
 
 @pytest.mark.parametrize("name", list(ZOO))

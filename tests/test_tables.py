@@ -79,9 +79,9 @@ def test_comparison_folder_reads_without_its_run_directories(tmp_path):
 def test_the_machine_line_is_taken_when_the_runs_start(tmp_path, monkeypatch):
     """A comparison's machine line (with the code version) is the one of when its runs
     started, not of when it was saved (a long reproduction can span commits)."""
-    import dormant.report as report
+    import dormant.experiments.compare as compare
     lines = iter(["at start, code aaaaaaa", "at save, code bbbbbbb"])
-    monkeypatch.setattr(report, "machine", lambda threads=None: next(lines))
+    monkeypatch.setattr(compare, "machine", lambda threads=None: next(lines))
     spec = CompareSpec(TINY, {"a": {}}, seeds=[0], title="t", name="tiny")
     run_compare(spec, tmp_path / "runs", spec.folder(tmp_path), **QUIET)
     data = json.loads((spec.folder(tmp_path) / "compare.json").read_text())

@@ -271,6 +271,7 @@ def cmd_download(args) -> int:
 
 def cmd_scan(args) -> int:
     import torch
+
     from .scanning import scan
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
                         ("--max-tokens", args.max_tokens or 1)):

@@ -19,9 +19,18 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .batching import (Forward, default_forward, eval_mode, iter_batches, num_samples,
-                       probe_example, take, to_device)
-from .diagnose import _model_device, probe as run_probe
+from .batching import (
+    Forward,
+    default_forward,
+    eval_mode,
+    iter_batches,
+    num_samples,
+    probe_example,
+    take,
+    to_device,
+)
+from .diagnose import _model_device
+from .diagnose import probe as run_probe
 from .flops import macs, positions
 from .sites import Site, _unwrap, find_sites
 from .surgery import architecture, remove_units, resize

@@ -8,8 +8,16 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .batching import (Forward, default_forward, eval_mode, iter_batches, model_input,
-                       num_samples, take, to_device)
+from .batching import (
+    Forward,
+    default_forward,
+    eval_mode,
+    iter_batches,
+    model_input,
+    num_samples,
+    take,
+    to_device,
+)
 from .dataflow import no_fastpath
 from .monitor import ActivityMonitor
 from .sites import Site, _unwrap, find_sites

@@ -71,53 +71,48 @@ def describe_type(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _convert(value: Any, t) -> Any:
-    """`value` as type `t`, or raise TypeError. int -> float is allowed, bool -> int is not."""
-    if _is_union(t):
-        for a in _args(t):
-            try:
-                return _convert(value, a)
-            except TypeError:
-                continue
-        raise TypeError
-    if t is type(None):
-        if value is None:
-            return None
-        raise TypeError
-    if t is Any:
-        return value
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise TypeError
-            return float(value)
-        raise TypeError
-    if t is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    origin = typing.get_origin(t)
+def _scalar_ok(value: Any, t) -> bool:
+    """Whether `value` is acceptable for the plain type `t` as it is (int -> float aside)."""
+    plain = not isinstance(value, bool)
+    return {type(None): value is None, bool: isinstance(value, bool),
+            int: isinstance(value, int) and plain,
+            float: isinstance(value, (int, float)) and plain and math.isfinite(value),
+            str: isinstance(value, str)}.get(t, isinstance(t, type) and isinstance(value, t))
+
+
+def _convert_union(value: Any, t) -> Any:
+    for a in _args(t):
+        try:
+            return _convert(value, a)
+        except TypeError:
+            continue
+    raise TypeError
+
+
+def _convert_container(value: Any, t, origin) -> Any:
     if origin in _SEQUENCES:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise TypeError
         inner = [a for a in _args(t) if a is not Ellipsis]
         return tuple(_convert(v, inner[0]) for v in value) if inner else tuple(value)
-    if origin in _MAPPINGS:
-        if not isinstance(value, Mapping):
-            raise TypeError
-        k, v = _args(t) or (Any, Any)
-        return {_convert(a, k): _convert(b, v) for a, b in value.items()}
-    if isinstance(t, type) and isinstance(value, t):
+    if not isinstance(value, Mapping):
+        raise TypeError
+    k, v = _args(t) or (Any, Any)
+    return {_convert(a, k): _convert(b, v) for a, b in value.items()}
+
+
+def _convert(value: Any, t) -> Any:
+    """`value` as type `t`, or raise TypeError. int -> float is allowed, bool -> int is not."""
+    if _is_union(t):
+        return _convert_union(value, t)
+    if t is Any:
         return value
-    raise TypeError
+    origin = typing.get_origin(t)
+    if origin in _SEQUENCES or origin in _MAPPINGS:
+        return _convert_container(value, t, origin)
+    if not _scalar_ok(value, t):
+        raise TypeError
+    return float(value) if t is float else value
 
 
 def _range_text(meta: Mapping) -> str:

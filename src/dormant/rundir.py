@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+
 try:
     import fcntl
 except ImportError:                     # Windows

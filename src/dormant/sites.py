@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-
 import torch.nn as nn
 import torch.nn.functional as F
 

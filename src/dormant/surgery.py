@@ -33,8 +33,17 @@ import torch
 import torch.nn as nn
 
 from .batching import eval_mode
-from .sites import (CONVS, EXPERT_WEIGHTS, NORMS, PRODUCERS, Site, _unwrap, fused_layout,
-                    is_conv1d, is_producer)
+from .sites import (
+    CONVS,
+    EXPERT_WEIGHTS,
+    NORMS,
+    PRODUCERS,
+    Site,
+    _unwrap,
+    fused_layout,
+    is_conv1d,
+    is_producer,
+)
 from .units import incoming, outgoing
 
 __all__ = ["remove_units", "provable", "coupled_sites", "architecture", "resize",

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..rundir import CompareFiles, RunFiles, machine, writable_dir
 from ..tables import Column, Table, mean_std, rows_table
 from .config import ConfigError, ExperimentConfig
 from .run import run_experiment
-from ..rundir import CompareFiles, RunFiles, machine, writable_dir
 
 # (metric key in the final epoch, column title, scale, format)
 COLUMNS = (

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_dataset
 from .. import methods
 from ..activations import make_activation
-from ..models import build_model, initialize
-from ..schedules import make_scheduler
-from ..surgery import architecture, resize
-from ..session import Session
-from ..train import CheckpointCallback, JsonlLogger, SessionCallback, Trainer, make_optimizer
-from ..train.loop import rank_and_world
+from ..data import load_dataset
 from ..jsonl import write_jsonl
-from ..train.callbacks import TaskCallback, load_checkpoint
-from .config import ExperimentConfig
+from ..models import build_model, initialize
 from ..rundir import CorruptRunError, RunFiles, code_version, run_lock, writable_dir, write_json
+from ..schedules import make_scheduler
+from ..session import Session
+from ..surgery import architecture, resize
+from ..train import CheckpointCallback, JsonlLogger, SessionCallback, Trainer, make_optimizer
+from ..train.callbacks import TaskCallback, load_checkpoint
+from ..train.loop import rank_and_world
+from .config import ExperimentConfig
 
 
 def run_dir(cfg: ExperimentConfig, root: str | os.PathLike = "runs") -> Path:

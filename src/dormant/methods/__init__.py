@@ -17,8 +17,8 @@ beside its class (``@METHODS.register``); adding one is a new file and one impor
 from __future__ import annotations
 
 from ..options import OptionError
-from .base import METHODS, EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
 from .ap import AP
+from .base import METHODS, EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
 from .continual_backprop import ContinualBackprop
 from .demp import DemP
 from .iterative import IMP, IterativePruning

@@ -36,8 +36,15 @@ from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
 from ..registry import Registry
-from ..sites import (Site, _unwrap, find_sites, fused_experts, fused_experts_message,
-                     fused_layout, is_producer)
+from ..sites import (
+    Site,
+    _unwrap,
+    find_sites,
+    fused_experts,
+    fused_experts_message,
+    fused_layout,
+    is_producer,
+)
 from ..units import incoming, outgoing
 
 __all__ = ["EpochResult", "METHODS", "Method", "MethodOptions", "PeriodicOptions",

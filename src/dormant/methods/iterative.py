@@ -16,7 +16,6 @@ curve) with ``compression``, ``arch`` (surviving units per site) and MAC ratios,
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,7 @@ from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune
 from ..sites import _unwrap, is_producer
 from ..units import fan_in_rows
-from .base import (METHODS, EpochResult, Method, MethodOptions, check_option,
-                   weight_sparsity)
+from .base import METHODS, EpochResult, Method, MethodOptions, check_option, weight_sparsity
 
 __all__ = ["IterativePruning", "IMP"]
 

@@ -54,9 +54,9 @@ import torch.nn.functional as F
 
 from ..batching import Forward, default_forward, eval_mode, num_samples, to_device
 from ..options import option
-from .base import METHODS
 from ..sites import CONVS, _unwrap, is_conv1d
 from ..units import as_rows, from_rows, incoming, outgoing, tensor, unit_mask_for
+from .base import METHODS
 from .iterative import IterativePruning, RoundOptions
 
 __all__ = ["NNrelief", "relief_keep", "linear_scores", "conv_scores", "layer_inputs"]

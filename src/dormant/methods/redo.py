@@ -26,11 +26,10 @@ Deviations from the paper (which used RL networks without normalisation):
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-
-from dataclasses import dataclass
 
 from ..optim import zero_state
 from ..options import option

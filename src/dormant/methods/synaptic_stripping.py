@@ -51,9 +51,9 @@ renormalised away and the norm's offset would be the analogue: not covered). Met
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from ..options import option
 from ..sites import _unwrap

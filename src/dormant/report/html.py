@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from . import Comparison, _pyplot, by_round, curves, load_comparison, plain, run_dirs
 from ..rundir import RunFiles
 from ..tables import Column, mean_std, rows_table
+from . import Comparison, _pyplot, by_round, curves, load_comparison, plain, run_dirs
 
 __all__ = ["write_report", "FIGURES"]
 
