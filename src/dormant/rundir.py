@@ -13,6 +13,7 @@ imports nothing of dormant's.
         .lock               held by the process training it
     <out>/                  (`CompareFiles`, a `dormant compare`)
         compare.json        the spec, the table and the runs' directories
+        compare.md, .csv    the table
         runs.jsonl.gz       every run's metrics (the report reads them when runs are gone)
 
     lock      an OS lock (``flock``) on ``.lock``, which records the owner's pid and host for
@@ -73,6 +74,8 @@ class CompareFiles:
         object.__setattr__(self, "dir", Path(self.dir))
 
     compare = property(lambda self: self.dir / "compare.json")
+    markdown = property(lambda self: self.dir / "compare.md")
+    csv = property(lambda self: self.dir / "compare.csv")
     histories = property(lambda self: self.dir / HISTORIES)
 
 

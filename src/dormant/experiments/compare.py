@@ -255,8 +255,8 @@ def save_comparison(spec: CompareSpec, configs: list, results: list[tuple[str, d
     out.mkdir(parents=True, exist_ok=True)
     t = table(rows, cols)
     header = f"# {spec.title or 'comparison'}\n\n{spec.description}\n\n" if spec.title else ""
-    (out / "compare.md").write_text(header + t.to_markdown() + "\n")
-    (out / "compare.csv").write_text(t.to_csv())
+    files.markdown.write_text(header + t.to_markdown() + "\n")
+    files.csv.write_text(t.to_csv())
     runs = []
     for (name, res), (_, cfg) in zip(results, configs):
         rel = os.path.relpath(os.path.abspath(res["run_dir"]), os.path.abspath(out))
@@ -300,5 +300,7 @@ def run_compare(spec: CompareSpec, root: str | os.PathLike = "runs",
         save_comparison(spec, configs, results, rows, cols, Path(out),
                         command if command is not None else invocation(), run_threads(jobs),
                         where)
-        log(f"\nsaved {Path(out) / 'compare.md'}, compare.csv, compare.json, runs.jsonl.gz")
+        files = CompareFiles(out)
+        log(f"\nsaved {files.markdown}, {files.csv.name}, {files.compare.name}, "
+            f"{files.histories.name}")
     return rows
