@@ -227,3 +227,69 @@ def test_a_session_without_a_monitor_drives_the_method_only():
     session.close()
     assert all(not m._forward_hooks for m in model.modules())
     copy.deepcopy(model)       # a plain model again
+
+
+def test_a_run_resumes_with_tensorboard_added_and_from_an_old_positional_checkpoint(tmp_path):
+    """Callback states are keyed by class (TensorBoard on rank 0 only, or added on resume,
+    shifts nothing); a checkpoint of the older layout (monitor and method as two positional
+    states) still resumes."""
+    pytest.importorskip("tensorboard")
+    from dormant.experiments import ExperimentConfig, run_experiment
+    from dormant.methods import METHODS
+    from dormant.train.callbacks import (
+        CheckpointCallback,
+        JsonlLogger,
+        SessionCallback,
+        _keyed,
+        _keyed_from_list,
+        load_checkpoint,
+    )
+    quiet = dict(show_progress=False, log=lambda *a: None)
+    cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},
+                           epochs=3, batch_size=64, lr=0.2, method="synaptic-stripping")
+    straight = run_experiment(cfg, tmp_path / "a", **quiet)
+    original = METHODS.get("synaptic-stripping")
+
+    class Interrupted(original):
+        def end_epoch(self, *args, **kwargs):
+            out = super().end_epoch(*args, **kwargs)
+            if self.epoch == 2:
+                raise KeyboardInterrupt
+            return out
+
+    with METHODS.scoped():
+        METHODS._items["synaptic-stripping"] = Interrupted
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, tmp_path / "b", **quiet)
+    resumed = run_experiment(cfg, tmp_path / "b", tensorboard=tmp_path / "tb", **quiet)
+    for key, value in straight["final"].items():
+        if key != "train_time":
+            assert resumed["final"][key] == pytest.approx(value, rel=1e-6), key
+    # the old layout: [monitor {"initial"}, method state, history, checkpoint]
+    state = load_checkpoint(tmp_path / "b" / cfg.label() / "checkpoint.pt")
+    session = state["callbacks"]["SessionCallback#0"]
+    old = [{"initial": session["initial"]}, session["method"],
+           state["callbacks"]["JsonlLogger#0"], {}]
+    cbs = [SessionCallback(Session(build("synaptic-stripping"))), JsonlLogger(tmp_path / "m"),
+           CheckpointCallback(tmp_path / "c")]
+    keyed = _keyed_from_list(cbs, old)
+    assert set(keyed) == {k for k, _ in _keyed(cbs)}
+    assert keyed["SessionCallback#0"]["method"] == session["method"]
+    assert keyed["JsonlLogger#0"] == state["callbacks"]["JsonlLogger#0"]
+
+
+def test_a_diverged_epoch_offers_the_method_no_older_pass_and_no_probe_means_no_pass():
+    data = _data()
+    model = Net()
+    session = Session(build("synaptic-stripping", factor=0.5), every_steps=1)
+    session.start(model, None, probe=data.val)
+    count = Count(model)
+    session.end_epoch()
+    assert count.now == len(data.val)                   # one pass, the method read it
+    count.now = 0
+    session.end_epoch(diverged=True)
+    assert session.last is None and count.now == len(data.val)   # the method's own pass
+    session.close()
+    quiet = Session(None)
+    quiet.start(Net(), None, example=data.val.inputs[:2])
+    assert "dead_fraction" not in quiet.end_epoch() and quiet.last is None

@@ -94,6 +94,17 @@ def take(batch: Any, n: int) -> Any:
     return batch
 
 
+def drop(batch: Any, n: int) -> Any:
+    """A batch without its first `n` samples, same structure (the rest of `take`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[n:]
+    if isinstance(batch, Mapping):
+        return {k: drop(v, n) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(drop(v, n) if isinstance(v, torch.Tensor) else v for v in batch)
+    return batch
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a batch (nested in mappings, tuples, lists) to `device`."""
     if isinstance(batch, torch.Tensor):

@@ -11,6 +11,7 @@ import torch.nn as nn
 from .batching import (
     Forward,
     default_forward,
+    drop,
     eval_mode,
     iter_batches,
     model_input,
@@ -29,7 +30,7 @@ __all__ = ["diagnose", "diagnosis", "Diagnosis", "ExpertRow", "expert_rows", "pr
 def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: float = 0.0,
           batch_size: int = 512, max_batches: int | None = None, max_samples: int | None = None,
           device: torch.device | str | None = None, forward: Forward | None = None,
-          listeners: Sequence[Listener] = ()) -> ActivityMonitor:
+          listeners: Sequence[Listener] = (), cut_at: int | None = None) -> ActivityMonitor:
     """Run probe `data` through `model` in eval mode under no_grad with an exact monitor; the
     model's train/eval flags are restored afterwards. Returns the (detached) monitor.
 
@@ -38,7 +39,9 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple). `listeners`: more tap
     listeners (`dormant.taps`) that see the same outputs in the same pass (the plasticity
     features, `dormant.metrics.FeatureRecorder`); one with a ``batch(n)`` method is told each
-    batch's number of samples before its forward.
+    batch's number of samples before its forward. `cut_at`: the batch that holds the
+    `cut_at`-th sample is run as two forwards, split there (the counts are the same), so that
+    a listener can take exactly the first `cut_at` samples.
     """
     model = _unwrap(model)
     forward = forward or default_forward
@@ -59,15 +62,22 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     for listener in listeners:
         mon.taps.listen(listener)
     told = [listener.batch for listener in listeners if hasattr(listener, "batch")]
+    seen = 0
     # the fused encoder path would skip the hooks: off for the probe
     with eval_mode(model), mon, torch.no_grad(), no_fastpath():
         for i, batch in enumerate(itertools.chain([first], batches)):
             if max_batches is not None and i >= max_batches:
                 break
             batch = to_device(batch, device)
-            for tell in told:
-                tell(num_samples(batch))
-            forward(model, batch)
+            n = num_samples(batch)
+            parts = [batch]
+            if cut_at is not None and seen < cut_at < seen + n:
+                parts = [take(batch, cut_at - seen), drop(batch, cut_at - seen)]
+            seen += n
+            for part in parts:
+                for tell in told:
+                    tell(num_samples(part))
+                forward(model, part)
     return mon
 
 

@@ -106,9 +106,10 @@ class FeatureRecorder:
     `max_samples` samples of a pass (all without it), and hands the same outputs on to
     `also` (e.g. an `ActivityMonitor.observe` that counts exactly those samples).
 
-    The pass calls `batch(n)` before each forward of an ``n``-sample batch; an output whose
-    first dim is the batch's samples is cut to those still wanted. A routed expert's output
-    (rows = its tokens) is taken whole while any sample of its batch is wanted."""
+    The pass calls `batch(n)` before each forward of an ``n``-sample batch, and splits the
+    batch that straddles `max_samples` (`probe(..., cut_at=max_samples)`): a batch's outputs
+    are taken whole (a routed expert's too) while fewer than `max_samples` samples were
+    taken."""
 
     def __init__(self, sites: Sequence[Site] | None = None, max_samples: int | None = None,
                  also: Sequence[Callable[[Site, torch.Tensor], None]] = ()):
@@ -116,20 +117,17 @@ class FeatureRecorder:
         self.features: dict[str, list[torch.Tensor]] = {}
         self.max_samples, self.also = max_samples, list(also)
         self.seen = 0
-        self._n = self._keep = None
+        self._taking = True
 
     def batch(self, n: int) -> None:
-        keep = n if self.max_samples is None else max(min(n, self.max_samples - self.seen), 0)
-        self.seen += keep
-        self._n, self._keep = n, keep
+        self._taking = self.max_samples is None or self.seen < self.max_samples
+        self.seen += n
 
     @torch.no_grad()
     def __call__(self, site: Site, y: torch.Tensor) -> None:
-        if self._keep == 0 or (self.only is not None and site.name not in self.only):
+        if not self._taking or (self.only is not None and site.name not in self.only):
             return
         y = y.detach()
-        if self._keep is not None and self._keep < self._n and y.ndim > 1 and y.shape[0] == self._n:
-            y = y[:self._keep]
         for listener in self.also:
             listener(site, y)
         if y.ndim == 1:

@@ -90,11 +90,12 @@ def _git_revision(cwd: str | os.PathLike | None = None) -> str:
 
 def code_version() -> str:
     """dormant's version, with the git revision of its source tree when it has one."""
+    import sys
     from importlib.metadata import PackageNotFoundError, version
     try:
         base = version("dormant")
-    except PackageNotFoundError:
-        base = "0+unknown"
+    except PackageNotFoundError:        # run from a source tree that was not installed
+        base = getattr(sys.modules.get("dormant"), "__version__", "0+unknown")
     rev = _git_revision(Path(__file__).parent)
     return f"{base}+{rev}" if rev else base
 

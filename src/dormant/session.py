@@ -75,7 +75,7 @@ class Session:
         self.step = 0
         self._grad_sum: torch.Tensor | None = None  # watched steps' gradient norms (device)
         self._grad_steps = 0
-        self._arch: list | None = None
+        self._found = False                  # sites found once (given ones used first)
         self._saved: dict | None = None      # a checkpoint's state, applied at `start`
 
     # -- the run's events ----------------------------------------------------------------
@@ -97,11 +97,14 @@ class Session:
         if self.watch:
             self._find_sites()
             self.monitor = self._new_monitor()
-            if saved.get("monitor") is not None:
+            if saved.get("monitor") is not None:    # its own step: the watch phase goes on
                 self.monitor.load_state_dict(saved["monitor"])
+                self.step = self.monitor._step
             self.monitor.set_step(self.step)
-            self.initial = dict(saved.get("initial") or {}) or {
-                n: p.detach().clone() for n, p in model.named_parameters()}
+            # theta_0 on the host (a GPU keeps no second copy of the weights); a second
+            # start (another fit) keeps the first one
+            self.initial = dict(saved.get("initial") or {}) or self.initial or {
+                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer     # accelerate's wrapper: hooks go on the real one
         if self.method is not None:
@@ -136,6 +139,7 @@ class Session:
         sparsity, plasticity), the test data's sparsity when `final`, then the method's
         decision and metrics. A `diverged` epoch (NaN activations) is not measured."""
         out = EpochResult()
+        self.last = None           # the pass of this epoch only, never an older one
         if self.watch and not diverged:
             out.update(self.measure(final))
         elif self.monitor is not None:
@@ -160,9 +164,9 @@ class Session:
             self.method.set_probe(probe if method_probe is ... else method_probe)
 
     def model_changed(self) -> None:
-        """Units were removed physically: sites and monitor follow the new shapes (a no-op
-        when they already do)."""
-        if not self.watch or self._arch == _shapes(self.model):
+        """Units were removed physically (or modules replaced): sites and monitor follow the
+        new model. `after_step` calls it when the method removed units."""
+        if not self.watch:
             return
         self.monitor.close()
         self._find_sites()
@@ -170,7 +174,8 @@ class Session:
         self.monitor.set_step(self.step)
 
     def close(self) -> None:
-        """After training: hooks gone, the method's masks folded into the weights."""
+        """After training: hooks gone, the method's masks folded into the weights (the
+        initial weights are kept for another `start` of the same run)."""
         if self.monitor is not None:
             self.monitor.close()
         if self.method is not None and self.method.model is not None:
@@ -179,24 +184,13 @@ class Session:
     # -- the measurement -----------------------------------------------------------------
     def measure(self, final: bool = False) -> dict[str, float]:
         """Everything but the method: the watched steps' rates (then reset), and one exact
-        pass over the probe data; after the last epoch (`final`) the test data's sparsity."""
+        pass over the probe data (none without probe data); after the last epoch (`final`)
+        the test data's sparsity."""
         out: dict[str, float] = {}
         out.update(self.monitor.dnr_metrics())
         self.monitor.reset()
-        first = features = None
-        listeners = []
-        if self.plasticity:
-            first = ActivityMonitor(self.model, self.sites, eps=self.eps)
-            features = FeatureRecorder(self.sites, self.plasticity_samples, also=[first.observe])
-            listeners.append(features)
-        with torch.random.fork_rng(devices=[]):    # a DataLoader draws its seed from it
-            self.last = probe(self.model, self.probe, sites=self.sites, eps=self.eps,
-                              forward=self.forward, listeners=listeners)
-        report = diagnosis(self.last, self.criterion)
-        out.update(report.metrics())
-        out["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
-        if self.plasticity:
-            out.update(plasticity_from(self.model, features.result(), first))
+        if self.probe is not None:
+            out.update(self._probe_pass())
         out.update(self._grad_and_distance())
         if final and self.test is not None:
             with torch.random.fork_rng(devices=[]):
@@ -204,6 +198,26 @@ class Session:
                              forward=self.forward)
             rates = test.activation_sparsity()
             out["test_sparsity"] = sum(rates.values()) / len(rates)
+        return out
+
+    def _probe_pass(self) -> dict[str, float]:
+        """One exact pass over the probe data: the diagnosis, and the plasticity metrics of
+        its first `plasticity_samples` samples (counted at eps 0, as `plasticity` does)."""
+        out: dict[str, float] = {}
+        listeners = []
+        if self.plasticity:
+            first = ActivityMonitor(self.model, self.sites)
+            features = FeatureRecorder(self.sites, self.plasticity_samples, also=[first.observe])
+            listeners.append(features)
+        with torch.random.fork_rng(devices=[]):    # a DataLoader draws its seed from it
+            self.last = probe(self.model, self.probe, sites=self.sites, eps=self.eps,
+                              forward=self.forward, listeners=listeners,
+                              cut_at=self.plasticity_samples if self.plasticity else None)
+        report = diagnosis(self.last, self.criterion)
+        out.update(report.metrics())
+        out["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
+        if self.plasticity:
+            out.update(plasticity_from(self.model, features.result(), first))
         return out
 
     def _grad_and_distance(self) -> dict[str, float]:
@@ -226,8 +240,8 @@ class Session:
 
     def _find_sites(self) -> None:
         self.sites = (list(self.given_sites) if self.given_sites is not None and
-                      self._arch is None else find_sites(self.model, self.inputs))
-        self._arch = _shapes(self.model)
+                      not self._found else find_sites(self.model, self.inputs))
+        self._found = True
 
     def _new_monitor(self) -> ActivityMonitor:
         return ActivityMonitor(self.model, self.sites, every_steps=self.every_steps,
@@ -259,10 +273,6 @@ def numbers(metrics: dict) -> dict[str, float]:
     """The metrics a framework's logger takes: numbers (and flags, as 0/1) only; tables such
     as a removal's new widths are left out."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def _shapes(model: nn.Module) -> list:
-    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
 
 
 def _check_host(method: Method | None, host: str | None) -> None:

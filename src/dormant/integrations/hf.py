@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..batching import Forward
 from ..methods import Method
+from ..monitor import _renamed
 from ..session import SESSION_FORMAT, Session, numbers
 
 __all__ = ["DormantTrainerCallback"]
@@ -52,7 +53,9 @@ class DormantTrainerCallback(TrainerCallback):
                  forward: Forward | None = None, criterion: str = "never_active",
                  plasticity: bool = True, resume_from: str | os.PathLike | None = None,
                  every: int | None = None):
-        self.session = Session(method, monitor=monitor, every_steps=every_steps, every=every,
+        if every is not None:
+            every_steps = _renamed("DormantTrainerCallback", every)
+        self.session = Session(method, monitor=monitor, every_steps=every_steps,
                                criterion=criterion, forward=forward, plasticity=plasticity,
                                host="the Hugging Face Trainer")
         self.probe, self.test = probe, test

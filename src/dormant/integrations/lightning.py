@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 
 from ..batching import Forward
 from ..methods import Method
+from ..monitor import _renamed
 from ..session import Session, numbers
 
 __all__ = ["DormantCallback"]
@@ -46,11 +47,14 @@ class DormantCallback(pl.Callback):
                  every_steps: int = 10, probe: Any = None, test: Any = None,
                  forward: Forward | None = None, criterion: str = "never_active",
                  plasticity: bool = True, every: int | None = None):
-        self.session = Session(method, monitor=monitor, every_steps=every_steps, every=every,
+        if every is not None:
+            every_steps = _renamed("DormantCallback", every)
+        self.session = Session(method, monitor=monitor, every_steps=every_steps,
                                criterion=criterion, forward=forward, plasticity=plasticity,
                                host="Lightning")
         self.probe, self.test = probe, test
         self.history: list[dict] = []
+        self._steps = 0
 
     def _probe(self, trainer) -> Any:
         if self.probe is not None:
@@ -62,20 +66,23 @@ class DormantCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self._steps = trainer.global_step
         self.session.start(pl_module, trainer.optimizers[0], probe=self._probe(trainer),
                            test=self.test, total_steps=int(trainer.estimated_stepping_batches),
                            epochs=epochs, seed=0, step=trainer.global_step)
 
-    def on_after_backward(self, trainer, pl_module) -> None:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # once per optimizer step (not per accumulated batch), on unscaled gradients
         self.session.after_backward()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.session.after_step()
+        if trainer.global_step != self._steps:      # an optimizer step was taken
+            self._steps = trainer.global_step
+            self.session.after_step()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         metrics = {f"dormant/{k}": v for k, v in
-                   numbers(self.session.end_epoch(final=final)).items()}
+                   numbers(self.session.end_epoch(final=_last_epoch(trainer))).items()}
         self.history.append({"epoch": trainer.current_epoch, **metrics})
         pl_module.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=False)
 
@@ -90,3 +97,10 @@ class DormantCallback(pl.Callback):
         (`on_train_start` applies it)."""
         self.session.load_state_dict(state["session"])
         self.history = list(state["history"])
+
+
+def _last_epoch(trainer) -> bool:
+    """This epoch ends the fit: its epoch or step budget is spent, or it was told to stop."""
+    epochs, steps = trainer.max_epochs or -1, trainer.max_steps or -1
+    return bool((epochs > 0 and trainer.current_epoch + 1 >= epochs)
+                or (steps > 0 and trainer.global_step >= steps) or trainer.should_stop)

@@ -12,6 +12,7 @@ import torch
 
 from ..jsonl import read_jsonl, write_jsonl
 from ..methods.base import Method
+from ..monitor import _renamed
 from ..session import Session
 from ..sites import Site, _unwrap
 from ..surgery import architecture, resize
@@ -63,6 +64,7 @@ class SessionCallback(Callback):
 
     def __init__(self, session: Session, probe_split: str = "val"):
         self.session, self.probe_split = session, probe_split
+        self._told = False       # the session changed the model and re-found its sites
 
     @property
     def method(self) -> Method | None:
@@ -91,10 +93,19 @@ class SessionCallback(Callback):
 
     def on_step_end(self, trainer, loss) -> None:
         if self.session.after_step():
+            self._tell(trainer)
+
+    def _tell(self, trainer) -> None:
+        """The session re-found its sites already: tell the other callbacks only."""
+        self._told = True
+        try:
             trainer.model_changed()
+        finally:
+            self._told = False
 
     def on_model_changed(self, trainer) -> None:
-        self.session.model_changed()
+        if not self._told:        # another callback changed the model
+            self.session.model_changed()
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         before = {k: metrics[k] for k in ("val_acc", "test_acc")}
@@ -105,7 +116,7 @@ class SessionCallback(Callback):
             metrics["last_test_acc"], metrics["last_val_acc"] = before["test_acc"], before["val_acc"]
         metrics.update(result)
         if result.model_changed:
-            trainer.model_changed()
+            self._tell(trainer)
 
     def on_fit_end(self, trainer) -> None:
         self.session.close()
@@ -123,8 +134,10 @@ def MonitorCallback(sites: Sequence[Site] | None = None, *, every_steps: int = 1
                     eps: float = 0.0, probe_split: str = "val",
                     criterion: str = "never_active", every: int | None = None) -> SessionCallback:
     """Watch and measure, no method: a `SessionCallback` over ``Session(None, ...)``."""
-    return SessionCallback(Session(None, sites=sites, every_steps=every_steps, every=every,
-                                   eps=eps, criterion=criterion), probe_split)
+    if every is not None:
+        every_steps = _renamed("MonitorCallback", every)
+    return SessionCallback(Session(None, sites=sites, every_steps=every_steps, eps=eps,
+                                   criterion=criterion), probe_split)
 
 
 def MethodCallback(method: Method) -> SessionCallback:
@@ -260,7 +273,7 @@ class CheckpointCallback(Callback):
             "model": trainer.model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-            "callbacks": [cb.state_dict() for cb in trainer.callbacks],
+            "callbacks": {key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)},
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         }
@@ -288,20 +301,49 @@ class CheckpointCallback(Callback):
                 "it to train the run again from its start") from None
         if trainer.scheduler is not None and state["scheduler"] is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
-        if len(state["callbacks"]) != len(trainer.callbacks):
-            raise CorruptCheckpointError(
-                f"{self.path} holds the state of {len(state['callbacks'])} callbacks, this run "
-                f"has {len(trainer.callbacks)} (written by an older dormant, whose monitor and "
-                "method were two callbacks, or by another run): delete it to train the run "
-                "again from its start")
-        for cb, s in zip(trainer.callbacks, state["callbacks"]):
-            cb.load_state_dict(s)
+        saved = state["callbacks"]
+        if isinstance(saved, list):          # positional, before states were keyed
+            saved = _keyed_from_list(trainer.callbacks, saved)
+        for key, cb in _keyed(trainer.callbacks):
+            if key in saved:    # a callback without one (TensorBoard added) keeps its own
+                cb.load_state_dict(saved[key])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])    # DemP's noise, dropout on a GPU
         trainer.epoch, trainer.step = int(state["epoch"]), int(state["step"])
         trainer.stop = bool(state.get("stop", False))   # a diverged run stays stopped
         return True
+
+
+def _keyed(callbacks) -> list[tuple[str, Callback]]:
+    """Each callback with a stable key: its class name and its rank among callbacks of that
+    class (``SessionCallback#0``), so that a callback present on one rank only (TensorBoard
+    on rank 0) or added on resume shifts no other's state."""
+    seen: dict[str, int] = {}
+    out = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        out.append((f"{name}#{seen.get(name, 0)}", cb))
+        seen[name] = seen.get(name, 0) + 1
+    return out
+
+
+def _keyed_from_list(callbacks, states: list) -> dict:
+    """A checkpoint of an older dormant (states by position; the monitor and the method were
+    two callbacks, `{"initial": ...}` then the method's state) as keyed states."""
+    states, out = list(states), {}
+    for key, cb in _keyed(callbacks):
+        if not states:
+            break
+        state = states.pop(0)
+        if isinstance(cb, SessionCallback) and isinstance(state, dict) and \
+                set(state) == {"initial"} and cb.method is not None and states:
+            state = {"method": states.pop(0), "monitor": None, **state}
+        elif isinstance(cb, SessionCallback) and cb.method is not None and \
+                isinstance(state, dict) and "method" not in state:
+            state = {"method": state, "monitor": None, "initial": {}}   # Trainer([method])
+        out[key] = state
+    return out
 
 
 def _resize_with_optimizer(model, arch, optimizer) -> None:
