@@ -22,11 +22,12 @@ import torch.nn as nn
 from .batching import Forward
 from .diagnose import probe
 from .monitor import ActivityMonitor
+from .sharding import group_of, is_sharded, local, resharded, sum_over_shards
 from .sites import Site
 
 __all__ = ["singular_values", "effective_rank", "stable_rank", "approximate_rank",
            "weight_magnitude", "feature_norm", "distance_from", "fraction_active",
-           "site_features", "plasticity", "plasticity_from", "FeatureRecorder"]
+           "site_features", "plasticity", "plasticity_from", "FeatureRecorder", "initial_state"]
 
 
 def singular_values(features: torch.Tensor) -> torch.Tensor:
@@ -83,21 +84,44 @@ def feature_norm(features: torch.Tensor) -> float:
     return float(a.norm(dim=1).mean())
 
 
+def _parts(values) -> tuple[dict[bool, torch.Tensor], object]:
+    """Float64 sums split into those over local rows of sharded parameters (True) and those
+    over whole tensors (False), with the shard group (FSDP2; `dormant.sharding`)."""
+    parts: dict[bool, torch.Tensor] = {}
+    group = None
+    for p, value in values:
+        key = is_sharded(p)
+        group = group_of(p) if key else group
+        parts[key] = parts.get(key, torch.zeros((), dtype=torch.float64)) + value.cpu()
+    return parts, group
+
+
 def weight_magnitude(model: nn.Module) -> float:
-    """Mean |w| over every parameter."""
-    ps = [p.detach() for p in model.parameters()]
+    """Mean |w| over every parameter (under FSDP2: over every rank's rows)."""
+    ps = [p.detach() for p in resharded(model).parameters()]
     n = sum(p.numel() for p in ps)
-    return float(sum(p.double().abs().sum() for p in ps) / max(n, 1))
+    parts, group = _parts((p, local(p).double().abs().sum()) for p in ps)
+    return float(sum_over_shards(parts, group) / max(n, 1))
+
+
+def initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters now, on the host, for `distance_from` (a sharded one: this rank's
+    rows)."""
+    return {n: local(p.detach()).to("cpu", copy=True)
+            for n, p in resharded(model).named_parameters()}
 
 
 def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> float:
     """``||theta - theta_0||_2`` over the parameters named in `initial` (a state dict saved at
-    initialisation)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for name, p in model.named_parameters():
-        if name in initial:
-            total += (p.detach().double().cpu() - initial[name].double().cpu()).pow(2).sum()
-    return float(total.sqrt())
+    initialisation, `initial_state`) that still have their shape (a physical removal changes
+    the others)."""
+    diffs = []
+    for name, p in resharded(model).named_parameters():
+        mine = local(p.detach())
+        if name in initial and initial[name].shape == mine.shape:
+            diffs.append((p, (mine.double().cpu() - initial[name].double().cpu()).pow(2).sum()))
+    parts, group = _parts(diffs)
+    return float(sum_over_shards(parts, group).sqrt())
 
 
 class FeatureRecorder:

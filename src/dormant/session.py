@@ -28,7 +28,7 @@ import torch.nn as nn
 from .batching import Forward, capture_inputs, default_forward, probe_example
 from .diagnose import diagnosis, probe
 from .methods import EpochResult, Method, build
-from .metrics import FeatureRecorder, distance_from, plasticity_from
+from .metrics import FeatureRecorder, distance_from, initial_state, plasticity_from
 from .monitor import ActivityMonitor, _renamed
 from .sites import Site, find_sites
 
@@ -103,8 +103,8 @@ class Session:
             self.monitor.set_step(self.step)
             # theta_0 on the host (a GPU keeps no second copy of the weights); a second
             # start (another fit) keeps the first one
-            self.initial = dict(saved.get("initial") or {}) or self.initial or {
-                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+            self.initial = (dict(saved.get("initial") or {}) or self.initial
+                            or initial_state(model))
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer     # accelerate's wrapper: hooks go on the real one
         if self.method is not None:
@@ -225,9 +225,7 @@ class Session:
         if self._grad_steps:
             out["grad_norm"] = self._grad_sum.item() / self._grad_steps
             self._grad_sum, self._grad_steps = None, 0
-        out["distance_from_init"] = distance_from(self.model, {
-            n: self.initial[n] for n, p in self.model.named_parameters()
-            if n in self.initial and self.initial[n].shape == p.shape})
+        out["distance_from_init"] = distance_from(self.model, self.initial)
         return out
 
     def _add_grad_norm(self) -> None:

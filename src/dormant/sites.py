@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .batching import eval_mode
 from .dataflow import Dataflow, Event, trace_dataflow
+from .sharding import ready
 
 __all__ = [
     "Site",
@@ -640,7 +641,7 @@ def find_sites(model: nn.Module, example_input, *, include: Sequence[str] | None
     Raises:
         NoSitesError: no site found (the message says what was looked for).
     """
-    model = _unwrap(model)
+    model = ready(_unwrap(model))     # an FSDP2 root first (dormant.sharding)
     if trace not in ("auto", "fx", "dataflow", "runtime"):
         raise ValueError(f"trace must be 'auto', 'fx' or 'dataflow', got {trace!r}")
     if activations is not None:

@@ -36,6 +36,7 @@ from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
 from ..registry import Registry
+from ..sharding import sharded_parameters
 from ..sites import (
     Site,
     _unwrap,
@@ -183,6 +184,7 @@ class Method:
                                  f"run's length), got {value!r}")
         self.check_budget(epochs=epochs, total_steps=total_steps)
         _check_optimizer(self.name, model, optimizer)
+        _check_not_sharded(self.name, model)
         self.model, self.optimizer = model, optimizer
         self.forward, self._probe = forward or default_forward, probe
         self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
@@ -457,6 +459,18 @@ def _versions(model: nn.Module) -> list[tuple[int, int]]:
     """Identity and in-place version of every parameter and buffer: any edit changes it."""
     m = _unwrap(model)
     return [(id(t), t._version) for t in (*m.parameters(), *m.buffers())]
+
+
+def _check_not_sharded(name: str, model: nn.Module) -> None:
+    """Methods edit whole parameters: under FSDP2 each rank holds only rows of them."""
+    sharded = sharded_parameters(_unwrap(model))
+    if sharded:
+        raise ValueError(
+            f"{name}: the model's parameters are sharded by FSDP2 (fully_shard: "
+            f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}), and methods do "
+            "not edit sharded parameters yet. Under FSDP2 the monitor, dormant.diagnose and "
+            "the epoch-end metrics work (Session(None)); run the method without fully_shard "
+            "(DistributedDataParallel: torchrun -m dormant run ...)")
 
 
 def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:
