@@ -1,7 +1,8 @@
 """dormant: find, revive and remove dead (dormant) neurons in PyTorch networks."""
+from .criteria import CRITERIA, SiteStats, register_criterion
 from .diagnose import Diagnosis, diagnose, probe
 from .masks import Masks
-from .monitor import CRITERIA, ActivityMonitor, SiteStats, register_criterion
+from .monitor import ActivityMonitor
 from .registry import Registry, UnknownNameError
 from .sites import NoSitesError, Site, Tap, find_sites, format_sites, make_site, register_activation
 

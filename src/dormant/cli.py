@@ -55,10 +55,10 @@ _EXAMPLES = {"model_args": "depth=3,width=512", "method_args": "factor=0.05,ever
 
 def _registries() -> dict:
     from .activations import ACTIVATIONS
+    from .criteria import CRITERIA
     from .data import DATASETS
     from .methods import METHODS
     from .models import INITS, MODELS
-    from .monitor import CRITERIA
     from .schedules import SCHEDULES
     from .train.loop import OPTIMIZERS
     return {"dataset": DATASETS, "model": MODELS, "activation": ACTIVATIONS, "init": INITS,
@@ -225,9 +225,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    from .criteria import CRITERIA
     from .diagnose import diagnose
     from .experiments import load_run
-    from .monitor import CRITERIA
     CRITERIA.get(args.criterion)        # unknown criteria are refused with the list
     if args.tau is not None and args.criterion != "dormant":
         raise ConfigError(f"--tau applies to --criterion dormant only (got --criterion "

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from ..activations import ACTIVATIONS, make_activation
+from ..criteria import CRITERIA
 from ..data import DATASETS
 from ..methods import METHODS
 from ..models import INITS, MODELS
-from ..monitor import CRITERIA
 from ..schedules import SCHEDULES
 from ..train.loop import COMPILE_MODES, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS
 
