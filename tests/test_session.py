@@ -293,3 +293,43 @@ def test_a_diverged_epoch_offers_the_method_no_older_pass_and_no_probe_means_no_
     quiet = Session(None)
     quiet.start(Net(), None, example=data.val.inputs[:2])
     assert "dead_fraction" not in quiet.end_epoch() and quiet.last is None
+
+
+def test_a_session_refuses_bad_arguments_up_front_and_another_methods_state():
+    with pytest.raises(ValueError, match="every_steps must be an integer >= 1, got 0"):
+        Session(None, every_steps=0)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        Session(None, eps=-1.0)
+    with pytest.raises(KeyError, match="unknown criterion 'dead'; valid criteria: always_zero"):
+        Session(None, criterion="dead")
+    with pytest.raises(ValueError, match="every=5 and every_steps=7 disagree"):
+        Session(None, every=5, every_steps=7)
+    data = _data()
+    first = Session(build("synaptic-stripping"))
+    first.start(Net(), None, probe=data.val)
+    first.end_epoch()
+    state = first.state_dict()
+    first.close()
+    with pytest.raises(ValueError, match="holds the state of synaptic-stripping, this run's "
+                                         "method is redo"):
+        Session(build("redo")).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"call session.start\(model"):
+        Session(None).end_epoch()
+
+
+def test_starting_twice_leaves_one_set_of_hooks_and_a_model_without_forward_says_what_to_do():
+    data = _data()
+    model = Net()
+    session = Session(None, every_steps=1)
+    session.start(model, None, probe=data.val)
+    session.start(model, None, probe=data.val)
+    session.close()
+    assert all(not m._forward_hooks for m in model.modules())
+
+    class NoForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+    with pytest.raises(TypeError, match=r"could not be called on a probe batch .*forward\(\)"):
+        Session(None).start(NoForward(), None, probe=data.val)

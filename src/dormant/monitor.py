@@ -84,7 +84,14 @@ def _openmp() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
-def _renamed(owner: str, every: int) -> int:
+def _every_steps(owner: str, every: int | None, every_steps: int | None, default: int) -> int:
+    """`every_steps` (its default when None); `every`, its old name, still accepted with a
+    warning, and refused when it contradicts an `every_steps` also given."""
+    if every is None:
+        return default if every_steps is None else every_steps
+    if every_steps is not None and every_steps != every:
+        raise ValueError(f"{owner}: every={every} and every_steps={every_steps} disagree; "
+                         "every is the old name of every_steps: give every_steps only")
     warnings.warn(f"{owner}: every=... is now every_steps=... (it counts training steps; a "
                   "method's every counts epochs)", FutureWarning, stacklevel=3)
     return every
@@ -140,10 +147,10 @@ class ActivityMonitor:
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[Site] | None = None, *,
-                 example_input=None, eps: float = 0.0, every_steps: int = 1, mode: str = "any",
-                 fused: bool | str = False, track_max: bool = False, every: int | None = None):
-        if every is not None:
-            every_steps = _renamed("ActivityMonitor", every)
+                 example_input=None, eps: float = 0.0, every_steps: int | None = None,
+                 mode: str = "any", fused: bool | str = False, track_max: bool = False,
+                 every: int | None = None):
+        every_steps = _every_steps("ActivityMonitor", every, every_steps, 1)
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}")
         if mode not in MODES:

@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 
 from .batching import Forward, capture_inputs, default_forward, probe_example
+from .criteria import CRITERIA
 from .diagnose import diagnosis, probe
 from .methods import EpochResult, Method, build
 from .metrics import FeatureRecorder, distance_from, initial_state, plasticity_from
-from .monitor import ActivityMonitor, _renamed
+from .monitor import ActivityMonitor, _every_steps
 from .sites import Site, find_sites
 
 __all__ = ["Session", "SESSION_FORMAT", "numbers"]
@@ -46,17 +47,20 @@ class Session:
     of dead; plasticity: also the plasticity metrics (`dormant.metrics`) on the first
     `plasticity_samples` probe samples; sites:
     the sites to watch (default: every site `find_sites` finds); forward: how a batch is
-    fed to the model; host: the framework that owns the parameters (a method that removes
-    units is then refused, and so is one that keeps the best epoch).
+    fed to the model, ``forward(model, batch)``; host: the name of the framework that owns
+    the parameters, for messages (a method that removes units is then refused, and so is one
+    that keeps the best epoch). A method's options go with it: ``Session(build("redo",
+    tau=0.1))``.
     """
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
-                 every_steps: int = 10, criterion: str = "never_active", eps: float = 0.0,
+                 every_steps: int | None = None, criterion: str = "never_active",
+                 eps: float = 0.0,
                  plasticity: bool = True, plasticity_samples: int = 1024,
                  sites: list[Site] | None = None, forward: Forward | None = None,
                  host: str | None = None, every: int | None = None):
-        if every is not None:
-            every_steps = _renamed("Session", every)
+        every_steps = _every_steps("Session", every, every_steps, 10)
+        _check_arguments(every_steps, criterion, eps, plasticity_samples)
         self.method = build(method) if isinstance(method, str) else method
         _check_host(self.method, host)
         self.watch, self.every_steps = monitor, every_steps
@@ -87,15 +91,27 @@ class Session:
         the same); `example`: a batch for site discovery (default: the probe's first
         samples); `test`: data whose activation sparsity is measured after the last epoch;
         `step`: optimizer steps already taken (a resumed run)."""
+        if self.monitor is not None:        # started before (a second fit): hooks off first
+            self.monitor.close()
         self.model, self.probe, self.test, self.step = model, probe, test, int(step)
-        self.inputs = (capture_inputs(model, example, self.forward) if example is not None
-                       else probe_example(model, probe, self.forward) if probe is not None
-                       else None)
-        if self.inputs is None:
-            raise ValueError("dormant: give probe data (a validation loader) or an example batch")
+        try:
+            self.inputs = (capture_inputs(model, example, self.forward) if example is not None
+                           else probe_example(model, probe, self.forward) if probe is not None
+                           else None)
+            if self.inputs is None:
+                raise ValueError("dormant: give probe data (a validation loader) or an "
+                                 "example batch")
+            if self.watch:
+                self._find_sites()
+        except (NotImplementedError, TypeError) as err:      # the model takes another call
+            line = "".join(str(err).splitlines()[:1])[:200]
+            raise TypeError(f"dormant: the model could not be called on a probe batch "
+                            f"({type(err).__name__}: {line}): give it a forward() that takes "
+                            "a batch's inputs, or pass forward=lambda model, batch: model(...) "
+                            "(how a batch becomes a call of the model) to the session or the "
+                            "callback") from err
         saved, self._saved = self._saved or {}, None
         if self.watch:
-            self._find_sites()
             self.monitor = self._new_monitor()
             if saved.get("monitor") is not None:    # its own step: the watch phase goes on
                 self.monitor.load_state_dict(saved["monitor"])
@@ -138,6 +154,9 @@ class Session:
         dynamic DNR and gradient norm, one exact pass over the probe data (dead fraction,
         sparsity, plasticity), the test data's sparsity when `final`, then the method's
         decision and metrics. A `diverged` epoch (NaN activations) is not measured."""
+        if self.model is None:
+            raise RuntimeError("dormant: call session.start(model, optimizer, probe=...) "
+                               "before end_epoch()")
         out = EpochResult()
         self.last = None           # the pass of this epoch only, never an older one
         if self.watch and not diverged:
@@ -251,6 +270,7 @@ class Session:
         method's state (masks, counters, snapshots), the monitor's counters, the initial
         weights (distance from init)."""
         return {"method": self.method.state_dict() if self.method is not None else None,
+                "method_name": self.method.name if self.method is not None else None,
                 "monitor": self.monitor.state_dict() if self.monitor is not None else None,
                 "initial": self.initial}
 
@@ -263,7 +283,12 @@ class Session:
             raise ValueError("dormant: the checkpoint was saved "
                              f"{'without' if state['method'] is None else 'with'} a method and "
                              f"this run has {'one' if self.method is not None else 'none'}: "
-                             "resume with the callback the run was trained with")
+                             "resume with the method the run was trained with")
+        saved = state.get("method_name")
+        if saved is not None and self.method is not None and saved != self.method.name:
+            raise ValueError(f"dormant: the checkpoint holds the state of {saved}, this run's "
+                             f"method is {self.method.name}: resume with the method the run "
+                             "was trained with")
         self._saved = state
 
 
@@ -271,6 +296,16 @@ def numbers(metrics: dict) -> dict[str, float]:
     """The metrics a framework's logger takes: numbers (and flags, as 0/1) only; tables such
     as a removal's new widths are left out."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _check_arguments(every_steps, criterion, eps, plasticity_samples) -> None:
+    """Refused when the session is made, not at the first epoch's end."""
+    for name, value in (("every_steps", every_steps), ("plasticity_samples", plasticity_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dormant: {name} must be an integer >= 1, got {value!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"dormant: eps must be a finite number >= 0, got {eps!r}")
+    CRITERIA.get(criterion)          # unknown names list the valid ones
 
 
 def _check_host(method: Method | None, host: str | None) -> None:

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from ..batching import Forward
 from ..methods import Method
-from ..monitor import _renamed
+from ..monitor import _every_steps
 from ..session import SESSION_FORMAT, Session, numbers
 
 __all__ = ["DormantTrainerCallback"]
@@ -49,12 +49,11 @@ class DormantTrainerCallback(TrainerCallback):
     STATE = "dormant.pt"
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
-                 every_steps: int = 10, probe: Any = None, test: Any = None,
+                 every_steps: int | None = None, probe: Any = None, test: Any = None,
                  forward: Forward | None = None, criterion: str = "never_active",
                  plasticity: bool = True, resume_from: str | os.PathLike | None = None,
                  every: int | None = None):
-        if every is not None:
-            every_steps = _renamed("DormantTrainerCallback", every)
+        every_steps = _every_steps("DormantTrainerCallback", every, every_steps, 10)
         self.session = Session(method, monitor=monitor, every_steps=every_steps,
                                criterion=criterion, forward=forward, plasticity=plasticity,
                                host="the Hugging Face Trainer")

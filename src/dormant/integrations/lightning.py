@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 
 from ..batching import Forward
 from ..methods import Method
-from ..monitor import _renamed
+from ..monitor import _every_steps
 from ..session import Session, numbers
 
 __all__ = ["DormantCallback"]
@@ -44,11 +44,10 @@ class DormantCallback(pl.Callback):
     """
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
-                 every_steps: int = 10, probe: Any = None, test: Any = None,
+                 every_steps: int | None = None, probe: Any = None, test: Any = None,
                  forward: Forward | None = None, criterion: str = "never_active",
                  plasticity: bool = True, every: int | None = None):
-        if every is not None:
-            every_steps = _renamed("DormantCallback", every)
+        every_steps = _every_steps("DormantCallback", every, every_steps, 10)
         self.session = Session(method, monitor=monitor, every_steps=every_steps,
                                criterion=criterion, forward=forward, plasticity=plasticity,
                                host="Lightning")

@@ -12,7 +12,7 @@ import torch
 
 from ..jsonl import read_jsonl, write_jsonl
 from ..methods.base import Method
-from ..monitor import _renamed
+from ..monitor import _every_steps
 from ..session import Session
 from ..sites import Site, _unwrap
 from ..surgery import architecture, resize
@@ -130,12 +130,11 @@ class SessionCallback(Callback):
         self.session.load_state_dict(state)
 
 
-def MonitorCallback(sites: Sequence[Site] | None = None, *, every_steps: int = 10,
+def MonitorCallback(sites: Sequence[Site] | None = None, *, every_steps: int | None = None,
                     eps: float = 0.0, probe_split: str = "val",
                     criterion: str = "never_active", every: int | None = None) -> SessionCallback:
     """Watch and measure, no method: a `SessionCallback` over ``Session(None, ...)``."""
-    if every is not None:
-        every_steps = _renamed("MonitorCallback", every)
+    every_steps = _every_steps("MonitorCallback", every, every_steps, 10)
     return SessionCallback(Session(None, sites=sites, every_steps=every_steps, eps=eps,
                                    criterion=criterion), probe_split)
 
