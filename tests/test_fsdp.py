@@ -43,6 +43,14 @@ def _model(kind: str) -> tuple[nn.Module, torch.Tensor, list[nn.Module]]:
     return model.eval(), torch.randint(0, 64, (12, 10), generator=g), layers
 
 
+@torch.no_grad()
+def _nudge(model: nn.Module) -> None:
+    """Every weight + 0.01 (a sharded one: this rank's rows)."""
+    from dormant.sharding import local, resharded
+    for p in resharded(model).parameters():
+        local(p).add_(0.01)
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
@@ -69,6 +77,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             stats = mon.stats()
             session = Session(None)
             session.start(model, None, probe=x)                       # the same probe data
+            _nudge(model)                                             # a distance to measure
             metrics = session.end_epoch()
             session.close()
             try:
@@ -103,6 +112,7 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
             stats = probe(model, x, sites=sites).stats()
             session = Session(None)
             session.start(model, None, probe=x)
+            _nudge(model)
             metrics = session.end_epoch()
         for r in ranks:
             got = r[kind]
@@ -118,3 +128,4 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
         for n in stats:
             assert torch.equal(ranks[0][kind]["dead"][n], ranks[1][kind]["dead"][n])
     assert ranks[0]["mlp"]["metrics"]["dead_units"] == 4
+    assert ranks[0]["mlp"]["metrics"]["distance_from_init"] > 0.1

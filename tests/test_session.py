@@ -331,5 +331,27 @@ def test_starting_twice_leaves_one_set_of_hooks_and_a_model_without_forward_says
             super().__init__()
             self.net = Net()
 
-    with pytest.raises(TypeError, match=r"could not be called on a probe batch .*forward\(\)"):
+    with pytest.raises(TypeError, match=r"NoForward has no forward\(\), so a probe batch"):
         Session(None).start(NoForward(), None, probe=data.val)
+
+
+def test_a_session_started_again_keeps_its_methods_masks_acting():
+    data = _data()
+    model = Net()
+    session = Session(build("synaptic-stripping", factor=0.5), monitor=False)
+    session.start(model, torch.optim.SGD(model.parameters(), lr=0.1), probe=data.val)
+    session.end_epoch()
+    masks = {n: m.clone() for n, m in session.method.masks.masks.items()}
+    assert masks and any((~m).any() for m in masks.values())
+    session.close()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    session.start(model, opt, probe=data.val)            # a second fit, a new optimizer
+    F.cross_entropy(model(data.train.inputs), data.train.targets).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.add_(1.0)                              # every weight pushed
+    opt.step()
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        assert (params[name][~m] == 0).all(), name       # pruned weights stay pruned
+    session.close()

@@ -85,14 +85,16 @@ def feature_norm(features: torch.Tensor) -> float:
 
 
 def _parts(values) -> tuple[dict[bool, torch.Tensor], object]:
-    """Float64 sums split into those over local rows of sharded parameters (True) and those
-    over whole tensors (False), with the shard group (FSDP2; `dormant.sharding`)."""
+    """Float64 sums split into those over local rows of sharded parameters (True, kept on
+    their device for the all-reduce) and those over whole tensors (False, on the host), with
+    the shard group (FSDP2; `dormant.sharding`)."""
     parts: dict[bool, torch.Tensor] = {}
     group = None
     for p, value in values:
         key = is_sharded(p)
         group = group_of(p) if key else group
-        parts[key] = parts.get(key, torch.zeros((), dtype=torch.float64)) + value.cpu()
+        value = value if key else value.cpu()
+        parts[key] = value if key not in parts else parts[key] + value.to(parts[key].device)
     return parts, group
 
 
@@ -118,8 +120,13 @@ def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> floa
     diffs = []
     for name, p in resharded(model).named_parameters():
         mine = local(p.detach())
-        if name in initial and initial[name].shape == mine.shape:
+        if name in initial and initial[name].shape == mine.shape and is_sharded(p):
+            start = initial[name].to(mine.device, torch.float64)      # reduced on the device
+            diffs.append((p, (mine.double() - start).pow(2).sum()))
+        elif name in initial and initial[name].shape == mine.shape:
             diffs.append((p, (mine.double().cpu() - initial[name].double().cpu()).pow(2).sum()))
+        elif is_sharded(p):     # every rank takes part in the shard group's sum
+            diffs.append((p, torch.zeros((), dtype=torch.float64, device=mine.device)))
     parts, group = _parts(diffs)
     return float(sum_over_shards(parts, group).sqrt())
 

@@ -20,6 +20,7 @@ draw (`last`), and -- when the method observes the same data -- the method's dec
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from .diagnose import diagnosis, probe
 from .methods import EpochResult, Method, build
 from .metrics import FeatureRecorder, distance_from, initial_state, plasticity_from
 from .monitor import ActivityMonitor, _every_steps
+from .sharding import sharded_parameters
 from .sites import Site, find_sites
 
 __all__ = ["Session", "SESSION_FORMAT", "numbers"]
@@ -94,23 +96,25 @@ class Session:
         if self.monitor is not None:        # started before (a second fit): hooks off first
             self.monitor.close()
         self.model, self.probe, self.test, self.step = model, probe, test, int(step)
-        try:
-            self.inputs = (capture_inputs(model, example, self.forward) if example is not None
-                           else probe_example(model, probe, self.forward) if probe is not None
-                           else None)
-            if self.inputs is None:
-                raise ValueError("dormant: give probe data (a validation loader) or an "
-                                 "example batch")
-            if self.watch:
-                self._find_sites()
-        except (NotImplementedError, TypeError) as err:      # the model takes another call
-            line = "".join(str(err).splitlines()[:1])[:200]
-            raise TypeError(f"dormant: the model could not be called on a probe batch "
-                            f"({type(err).__name__}: {line}): give it a forward() that takes "
-                            "a batch's inputs, or pass forward=lambda model, batch: model(...) "
-                            "(how a batch becomes a call of the model) to the session or the "
-                            "callback") from err
+        if self.forward is default_forward and not _has_forward(model):
+            raise TypeError(f"dormant: {type(model).__name__} has no forward(), so a probe batch "
+                            "cannot be fed to it: give it a forward() that takes a batch's "
+                            "inputs, or pass forward=lambda model, batch: model(...) to the "
+                            "session or the callback")
+        self.inputs = (capture_inputs(model, example, self.forward) if example is not None
+                       else probe_example(model, probe, self.forward) if probe is not None
+                       else None)
+        if self.inputs is None:
+            raise ValueError("dormant: give probe data (a validation loader) or an example batch")
+        self._found = False              # given sites first, again at every start
+        if self.watch:
+            self._find_sites()
         saved, self._saved = self._saved or {}, None
+        if saved.get("shard") is not None and saved["shard"] != _shard_of(model):
+            raise ValueError(f"dormant: the state holds the initial weights of shard "
+                             f"{saved['shard']} (rank, world size), this process is "
+                             f"{_shard_of(model)}: under FSDP2 save and load each rank's "
+                             "session state")
         if self.watch:
             self.monitor = self._new_monitor()
             if saved.get("monitor") is not None:    # its own step: the watch phase goes on
@@ -126,9 +130,14 @@ class Session:
         if self.method is not None:
             if saved.get("method") is not None:
                 self.method.load_state_dict(saved["method"])     # before prepare: masks
-            self.method.prepare(model, optimizer, probe=probe if method_probe is ... else
-                                method_probe, total_steps=total_steps, epochs=epochs,
-                                seed=seed, forward=self.forward, example=self.inputs)
+            try:
+                self.method.prepare(model, optimizer, probe=probe if method_probe is ... else
+                                    method_probe, total_steps=total_steps, epochs=epochs,
+                                    seed=seed, forward=self.forward, example=self.inputs)
+            except BaseException:
+                if self.monitor is not None:    # refused: no hook of ours stays behind
+                    self.monitor.close()
+                raise
 
     def after_backward(self) -> None:
         """After ``loss.backward()``, before the optimizer step."""
@@ -272,7 +281,7 @@ class Session:
         return {"method": self.method.state_dict() if self.method is not None else None,
                 "method_name": self.method.name if self.method is not None else None,
                 "monitor": self.monitor.state_dict() if self.monitor is not None else None,
-                "initial": self.initial}
+                "initial": self.initial, "shard": _shard_of(self.model)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` before `start` (which applies it)."""
@@ -298,14 +307,30 @@ def numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def _has_forward(model: nn.Module) -> bool:
+    """False for a module whose forward is PyTorch's or Lightning's placeholder."""
+    f = type(model).forward
+    return not (f is nn.Module.forward or getattr(f, "__qualname__", "") ==
+                "LightningModule.forward")
+
+
+def _shard_of(model: nn.Module | None) -> list | None:
+    """(rank, world size) when the model is sharded (FSDP2): its initial weights are this
+    rank's rows, so the state belongs to this rank."""
+    if model is None or not sharded_parameters(model):
+        return None
+    return [torch.distributed.get_rank(), torch.distributed.get_world_size()]
+
+
 def _check_arguments(every_steps, criterion, eps, plasticity_samples) -> None:
     """Refused when the session is made, not at the first epoch's end."""
     for name, value in (("every_steps", every_steps), ("plasticity_samples", plasticity_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise ValueError(f"dormant: {name} must be an integer >= 1, got {value!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"dormant: eps must be a finite number >= 0, got {eps!r}")
-    CRITERIA.get(criterion)          # unknown names list the valid ones
+    if isinstance(criterion, str):
+        CRITERIA.get(criterion)      # unknown names list the valid ones (or a function)
 
 
 def _check_host(method: Method | None, host: str | None) -> None:

@@ -48,17 +48,27 @@ def resharded(model: nn.Module) -> nn.Module:
 
 
 def sum_over_shards(parts: dict[bool, torch.Tensor], group=None) -> torch.Tensor:
-    """``parts[True]`` (sums over local rows of sharded tensors) summed over the ranks, plus
-    ``parts[False]`` (sums over tensors every rank holds whole)."""
+    """``parts[True]`` (sums over local rows of sharded tensors, on their device: an NCCL
+    group reduces CUDA tensors only) summed over the ranks, plus ``parts[False]`` (sums over
+    tensors every rank holds whole); a float64 scalar on the host."""
     sharded = parts.get(True)
     if sharded is not None and group is not None:
         dist.all_reduce(sharded, group=group)
-    return sum(parts.values(), torch.zeros((), dtype=torch.float64))
+    return sum((v.cpu() for v in parts.values()), torch.zeros((), dtype=torch.float64))
 
 
 def group_of(t: torch.Tensor):
-    """The process group a sharded tensor is spread over (None for a plain tensor)."""
-    return t.device_mesh.get_group() if is_sharded(t) else None
+    """The process group a sharded tensor is spread over (None for a plain tensor): FSDP2's
+    one-dimensional mesh with rows sharded; other layouts (HSDP, tensor parallelism) are
+    refused by name."""
+    if not is_sharded(t):
+        return None
+    from torch.distributed.tensor import Shard
+    mesh, placements = t.device_mesh, t.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(f"dormant: a parameter is laid out as {placements} on a {mesh.ndim}-D "
+                         "mesh; dormant reads FSDP2's row shards (Shard(0) on a 1-D mesh) only")
+    return mesh.get_group()
 
 
 def ready(model: nn.Module) -> nn.Module:

@@ -203,6 +203,8 @@ class Method:
             self.ensure_masks().load_state_dict(self._saved_masks)
             self.masks.apply()
             self._saved_masks = None
+        if self.masks is not None and self.optimizer is not None:
+            self.masks.attach(self.optimizer)   # prepared again (another fit): this optimizer
         self._prepare()
         return self
 
