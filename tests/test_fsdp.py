@@ -129,3 +129,53 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
             assert torch.equal(ranks[0][kind]["dead"][n], ranks[1][kind]["dead"][n])
     assert ranks[0]["mlp"]["metrics"]["dead_units"] == 4
     assert ranks[0]["mlp"]["metrics"]["distance_from_init"] > 0.1
+
+
+def _l2_run(model, x, y, steps=3):
+    """A few SGD steps with L2 Init, then its distance metric."""
+    import torch.nn.functional as F
+
+    from dormant.methods import build
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = build("l2-init", lam=0.5).prepare(model, opt, probe=x)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        method.after_backward()
+        opt.step()
+        method.after_step()
+    return method.end_epoch()["l2init/distance"]
+
+
+def _l2_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from dormant.sharding import resharded
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (world,))
+        model, x, inner = _model("mlp")
+        y = torch.arange(len(x)) % 3
+        for m in inner:
+            fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        distance = _l2_run(model, x[rank::world], y[rank::world])
+        full = {n: p.full_tensor() for n, p in resharded(model).named_parameters()}
+        torch.save({"params": full, "distance": distance}, os.path.join(out, f"l2{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_l2_init_under_fsdp2_ends_where_one_process_ends(tmp_path):
+    mp.spawn(_l2_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"l2{r}.pt", weights_only=False) for r in range(2)]
+    model, x, _ = _model("mlp")
+    y = torch.arange(len(x)) % 3
+    distance = _l2_run(model, x, y)
+    assert distance > 0.01
+    for r in ranks:
+        assert r["distance"] == pytest.approx(distance, rel=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r["params"][n], p.detach(), rtol=1e-5, atol=1e-6)

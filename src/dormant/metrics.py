@@ -22,7 +22,7 @@ import torch.nn as nn
 from .batching import Forward
 from .diagnose import probe
 from .monitor import ActivityMonitor
-from .sharding import group_of, is_sharded, local, resharded, sum_over_shards
+from .sharding import is_sharded, local, resharded, sum_rows
 from .sites import Site
 
 __all__ = ["singular_values", "effective_rank", "stable_rank", "approximate_rank",
@@ -84,26 +84,11 @@ def feature_norm(features: torch.Tensor) -> float:
     return float(a.norm(dim=1).mean())
 
 
-def _parts(values) -> tuple[dict[bool, torch.Tensor], object]:
-    """Float64 sums split into those over local rows of sharded parameters (True, kept on
-    their device for the all-reduce) and those over whole tensors (False, on the host), with
-    the shard group (FSDP2; `dormant.sharding`)."""
-    parts: dict[bool, torch.Tensor] = {}
-    group = None
-    for p, value in values:
-        key = is_sharded(p)
-        group = group_of(p) if key else group
-        value = value if key else value.cpu()
-        parts[key] = value if key not in parts else parts[key] + value.to(parts[key].device)
-    return parts, group
-
-
 def weight_magnitude(model: nn.Module) -> float:
     """Mean |w| over every parameter (under FSDP2: over every rank's rows)."""
     ps = [p.detach() for p in resharded(model).parameters()]
     n = sum(p.numel() for p in ps)
-    parts, group = _parts((p, local(p).double().abs().sum()) for p in ps)
-    return float(sum_over_shards(parts, group) / max(n, 1))
+    return float(sum_rows((p, local(p).double().abs().sum()) for p in ps) / max(n, 1))
 
 
 def initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,8 +112,7 @@ def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> floa
             diffs.append((p, (mine.double().cpu() - initial[name].double().cpu()).pow(2).sum()))
         elif is_sharded(p):     # every rank takes part in the shard group's sum
             diffs.append((p, torch.zeros((), dtype=torch.float64, device=mine.device)))
-    parts, group = _parts(diffs)
-    return float(sum_over_shards(parts, group).sqrt())
+    return float(sum_rows(diffs).sqrt())
 
 
 class FeatureRecorder:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["group_of", "is_sharded", "local", "ready", "resharded", "sharded_parameters",
-           "sum_over_shards"]
+           "sum_over_shards", "sum_rows"]
 
 
 def _dtensor() -> type | None:
@@ -45,6 +45,21 @@ def resharded(model: nn.Module) -> nn.Module:
         if callable(getattr(m, "_get_fsdp_state", None)) and callable(getattr(m, "reshard", None)):
             m.reshard()
     return model
+
+
+def sum_rows(values) -> torch.Tensor:
+    """The sum of ``(tensor, value)`` pairs, each value (a float64 scalar) computed on this
+    rank's rows of its tensor: those of sharded tensors summed over the shard group (on their
+    device: an NCCL group reduces CUDA tensors only), the others counted once. A float64
+    scalar on the host; every rank of the group must call it with the same tensors."""
+    parts: dict[bool, torch.Tensor] = {}
+    group = None
+    for t, value in values:
+        key = is_sharded(t)
+        group = group_of(t) if key else group
+        value = value if key else value.cpu()
+        parts[key] = value if key not in parts else parts[key] + value.to(parts[key].device)
+    return sum_over_shards(parts, group)
 
 
 def sum_over_shards(parts: dict[bool, torch.Tensor], group=None) -> torch.Tensor:

@@ -125,6 +125,7 @@ class Method:
     acts_on_fused_experts = False        # True: knows a fused 3-D expert's slices (Site.slab)
     changes_model = False                # True: removes units physically (parameters replaced)
     uses_sites = True                    # False: acts on every parameter (no site discovery)
+    acts_on_sharded = False              # True: its rule is elementwise on FSDP2 shards
 
     def __init__(self, **options: Any):
         parsed = options.pop("_parsed", None)       # options parsed already (`from_options`)
@@ -184,7 +185,8 @@ class Method:
                                  f"run's length), got {value!r}")
         self.check_budget(epochs=epochs, total_steps=total_steps)
         _check_optimizer(self.name, model, optimizer)
-        _check_not_sharded(self.name, model)
+        if not self.acts_on_sharded:
+            _check_not_sharded(self.name, model)
         self.model, self.optimizer = model, optimizer
         self.forward, self._probe = forward or default_forward, probe
         self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
@@ -470,9 +472,9 @@ def _check_not_sharded(name: str, model: nn.Module) -> None:
         raise ValueError(
             f"{name}: the model's parameters are sharded by FSDP2 (fully_shard: "
             f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}), and methods do "
-            "not edit sharded parameters yet. Under FSDP2 the monitor, dormant.diagnose and "
-            "the epoch-end metrics work (Session(None)); run the method without fully_shard "
-            "(DistributedDataParallel: torchrun -m dormant run ...)")
+            "not edit sharded parameters yet (l2-init does). Under FSDP2 the monitor, "
+            "dormant.diagnose and the epoch-end metrics work (Session(None)); run the method "
+            "without fully_shard (DistributedDataParallel: torchrun -m dormant run ...)")
 
 
 def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..options import option
+from ..sharding import local, resharded, sum_rows
 from ..sites import _unwrap
 from .base import METHODS, Method, MethodOptions, PeriodicOptions
 
@@ -84,6 +85,7 @@ class L2Init(Method):
 
     name = "l2-init"
     uses_sites = False
+    acts_on_sharded = True     # elementwise: each rank's rows of theta, theta_0 and the grad
 
     @dataclass
     class Options(MethodOptions):
@@ -95,8 +97,8 @@ class L2Init(Method):
 
     def _prepare(self) -> None:
         if self.initial is None:      # a resumed run keeps the weights it started from
-            self.initial = {n: p.detach().clone()
-                            for n, p in _unwrap(self.model).named_parameters()}
+            self.initial = {n: p.detach().clone()      # under FSDP2: this rank's shards
+                            for n, p in resharded(_unwrap(self.model)).named_parameters()}
 
     @torch.no_grad()
     def _after_backward(self) -> None:
@@ -108,9 +110,10 @@ class L2Init(Method):
         pass
 
     def _end_epoch(self, result, val_score, evaluate) -> None:
-        total = sum(float((p.detach() - self.initial[n].to(p.device)).double().pow(2).sum())
-                    for n, p in _unwrap(self.model).named_parameters())
-        result["l2init/distance"] = total ** 0.5
+        params = resharded(_unwrap(self.model)).named_parameters()
+        total = sum_rows((p, (local(p.detach()) - local(self.initial[n]).to(p.device))
+                          .double().pow(2).sum()) for n, p in params)
+        result["l2init/distance"] = float(total) ** 0.5
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "initial": self.initial}
