@@ -85,11 +85,16 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
                 refused = ""
             except ValueError as err:
                 refused = str(err)
+            try:
+                dormant.compact(model, x)
+                compact_refused = ""
+            except ValueError as err:
+                compact_refused = str(err)
             results[kind] = {
                 "active": {n: s.active for n, s in stats.items()},
                 "positions": {n: s.positions for n, s in stats.items()},
                 "dead": {n: d for n, d in mon.dead_units().items()},
-                "metrics": metrics, "refused": refused,
+                "metrics": metrics, "refused": refused, "compact": compact_refused,
                 "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters())}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -125,6 +130,7 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
             for k, v in metrics.items():
                 assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-9), (kind, k)
             assert "sharded by FSDP2" in got["refused"] and "Session(None)" in got["refused"]
+            assert "compact an unsharded copy" in got["compact"], kind
         for n in stats:
             assert torch.equal(ranks[0][kind]["dead"][n], ranks[1][kind]["dead"][n])
     assert ranks[0]["mlp"]["metrics"]["dead_units"] == 4

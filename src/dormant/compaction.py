@@ -32,6 +32,7 @@ from .batching import (
 from .diagnose import _model_device
 from .diagnose import probe as run_probe
 from .flops import macs, positions
+from .sharding import sharded_parameters
 from .sites import Site, _unwrap, find_sites
 from .surgery import architecture, remove_units, resize
 from .tables import Column, Table
@@ -121,6 +122,11 @@ def compact(model: nn.Module, probe: Any, *, forward: Forward | None = None,
     forward = forward or default_forward
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if sharded_parameters(model):
+        raise ValueError("compact: the model's parameters are sharded by FSDP2 (fully_shard); "
+                         "removing units would change every rank's shards: compact an "
+                         "unsharded copy (its full state dict loaded into the plain model), "
+                         "then shard that")
     example = probe_example(model, probe, forward)
     if example is None:
         raise ValueError("compact: the probe data is empty")
