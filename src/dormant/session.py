@@ -47,9 +47,9 @@ class Session:
     `every_steps`-th step (dynamic DNR, gradient norm) and measure the model on the probe
     data at each epoch's end (False: drive the method only); criterion/eps: the definition
     of dead; plasticity: also the plasticity metrics (`dormant.metrics`) on the first
-    `plasticity_samples` probe samples; sites:
-    the sites to watch (default: every site `find_sites` finds); forward: how a batch is
-    fed to the model, ``forward(model, batch)``; host: the name of the framework that owns
+    `plasticity_samples` probe samples; sites: the sites to watch (default: every site
+    `find_sites` finds; found again after a removal); forward: how a batch is fed to the
+    model, ``forward(model, batch)``; host: the name of the framework that owns
     the parameters, for messages (a method that removes units is then refused, and so is one
     that keeps the best epoch). A method's options go with it: ``Session(build("redo",
     tau=0.1))``.
@@ -57,8 +57,7 @@ class Session:
 
     def __init__(self, method: Method | str | None = None, *, monitor: bool = True,
                  every_steps: int | None = None, criterion: str = "never_active",
-                 eps: float = 0.0,
-                 plasticity: bool = True, plasticity_samples: int = 1024,
+                 eps: float = 0.0, plasticity: bool = True, plasticity_samples: int = 1024,
                  sites: list[Site] | None = None, forward: Forward | None = None,
                  host: str | None = None, every: int | None = None):
         every_steps = _every_steps("Session", every, every_steps, 10)
