@@ -30,7 +30,7 @@ __all__ = ["diagnose", "diagnosis", "Diagnosis", "ExpertRow", "expert_rows", "pr
 def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: float = 0.0,
           batch_size: int = 512, max_batches: int | None = None, max_samples: int | None = None,
           device: torch.device | str | None = None, forward: Forward | None = None,
-          listeners: Sequence[Listener] = (), cut_at: int | None = None) -> ActivityMonitor:
+          listeners: Sequence[Listener] = ()) -> ActivityMonitor:
     """Run probe `data` through `model` in eval mode under no_grad with an exact monitor; the
     model's train/eval flags are restored afterwards. Returns the (detached) monitor.
 
@@ -39,9 +39,9 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     ``model(**batch)`` for a mapping, ``model(batch[0])`` for a tuple). `listeners`: more tap
     listeners (`dormant.taps`) that see the same outputs in the same pass (the plasticity
     features, `dormant.metrics.FeatureRecorder`); one with a ``batch(n)`` method is told each
-    batch's number of samples before its forward. `cut_at`: the batch that holds the
-    `cut_at`-th sample is run as two forwards, split there (the counts are the same), so that
-    a listener can take exactly the first `cut_at` samples.
+    batch's number of samples before its forward, and one with a ``max_samples`` budget
+    gets the batch that straddles it as two forwards, split there (the counts are the same),
+    so that it can take exactly the first ``max_samples`` samples.
     """
     model = _unwrap(model)
     forward = forward or default_forward
@@ -62,6 +62,8 @@ def probe(model: nn.Module, data, *, sites: Sequence[Site] | None = None, eps: f
     for listener in listeners:
         mon.taps.listen(listener)
     told = [listener.batch for listener in listeners if hasattr(listener, "batch")]
+    cut_at = min((b for b in (getattr(lis, "max_samples", None) for lis in listeners)
+                  if b is not None), default=None)
     seen = 0
     # the fused encoder path would skip the hooks: off for the probe
     with eval_mode(model), mon, torch.no_grad(), no_fastpath():

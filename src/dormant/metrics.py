@@ -105,11 +105,10 @@ def distance_from(model: nn.Module, initial: Mapping[str, torch.Tensor]) -> floa
     diffs = []
     for name, p in resharded(model).named_parameters():
         mine = local(p.detach())
-        if name in initial and initial[name].shape == mine.shape and is_sharded(p):
-            start = initial[name].to(mine.device, torch.float64)      # reduced on the device
-            diffs.append((p, (mine.double() - start).pow(2).sum()))
-        elif name in initial and initial[name].shape == mine.shape:
-            diffs.append((p, (mine.double().cpu() - initial[name].double().cpu()).pow(2).sum()))
+        start = initial.get(name)
+        if start is not None and start.shape == mine.shape:
+            diffs.append((p, (mine.double() - start.to(mine.device, torch.float64))
+                          .pow(2).sum()))
         elif is_sharded(p):     # every rank takes part in the shard group's sum
             diffs.append((p, torch.zeros((), dtype=torch.float64, device=mine.device)))
     return float(sum_rows(diffs).sqrt())
@@ -121,8 +120,8 @@ class FeatureRecorder:
     `max_samples` samples of a pass (all without it), and hands the same outputs on to
     `also` (e.g. an `ActivityMonitor.observe` that counts exactly those samples).
 
-    The pass calls `batch(n)` before each forward of an ``n``-sample batch, and splits the
-    batch that straddles `max_samples` (`probe(..., cut_at=max_samples)`): a batch's outputs
+    The pass (`dormant.diagnose.probe`) calls `batch(n)` before each forward of an
+    ``n``-sample batch and splits the batch that straddles `max_samples`: a batch's outputs
     are taken whole (a routed expert's too) while fewer than `max_samples` samples were
     taken."""
 
@@ -175,13 +174,13 @@ def plasticity_from(model: nn.Module, features: Mapping[str, torch.Tensor],
     the same samples."""
     out: dict[str, float] = {}
     dormant = {tau: mon.dead_fraction("dormant", per_site=True, tau=tau) for tau in taus}
-    alive = mon.dead_fraction(per_site=True)
+    dead = mon.dead_fraction(per_site=True)
     for name, a in features.items():
         out[f"erank/{name}"] = effective_rank(a)
         out[f"stable_rank/{name}"] = stable_rank(a)
         out[f"approx_rank/{name}"] = approximate_rank(a)
         out[f"approx_rank_sq/{name}"] = approximate_rank(a, squared=True)
-        out[f"fau/{name}"] = 1.0 - alive[name]
+        out[f"fau/{name}"] = 1.0 - dead[name]
         out[f"feature_norm/{name}"] = feature_norm(a)
         for tau in taus:
             out[f"dormant_{tau:g}/{name}"] = dormant[tau][name]

@@ -49,12 +49,15 @@ HISTORIES = "runs.jsonl.gz"
 
 
 @dataclass(frozen=True)
-class RunFiles:
-    """The files of one run directory."""
+class _Folder:
     dir: Path
 
     def __post_init__(self):
         object.__setattr__(self, "dir", Path(self.dir))
+
+
+class RunFiles(_Folder):
+    """The files of one run directory."""
 
     config = property(lambda self: self.dir / "config.json")
     metrics = property(lambda self: self.dir / "metrics.jsonl")
@@ -65,13 +68,8 @@ class RunFiles:
     lock = property(lambda self: self.dir / ".lock")
 
 
-@dataclass(frozen=True)
-class CompareFiles:
+class CompareFiles(_Folder):
     """The files a `dormant compare` writes into its output folder."""
-    dir: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "dir", Path(self.dir))
 
     compare = property(lambda self: self.dir / "compare.json")
     markdown = property(lambda self: self.dir / "compare.md")

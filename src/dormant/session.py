@@ -238,8 +238,7 @@ class Session:
             listeners.append(features)
         with torch.random.fork_rng(devices=[]):    # a DataLoader draws its seed from it
             self.last = probe(self.model, self.probe, sites=self.sites, eps=self.eps,
-                              forward=self.forward, listeners=listeners,
-                              cut_at=self.plasticity_samples if self.plasticity else None)
+                              forward=self.forward, listeners=listeners)
         report = diagnosis(self.last, self.criterion)
         out.update(report.metrics())
         out["sparsity"] = sum(r.sparsity for r in report.rows) / len(report.rows)
@@ -285,8 +284,9 @@ class Session:
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` before `start` (which applies it)."""
         if not isinstance(state, dict) or not {"method", "monitor"} <= set(state):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError("dormant: not a Session state (expected the keys 'method' and "
-                             f"'monitor', got {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+                             f"'monitor', got {got})")
         if (state["method"] is None) != (self.method is None):
             raise ValueError("dormant: the checkpoint was saved "
                              f"{'without' if state['method'] is None else 'with'} a method and "
@@ -300,10 +300,10 @@ class Session:
         self._saved = state
 
 
-def numbers(metrics: dict) -> dict[str, float]:
-    """The metrics a framework's logger takes: numbers (and flags, as 0/1) only; tables such
-    as a removal's new widths are left out."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+def numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The metrics a framework's logger takes, keys prefixed: numbers (and flags, as 0/1)
+    only; tables such as a removal's new widths are left out."""
+    return {prefix + k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _has_forward(model: nn.Module) -> bool:

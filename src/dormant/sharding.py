@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["group_of", "is_sharded", "local", "ready", "resharded", "sharded_parameters",
-           "sum_over_shards", "sum_rows"]
+           "sum_rows"]
 
 
 def _dtensor() -> type | None:
@@ -52,24 +52,18 @@ def sum_rows(values) -> torch.Tensor:
     rank's rows of its tensor: those of sharded tensors summed over the shard group (on their
     device: an NCCL group reduces CUDA tensors only), the others counted once. A float64
     scalar on the host; every rank of the group must call it with the same tensors."""
-    parts: dict[bool, torch.Tensor] = {}
-    group = None
+    whole = torch.zeros((), dtype=torch.float64)
+    rows, group = None, None
     for t, value in values:
-        key = is_sharded(t)
-        group = group_of(t) if key else group
-        value = value if key else value.cpu()
-        parts[key] = value if key not in parts else parts[key] + value.to(parts[key].device)
-    return sum_over_shards(parts, group)
-
-
-def sum_over_shards(parts: dict[bool, torch.Tensor], group=None) -> torch.Tensor:
-    """``parts[True]`` (sums over local rows of sharded tensors, on their device: an NCCL
-    group reduces CUDA tensors only) summed over the ranks, plus ``parts[False]`` (sums over
-    tensors every rank holds whole); a float64 scalar on the host."""
-    sharded = parts.get(True)
-    if sharded is not None and group is not None:
-        dist.all_reduce(sharded, group=group)
-    return sum((v.cpu() for v in parts.values()), torch.zeros((), dtype=torch.float64))
+        if is_sharded(t):
+            group = group_of(t)
+            rows = value if rows is None else rows + value.to(rows.device)
+        else:
+            whole = whole + value.cpu()
+    if rows is not None:
+        dist.all_reduce(rows, group=group)
+        whole = whole + rows.cpu()
+    return whole
 
 
 def group_of(t: torch.Tensor):

@@ -7,7 +7,8 @@ At each epoch's end it logs the metrics of a `dormant.session.Session` -- the sa
 `dormant run` and the Lightning callback: the dynamic DNR and gradient norm of the watched
 steps; from one exact pass over the probe data the dead fraction, activation sparsity and
 plasticity metrics per site; the distance from the initial weights; the test data's sparsity
-after the last epoch when ``test=`` is given; and the method's metrics -- through the Trainer (``state.log_history`` and every logging integration). A method
+after the last epoch when ``test=`` is given; and the method's metrics -- through the Trainer
+(``state.log_history`` and every logging integration). A method
 is driven through the Method API: prepared at ``on_train_begin`` with the Trainer's model,
 optimizer and ``max_steps``, its gradient work before each optimizer step, its decisions after
 it. Batches are dicts: the default forward call is ``model(**batch)`` (labels included, which
@@ -41,7 +42,8 @@ class DormantTrainerCallback(TrainerCallback):
     probe: data for the measurement and the method's decisions (default: the Trainer's
     training dataloader, the only one it hands callbacks at train start; pass a validation
     loader to decide on validation data); test: data whose activation sparsity is measured
-    after the last epoch; plasticity: the plasticity metrics too; forward: ``forward(model, batch)`` (default ``model(**batch)``);
+    after the last epoch; plasticity: the plasticity metrics too; forward:
+    ``forward(model, batch)`` (default ``model(**batch)``);
     resume_from: the checkpoint folder a resumed ``train()`` starts from, when it is not
     ``<output_dir>/checkpoint-<step>`` (where the Trainer writes them).
     """
@@ -83,8 +85,7 @@ class DormantTrainerCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         final = state.max_steps > 0 and state.global_step >= state.max_steps
-        metrics = {f"dormant/{k}": v for k, v in
-                   numbers(self.session.end_epoch(final=final)).items()}
+        metrics = numbers(self.session.end_epoch(final=final), "dormant/")
         self.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
         state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
         self._pending = metrics

@@ -80,8 +80,7 @@ class DormantCallback(pl.Callback):
             self.session.after_step()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        metrics = {f"dormant/{k}": v for k, v in
-                   numbers(self.session.end_epoch(final=_last_epoch(trainer))).items()}
+        metrics = numbers(self.session.end_epoch(final=_last_epoch(trainer)), "dormant/")
         self.history.append({"epoch": trainer.current_epoch, **metrics})
         pl_module.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=False)
 

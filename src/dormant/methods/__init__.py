@@ -31,7 +31,8 @@ from .synaptic_stripping import SynapticStripping
 __all__ = ["AP", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning",
            "L2Init", "METHODS", "Method", "MethodOptions", "NNrelief", "OptionError", "ReDo",
            "ShrinkPerturb", "StructuredPruning", "SynapticStripping", "build",
-           "describe_options", "from_options", "method_options", "parse_options", "prunable_weights", "weight_sparsity"]
+           "describe_options", "from_options", "method_options", "parse_options",
+           "prunable_weights", "weight_sparsity"]
 
 
 def _class(name: str) -> type[Method] | None:
