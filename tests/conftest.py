@@ -11,3 +11,29 @@ def no_fx_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dormant: torch.fx could not trace")
         yield
+
+
+@pytest.fixture
+def interrupt_at_epoch():
+    """``with interrupt_at_epoch("redo", 2):`` -- the registered method raises
+    KeyboardInterrupt at the end of that epoch (after acting, before the epoch's checkpoint),
+    as a killed run would stop; the registry is restored after the block."""
+    import contextlib
+
+    from dormant.methods import METHODS
+
+    @contextlib.contextmanager
+    def interrupt(name: str, epoch: int = 2):
+        original = METHODS.get(name)
+
+        class Interrupted(original):
+            def end_epoch(self, *args, **kwargs):
+                out = super().end_epoch(*args, **kwargs)
+                if self.epoch == epoch:
+                    raise KeyboardInterrupt
+                return out
+
+        with METHODS.scoped():
+            METHODS._items[name] = Interrupted
+            yield
+    return interrupt

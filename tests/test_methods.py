@@ -38,30 +38,15 @@ def test_finalize_leaves_a_plain_model(name):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
-def _interrupting(cls):
-    class Interrupted(cls):
-        def end_epoch(self, *args, **kwargs):
-            out = super().end_epoch(*args, **kwargs)
-            if self.epoch == 2:      # after the method acted, before the epoch's checkpoint
-                raise KeyboardInterrupt
-            return out
-    return Interrupted
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_resume_gives_the_same_run(name, tmp_path):
+def test_resume_gives_the_same_run(name, tmp_path, interrupt_at_epoch):
     cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},
                            epochs=3, batch_size=64, lr=0.2, method=name,
                            method_args=METHOD_ARGS.get(name, {}))
     straight = run_experiment(cfg, tmp_path / "a", **QUIET)
-    original = METHODS._items[name]
-    METHODS._items[name] = _interrupting(original)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(cfg, tmp_path / "b", **QUIET)
-    finally:
-        METHODS._items[name] = original
+    with interrupt_at_epoch(name, 2), pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "b", **QUIET)
     resumed = run_experiment(cfg, tmp_path / "b", **QUIET)
     for key, value in straight["final"].items():
         if key != "train_time":

@@ -229,13 +229,13 @@ def test_a_session_without_a_monitor_drives_the_method_only():
     copy.deepcopy(model)       # a plain model again
 
 
-def test_a_run_resumes_with_tensorboard_added_and_from_an_old_positional_checkpoint(tmp_path):
+def test_a_run_resumes_with_tensorboard_added_and_from_an_old_positional_checkpoint(
+        tmp_path, interrupt_at_epoch):
     """Callback states are keyed by class (TensorBoard on rank 0 only, or added on resume,
     shifts nothing); a checkpoint of the older layout (monitor and method as two positional
     states) still resumes."""
     pytest.importorskip("tensorboard")
     from dormant.experiments import ExperimentConfig, run_experiment
-    from dormant.methods import METHODS
     from dormant.train.callbacks import (
         CheckpointCallback,
         JsonlLogger,
@@ -248,19 +248,8 @@ def test_a_run_resumes_with_tensorboard_added_and_from_an_old_positional_checkpo
     cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},
                            epochs=3, batch_size=64, lr=0.2, method="synaptic-stripping")
     straight = run_experiment(cfg, tmp_path / "a", **quiet)
-    original = METHODS.get("synaptic-stripping")
-
-    class Interrupted(original):
-        def end_epoch(self, *args, **kwargs):
-            out = super().end_epoch(*args, **kwargs)
-            if self.epoch == 2:
-                raise KeyboardInterrupt
-            return out
-
-    with METHODS.scoped():
-        METHODS._items["synaptic-stripping"] = Interrupted
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(cfg, tmp_path / "b", **quiet)
+    with interrupt_at_epoch("synaptic-stripping", 2), pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "b", **quiet)
     resumed = run_experiment(cfg, tmp_path / "b", tensorboard=tmp_path / "tb", **quiet)
     for key, value in straight["final"].items():
         if key != "train_time":

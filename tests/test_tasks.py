@@ -38,26 +38,13 @@ CONTINUAL = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"widt
                              tasks={"kind": "permuted", "epochs_per_task": 1, "samples": 256})
 
 
-def test_a_continual_run_logs_its_task_and_resumes_exactly(tmp_path):
-    from dormant.methods import METHODS
+def test_a_continual_run_logs_its_task_and_resumes_exactly(tmp_path, interrupt_at_epoch):
     straight = run_experiment(CONTINUAL, tmp_path / "a", **QUIET)
     rows = [json.loads(line) for line in
             (tmp_path / "a" / CONTINUAL.label() / "metrics.jsonl").read_text().splitlines()]
     assert [r["task"] for r in rows] == [0, 1, 2, 3]
-    original = METHODS._items["synaptic-stripping"]
-
-    class Interrupted(original):
-        def end_epoch(self, *a, **k):
-            out = super().end_epoch(*a, **k)
-            if self.epoch == 2:
-                raise KeyboardInterrupt
-            return out
-    METHODS._items["synaptic-stripping"] = Interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(CONTINUAL, tmp_path / "b", **QUIET)
-    finally:
-        METHODS._items["synaptic-stripping"] = original
+    with interrupt_at_epoch("synaptic-stripping", 2), pytest.raises(KeyboardInterrupt):
+        run_experiment(CONTINUAL, tmp_path / "b", **QUIET)
     resumed = run_experiment(CONTINUAL, tmp_path / "b", **QUIET)
     for key in ("test_acc", "train_loss", "dead_units", "ss/stripped_total", "task"):
         assert resumed["final"][key] == pytest.approx(straight["final"][key]), key
