@@ -66,6 +66,8 @@ def _registries() -> dict:
             "criterion": CRITERIA}
 
 
+_MEANING = {"monitor_every": "watch every N-th training step (dynamic DNR, gradient norm; the "
+                             "epoch-end probe pass is always exact); "}
 _CHOICES = {"precision": PRECISIONS, "memory_format": MEMORY_FORMATS,   # fixed value sets
             "compile": COMPILE_MODES}
 
@@ -85,7 +87,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             names = regs[f.name].names() if f.name in regs else _CHOICES.get(f.name, ())
             choices = f"; one of: {', '.join(names)}" if names else ""
             g.add_argument(flag, type=typ, default=None,
-                           help=f"default: {getattr(defaults, f.name)}{choices}")
+                           help=f"{_MEANING.get(f.name, '')}default: "
+                                f"{getattr(defaults, f.name)}{choices}")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
