@@ -1,8 +1,8 @@
 """FSDP2 (`fully_shard`), 2 gloo processes on CPU: the monitor's counts over each rank's
 share of the probe data equal one process's counts over all of it, exactly, on an MLP, an
 OPT-style and a gated (Llama-style) transformer built from config; the epoch-end measurement
-of a Session is the same on every rank and equals one process's; methods refuse sharded
-parameters with a clear message."""
+of a Session is the same on every rank and equals one process's; every method that acts on
+shards ends where one process ends; those that remove units refuse with a clear message."""
 import os
 
 import pytest
@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             metrics = session.end_epoch()
             session.close()
             try:
-                build("synaptic-stripping").prepare(model, None, probe=x)
+                build("demp").prepare(model, None, probe=x, total_steps=10)
                 refused = ""
             except ValueError as err:
                 refused = str(err)
@@ -129,7 +129,8 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
             assert got["metrics"].keys() == metrics.keys(), kind
             for k, v in metrics.items():
                 assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-9), (kind, k)
-            assert "sharded by FSDP2" in got["refused"] and "Session(None)" in got["refused"]
+            assert "sharded by FSDP2" in got["refused"] and "removes units" in got["refused"]
+            assert "synaptic-stripping" in got["refused"] and "Session(None)" in got["refused"]
             assert "compact an unsharded copy" in got["compact"], kind
         for n in stats:
             assert torch.equal(ranks[0][kind]["dead"][n], ranks[1][kind]["dead"][n])
@@ -137,23 +138,76 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
     assert ranks[0]["mlp"]["metrics"]["distance_from_init"] > 0.1
 
 
-def _l2_run(model, x, y, steps=3):
-    """A few SGD steps with L2 Init, then its distance metric."""
+# Every method that acts on FSDP2 shards, with options that make it act in a few steps.
+METHODS = {
+    "redo": {"every_steps": 2},
+    "synaptic-stripping": {"every_steps": 2},
+    "continual-backprop": {"replacement_rate": 0.3, "maturity_threshold": 1},
+    "shrink-perturb": {"every_steps": 2},
+    "l2-init": {"lam": 0.5},
+    "imp": {"rounds": 1, "epochs_per_round": 1, "rate": 0.2},
+    "ap": {"rounds": 1, "epochs_per_round": 1, "rate": 0.2, "p_ap": 0.05},
+    "nnrelief": {"rounds": 1, "epochs_per_round": 1, "keep_best": False},
+}
+ACTED = {"redo": "redo/recycled_total", "synaptic-stripping": "ss/stripped_total",
+         "continual-backprop": "cbp/replaced_total", "shrink-perturb": "sp/applied",
+         "l2-init": "l2init/distance", "imp": "pruned", "ap": "pruned", "nnrelief": "pruned"}
+
+
+def _planted(kind: str):
+    """The model of `kind` with four dead units per site (a -1e4 bias), its inputs and
+    targets, and the modules to shard."""
+    if kind != "llama":
+        model, x, inner = _model(kind)
+    else:
+        tf = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             hidden_act="relu", max_position_embeddings=64, mlp_bias=True)
+        model = tf.LlamaForCausalLM(cfg).eval()
+        x = torch.randint(0, 64, (12, 10), generator=torch.Generator().manual_seed(1))
+        inner = list(model.model.layers)
+    with torch.no_grad():
+        for m in model.modules():
+            for attr in ("fc1", "gate_proj"):
+                if isinstance(getattr(m, attr, None), nn.Linear):
+                    getattr(m, attr).bias[:4] = -1e4
+    return model, x, (torch.arange(len(x)) % 3 if kind == "mlp" else x), inner
+
+
+def _loss(kind, model, x, y):
     import torch.nn.functional as F
+    return F.cross_entropy(model(x), y) if kind == "mlp" else model(input_ids=x, labels=y).loss
+
+
+def _train(kind: str, name: str, model, x, y, probe, rank=0, world=1) -> list[dict]:
+    """Two epochs of three SGD steps (each rank on its share of the batch) with method
+    `name` observing `probe`; the metrics of each epoch."""
+    import warnings
 
     from dormant.methods import build
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    method = build("l2-init", lam=0.5).prepare(model, opt, probe=x)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        method.after_backward()
-        opt.step()
-        method.after_step()
-    return method.end_epoch()["l2init/distance"]
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build(name, **METHODS[name]).prepare(model, opt, probe=probe, epochs=2)
+        xs, ys = x[rank::world], y[rank::world]
+        epochs = []
+        for _ in range(2):
+            for _ in range(3):
+                opt.zero_grad()
+                _loss(kind, model, xs, ys).backward()
+                method.after_backward()
+                opt.step()
+                method.after_step()
+            result = method.end_epoch()
+            epochs.append({k: v for k, v in dict(result).items() if not isinstance(v, dict)})
+        method.finalize()
+    return epochs
 
 
-def _l2_worker(rank: int, world: int, init: str, out: str) -> None:
+def _methods_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -162,26 +216,37 @@ def _l2_worker(rank: int, world: int, init: str, out: str) -> None:
         from dormant.sharding import resharded
         torch.set_num_threads(1)
         mesh = init_device_mesh("cpu", (world,))
-        model, x, inner = _model("mlp")
-        y = torch.arange(len(x)) % 3
-        for m in inner:
-            fully_shard(m, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        distance = _l2_run(model, x[rank::world], y[rank::world])
-        full = {n: p.full_tensor() for n, p in resharded(model).named_parameters()}
-        torch.save({"params": full, "distance": distance}, os.path.join(out, f"l2{rank}.pt"))
+        results = {}
+        for kind in KINDS:
+            for name in METHODS:
+                model, x, y, inner = _planted(kind)
+                for m in inner:
+                    fully_shard(m, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                metrics = _train(kind, name, model, x, y, x, rank, world)
+                full = {n: p.full_tensor() for n, p in resharded(model).named_parameters()}
+                results[kind, name] = {"params": full, "metrics": metrics}
+        torch.save(results, os.path.join(out, f"methods{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_l2_init_under_fsdp2_ends_where_one_process_ends(tmp_path):
-    mp.spawn(_l2_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"l2{r}.pt", weights_only=False) for r in range(2)]
-    model, x, _ = _model("mlp")
-    y = torch.arange(len(x)) % 3
-    distance = _l2_run(model, x, y)
-    assert distance > 0.01
-    for r in ranks:
-        assert r["distance"] == pytest.approx(distance, rel=1e-5)
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(r["params"][n], p.detach(), rtol=1e-5, atol=1e-6)
+def test_every_method_under_fsdp2_ends_where_one_process_ends(tmp_path):
+    """Synaptic Stripping, ReDo, Continual Backprop, Shrink & Perturb, L2 Init, IMP, AP and
+    NNrelief on sharded MLP, OPT and Llama models (gathered after training) equal one
+    process's run within 1e-5, with the same decisions on both ranks and in one process."""
+    mp.spawn(_methods_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"methods{r}.pt", weights_only=False) for r in range(2)]
+    for kind in KINDS:
+        for name in METHODS:
+            model, x, y, _ = _planted(kind)
+            metrics = _train(kind, name, model, x, y, x)
+            acted = max(e.get(ACTED[name], 0) for e in metrics)
+            assert acted > 0, (kind, name, metrics)          # the method did something
+            for r in ranks:
+                got = r[kind, name]
+                for mine, one in zip(got["metrics"], metrics, strict=True):
+                    assert mine == pytest.approx(one, rel=1e-5), (kind, name)
+                for n, p in model.named_parameters():
+                    torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-5,
+                                               atol=1e-6, msg=lambda m: f"{kind} {name} {n}: {m}")

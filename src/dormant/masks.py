@@ -8,6 +8,9 @@ and ``torch.load(weights_only=True)`` work on both, and `Masks.state_dict()` rou
 gradients before it (so momentum/Adam moments of pruned weights stay zero); `detach()`
 removes those hooks. Interop: `to_torch_prune` / `from_torch_prune` convert to and from
 ``torch.nn.utils.prune``'s ``weight_orig`` / ``weight_mask`` reparametrisation.
+
+Under FSDP2 the masks stay whole (shaped like the full parameter, the same on every rank);
+each rank applies its own rows of them to its shard of the parameter and of its gradient.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
+
+from .sharding import full, is_fsdp, is_sharded, local, resharded, rows
 
 __all__ = ["Masks"]
 
@@ -28,6 +33,7 @@ class Masks:
         self._params = dict(model.named_parameters())
         self.masks: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._fsdp = is_fsdp(model)     # parameters looked up by name: FSDP2 swaps them
         for name, m in (masks or {}).items():
             self.update(name, m)
 
@@ -39,12 +45,12 @@ class Masks:
     def _param(self, name: str) -> torch.Tensor:
         if name not in self._params:
             raise KeyError(f"no parameter {name!r}; parameters: {sorted(self._params)}")
-        return self._params[name]
+        return self.model.get_parameter(name) if self._fsdp else self._params[name]
 
     def update(self, name: str, mask: torch.Tensor) -> None:
         """Compose `mask` into the mask of `name` (logical AND: pruned stays pruned)."""
         p = self._param(name)
-        mask = mask.to(device=p.device, dtype=torch.bool)
+        mask = full(mask).to(device=p.device, dtype=torch.bool)
         if mask.shape != p.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, "
                              f"parameter has {tuple(p.shape)}")
@@ -54,15 +60,18 @@ class Masks:
     @torch.no_grad()
     def apply(self) -> None:
         """Zero every masked weight in place."""
+        if self._fsdp:
+            resharded(self.model)    # the root's parameters stay whole after a forward
         for name, m in self.masks.items():
-            self._params[name].mul_(m)
+            p = self._param(name)
+            local(p).mul_(rows(p, m))
 
     @torch.no_grad()
     def mask_grads(self) -> None:
         for name, m in self.masks.items():
-            g = self._params[name].grad
-            if g is not None:
-                g.mul_(m)
+            p = self._param(name)
+            if p.grad is not None:
+                local(p.grad).mul_(rows(p, m) if is_sharded(p.grad) else m)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Masks":
         """Mask gradients before and re-apply masks after every `optimizer.step()`."""

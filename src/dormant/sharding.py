@@ -1,17 +1,28 @@
 """Parameters sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`): each rank holds a
-`DTensor` whose local part is a block of whole rows (dim 0). What reads parameters outside
-a forward (the plasticity metrics, the distance from the initial weights) reads each rank's
-local rows and sums over the shard group; nothing here imports `torch.distributed.tensor`
-unless a process group is up.
+`DTensor` whose local part is a block of whole rows (dim 0, `torch.chunk`'s split).
+
+What reads parameters outside a forward (the plasticity metrics, the distance from the
+initial weights) reads each rank's local rows and sums over the shard group (`sum_rows`).
+Elementwise rules (Shrink & Perturb, L2 Init, masks) act on each rank's rows of the full
+tensors they combine (`rows`). Rules that read or rewrite whole units or whole layers
+(ReDo, Synaptic Stripping, Continual Backprop, the pruners' decisions) run inside
+`gathered`: the tensors they touch are full plain parameters there, with their optimizer
+state, every rank computes on the same full tensors with the same random draws as one
+process, and each rank keeps its own rows of the result. Nothing here imports
+`torch.distributed.tensor` unless a process group is up.
 """
 from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["group_of", "is_sharded", "local", "ready", "resharded", "sharded_parameters",
-           "sum_rows"]
+__all__ = ["full", "gathered", "group_of", "is_fsdp", "is_sharded", "local", "plain_copy",
+           "ready", "resharded", "row_range", "rows", "sharded_parameters", "sum_rows"]
 
 
 def _dtensor() -> type | None:
@@ -30,6 +41,43 @@ def is_sharded(t: torch.Tensor) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (its rows), the tensor itself otherwise."""
     return t.to_local() if is_sharded(t) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor on every rank (a collective: every rank of its group
+    calls it), the tensor itself otherwise."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def row_range(t: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, stop) of the whole tensor that this rank holds of a sharded `t`
+    (`torch.chunk`'s split, which FSDP2 uses); all rows for a plain tensor."""
+    n = t.shape[0] if t.ndim else 1
+    if not is_sharded(t):
+        return 0, n
+    group = group_of(t)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = -(-n // world)
+    start = min(rank * chunk, n)
+    stop = min(start + chunk, n)
+    if stop - start != t.to_local().shape[0]:
+        raise ValueError(f"dormant: a sharded tensor of {n} rows holds {t.to_local().shape[0]} "
+                         f"on rank {rank} of {world}, not torch.chunk's {stop - start}")
+    return start, stop
+
+
+def rows(t: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of `whole`, a tensor shaped like the whole of `t` (a view; `whole`
+    itself when `t` is not sharded)."""
+    if not is_sharded(t):
+        return whole
+    start, stop = row_range(t)
+    return whole[start:stop]
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True when `fully_shard` wrapped `model` or one of its submodules."""
+    return any(callable(getattr(m, "_get_fsdp_state", None)) for m in model.modules())
 
 
 def sharded_parameters(model: nn.Module) -> list[str]:
@@ -88,3 +136,89 @@ def ready(model: nn.Module) -> nn.Module:
     if callable(state):
         state()._lazy_init()
     return model
+
+
+def _owners(model: nn.Module, names: Iterable[str] | None):
+    """(module, attribute, parameter) of every sharded parameter of `model` (of `names` only,
+    when given), each owner of a tied parameter listed."""
+    wanted = None if names is None else set(names)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for m in model.modules():
+        for attr, p in m._parameters.items():
+            if p is not None and is_sharded(p) and (wanted is None or by_id.get(id(p)) in wanted):
+                yield m, attr, p
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             names: Iterable[str] | None = None) -> Iterator[nn.Module]:
+    """Inside the block, the sharded parameters of `model` (those named in `names`, or all)
+    are full plain parameters on every rank, their optimizer state (SGD momentum, Adam's
+    moments) full tensors keyed by them; whatever the block edits in place, each rank then
+    keeps its own rows of (parameters and state alike). A plain model is left as it is. The
+    block must not run the model (FSDP2 would put its own tensors back); an exception inside
+    it leaves the shards as they were. Memory: the gathered tensors, on every rank."""
+    if not is_fsdp(model):
+        yield model
+        return
+    resharded(model)
+    swapped: dict[int, tuple[torch.Tensor, nn.Parameter, int]] = {}
+    places = []
+    for m, attr, p in list(_owners(model, names)):
+        if id(p) not in swapped:
+            whole = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+            swapped[id(p)] = (p, whole, whole._version)
+            state = optimizer.state.get(p) if optimizer is not None else None
+            if state:
+                optimizer.state[whole] = {k: full(v) for k, v in state.items()}
+        places.append((m, attr, p))
+        m._parameters[attr] = swapped[id(p)][1]
+    ok = False
+    try:
+        yield model
+        ok = True
+    finally:
+        for m, attr, p in places:
+            m._parameters[attr] = p
+        for p, whole, version in swapped.values():
+            state = optimizer.state.pop(whole, None) if optimizer is not None else None
+            if not ok:
+                continue
+            with torch.no_grad():
+                if whole._version != version:
+                    local(p).copy_(rows(p, whole.detach()))
+                for k, v in (state or {}).items():
+                    mine = optimizer.state.get(p, {}).get(k)
+                    if is_sharded(mine) and torch.is_tensor(v) and v.shape == p.shape:
+                        local(mine).copy_(rows(p, v))
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` (FSDP2 refuses ``copy.deepcopy``): the module classes as
+    they were before `fully_shard`, every parameter and buffer a full plain tensor; for
+    re-initialising a layer the way one process would (``reset_parameters`` on the copy)."""
+    if not is_fsdp(module):
+        return copy.deepcopy(module)
+    from torch.distributed.fsdp import FSDPModule
+    memo: dict[int, torch.Tensor] = {}        # a tied parameter stays tied in the copy
+
+    def whole(t: torch.Tensor | None, param: bool) -> torch.Tensor | None:
+        if t is not None and id(t) not in memo:
+            c = full(t.detach()).clone()
+            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if param else c
+        return None if t is None else memo[id(t)]
+
+    def clone(m: nn.Module) -> nn.Module:
+        cls = next(k for k in type(m).__mro__ if not issubclass(k, FSDPModule))
+        c = object.__new__(cls)
+        c.__dict__ = dict(m.__dict__)
+        c._parameters = {k: whole(p, True) for k, p in m._parameters.items()}
+        c._buffers = {k: whole(b, False) for k, b in m._buffers.items()}
+        c._modules = {k: None if s is None else clone(s) for k, s in m._modules.items()}
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            if attr in c.__dict__:
+                c.__dict__[attr] = type(c.__dict__[attr])()
+        return c
+
+    return clone(resharded(module))

@@ -39,6 +39,7 @@ import torch
 from ..monitor import ActivityMonitor
 from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune, select_lowest
+from ..sharding import full
 from ..sites import _unwrap
 from .base import METHODS, EpochResult, check_option
 from .iterative import IMP
@@ -175,9 +176,13 @@ class AP(IMP):
         return super().pruned_names(model)
 
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
+        with self.editing(self.names):       # under FSDP2 the weights are read whole
+            return self._decide(rnd)
+
+    def _decide(self, rnd: int) -> dict[str, torch.Tensor]:
         if self.opts.scope == "official":
             weights = self.weights()
-            start = {k: self.round_start[k].to(weights[k].device) for k in weights}
+            start = self._round_start(weights)
             new, self.last_ap = official_round(weights, start, self.pruning_masks(),
                                                self.opts.rate, self.opts.p_ap)
             return new
@@ -188,7 +193,7 @@ class AP(IMP):
         pruner, weights = PRUNERS.get(self.opts.pruner), self.weights()
         gen = self.generator(rnd)
         base = pruner(weights, masks, n_total - n_ap, generator=gen)
-        start = {k: self.round_start[k].to(weights[k].device) for k in weights}
+        start = self._round_start(weights)
         new, m = ap_decision(weights, start, base, self.eligible(), n_ap)
         if m < n_ap:
             new = pruner(weights, new, n_ap - m, generator=gen)
@@ -196,6 +201,10 @@ class AP(IMP):
         if self.monitor is not None:
             self.monitor.reset()
         return new
+
+    def _round_start(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The round's starting weights, whole (under FSDP2 they are kept as shards)."""
+        return {k: full(self.round_start[k]).to(weights[k].device) for k in weights}
 
     def _end_epoch(self, result: EpochResult, val_score, evaluate) -> None:
         super()._end_epoch(result, val_score, evaluate)

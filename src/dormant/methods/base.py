@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,14 @@ from ..masks import Masks
 from ..monitor import ActivityMonitor
 from ..options import OptionError, Options, option
 from ..registry import Registry
-from ..sharding import sharded_parameters
+from ..sharding import (
+    gathered,
+    is_fsdp,
+    local,
+    resharded,
+    sharded_parameters,
+    sum_rows,
+)
 from ..sites import (
     Site,
     _unwrap,
@@ -65,11 +72,12 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero entries over all Linear/ConvNd weights."""
-    ws = prunable_weights(model).values()
+    """Fraction of exactly-zero entries over all Linear/ConvNd weights (under FSDP2: every
+    rank counts its rows, summed over the shard group)."""
+    ws = prunable_weights(resharded(_unwrap(model))).values()
     total = sum(w.numel() for w in ws)
-    zeros = sum(int((w == 0).sum()) for w in ws)
-    return zeros / max(total, 1)
+    zeros = sum_rows((w, (local(w.detach()) == 0).sum().double()) for w in ws)
+    return float(zeros) / max(total, 1)
 
 
 @dataclass
@@ -125,7 +133,7 @@ class Method:
     acts_on_fused_experts = False        # True: knows a fused 3-D expert's slices (Site.slab)
     changes_model = False                # True: removes units physically (parameters replaced)
     uses_sites = True                    # False: acts on every parameter (no site discovery)
-    acts_on_sharded = False              # True: its rule is elementwise on FSDP2 shards
+    acts_on_sharded = False              # True: its rule runs on FSDP2 shards (`editing`)
 
     def __init__(self, **options: Any):
         parsed = options.pop("_parsed", None)       # options parsed already (`from_options`)
@@ -258,6 +266,11 @@ class Method:
             out += outgoing(self.model, site)
         return [sl.name for sl in out]
 
+    def touched_by(self, sites: Iterable[Site]) -> list[str]:
+        """The parameters the method edits at `sites` (for `editing`)."""
+        frozen = self.frozen()
+        return sorted({n for s in sites for n in self._touched(s) if n not in frozen})
+
     def _frozen_of(self, sites: list[Site]) -> dict[str, list[str]]:
         frozen = self.frozen()
         if not frozen:
@@ -330,6 +343,15 @@ class Method:
             torch.manual_seed(1_000_003 * self.seed + 7_919 * self.step + 31 * self.epoch
                               + salt + 24_593)
             yield
+
+    def editing(self, names: Iterable[str] | None = None):
+        """A block that reads or edits parameters outside a forward: under FSDP2 the model's
+        sharded parameters (`names`, or all) are whole there, with their optimizer state,
+        and each rank keeps its rows of the edits (`dormant.sharding.gathered`); nothing
+        changes for any other model. The block must not run the model."""
+        if not is_fsdp(_unwrap(self.model)):
+            return contextlib.nullcontext()
+        return gathered(_unwrap(self.model), self.optimizer, names)
 
     def ensure_masks(self) -> Masks:
         """The method's masks, created and attached to the optimizer on first use."""
@@ -466,15 +488,19 @@ def _versions(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def _check_not_sharded(name: str, model: nn.Module) -> None:
-    """Methods edit whole parameters: under FSDP2 each rank holds only rows of them."""
+    """Methods that remove units (or were not written for shards) refuse FSDP2 models."""
     sharded = sharded_parameters(_unwrap(model))
     if sharded:
+        works = [n for n in METHODS.names()
+                 if getattr(METHODS.get(n), "acts_on_sharded", False)]
         raise ValueError(
             f"{name}: the model's parameters are sharded by FSDP2 (fully_shard: "
-            f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}), and methods do "
-            "not edit sharded parameters yet (l2-init does). Under FSDP2 the monitor, "
-            "dormant.diagnose and the epoch-end metrics work (Session(None)); run the method "
-            "without fully_shard (DistributedDataParallel: torchrun -m dormant run ...)")
+            f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}), and {name} "
+            f"does not act on sharded parameters (it removes units physically, so every "
+            f"shard would change shape, or it was not written for shards). These do: "
+            f"{', '.join(works)}; the monitor, dormant.diagnose and the epoch-end metrics "
+            "work too (Session(None)). Run it without fully_shard (DistributedDataParallel: "
+            "torchrun -m dormant run ...)")
 
 
 def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:

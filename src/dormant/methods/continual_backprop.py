@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..options import option
+from ..sharding import full
 from ..sites import Site, _unwrap
 from ..taps import SiteTaps
 from ..units import fan_in_rows, outgoing, tensor
@@ -48,10 +49,11 @@ __all__ = ["ContinualBackprop", "outgoing_magnitude"]
 
 def outgoing_magnitude(model: nn.Module, site: Site) -> torch.Tensor:
     """Per unit, the mean |w| over its outgoing weights (every consumer's entries), float64 on
-    the weights' device (it runs every step: no copy to the host)."""
+    the weights' device (it runs every step: no copy to the host; under FSDP2 each consumer
+    weight is gathered, as its forward does)."""
     total = count = 0.0
     for sl in outgoing(model, site):
-        w = tensor(model, sl.name).detach().abs().double()
+        w = full(tensor(model, sl.name).detach()).abs().double()
         if sl.conv_groups > 1:    # filter o reads input column j of its group g: unit g C/g + j
             g = sl.conv_groups
             per = w.flatten(2).sum(2).view(g, -1, w.shape[1]).sum(1).flatten()
@@ -95,6 +97,7 @@ class ContinualBackprop(Method):
 
     name = "continual-backprop"
     rewrites_outgoing = True
+    acts_on_sharded = True
 
     @dataclass
     class Options(MethodOptions):
@@ -190,7 +193,7 @@ class ContinualBackprop(Method):
         units[chosen] = True
         self.util[name][units] = 0
         self.ages[name][units] = 0
-        with self.seeded(salt=salt):
+        with self.editing(self.touched_by([site])), self.seeded(salt=salt):
             recycle(self.model, site, units, self.optimizer)   # moments of every entry reset
             if not site.gated:      # a gated unit keeps ReDo's rewrite (the spec's rule)
                 self._code_init(site, units)

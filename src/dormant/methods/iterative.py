@@ -24,6 +24,7 @@ from ..batching import take
 from ..flops import macs, positions
 from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune
+from ..sharding import resharded
 from ..sites import _unwrap, is_producer
 from ..units import fan_in_rows
 from .base import METHODS, EpochResult, Method, MethodOptions, check_option, weight_sparsity
@@ -32,7 +33,12 @@ __all__ = ["IterativePruning", "IMP"]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+    """A copy of the weights (under FSDP2: this rank's shards, as DTensors)."""
+    return {k: v.detach().clone() for k, v in resharded(_unwrap(model)).state_dict().items()}
+
+
+def _load(model, state: dict[str, torch.Tensor]) -> None:
+    resharded(_unwrap(model)).load_state_dict(state)
 
 
 @dataclass
@@ -67,6 +73,7 @@ class IterativePruning(Method):
 
     name = "iterative-pruning"
     Options = RoundOptions
+    acts_on_sharded = True       # decisions on the gathered weights, masks on each rank's rows
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -102,7 +109,8 @@ class IterativePruning(Method):
         masks = self.ensure_masks()
         for n in self.names:
             if n not in masks.masks:
-                masks.update(n, torch.ones_like(params[n], dtype=torch.bool))
+                masks.update(n, torch.ones(params[n].shape, dtype=torch.bool,
+                                           device=params[n].device))
         if self.epoch == 0:
             if self.rewind_epoch == 0:
                 self.snapshot = _state(model)
@@ -158,13 +166,14 @@ class IterativePruning(Method):
         if epoch % per:
             return
         if self.opts.keep_best:
-            model.load_state_dict(self.best[1])
+            _load(model, self.best[1])
             self.best = None
             result.restored = True
             if evaluate is not None:
                 result.update(evaluate(self.model))
         result["round_end"] = True
-        result.update(self.report())
+        with self.editing():
+            result.update(self.report())
         if rnd < self.opts.rounds:
             result["pruned"] = self._prune(rnd)
             result.new_round = True
@@ -189,7 +198,7 @@ class IterativePruning(Method):
             self.masks.update(n, keep)
         model = _unwrap(self.model)
         if self.rewind_epoch is not None:
-            model.load_state_dict(self.snapshot)
+            _load(model, self.snapshot)
         self.masks.apply()
         if self.optimizer is not None:
             self.optimizer.state.clear()
@@ -197,7 +206,8 @@ class IterativePruning(Method):
         return before - alive(self.pruning_masks())
 
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
-        """New keep-masks for the pruned layers (a subset of the current ones)."""
+        """New keep-masks for the pruned layers (a subset of the current ones); reads the
+        weights inside `editing` (whole under FSDP2), runs the model outside it."""
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------------
@@ -240,5 +250,6 @@ class IMP(IterativePruning):
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
         masks = self.pruning_masks()
         n = count_to_prune(alive(masks), self.opts.rate)
-        return PRUNERS.get(self.opts.pruner)(self.weights(), masks, n,
-                                             generator=self.generator(rnd))
+        with self.editing(self.names):       # under FSDP2 the weights are read whole
+            return PRUNERS.get(self.opts.pruner)(self.weights(), masks, n,
+                                                 generator=self.generator(rnd))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from ..batching import Forward, default_forward, eval_mode, num_samples, to_device
 from ..options import option
+from ..sharding import local, resharded, rows
 from ..sites import CONVS, _unwrap, is_conv1d
 from ..units import as_rows, from_rows, incoming, outgoing, tensor, unit_mask_for
 from .base import METHODS
@@ -106,19 +107,20 @@ def conv_scores(conv: nn.Module, x_stat: torch.Tensor, form: str) -> torch.Tenso
 
 @contextlib.contextmanager
 def _masked(model: nn.Module, masks: dict[str, torch.Tensor]):
-    """Apply keep-masks to the model's tensors for the block, then put the values back."""
+    """Apply keep-masks to the model's tensors for the block, then put the values back (under
+    FSDP2: each rank's rows, which its forward gathers)."""
     saved = {}
     with torch.no_grad():
         for name, keep in masks.items():
-            t = tensor(model, name)
-            saved[name] = t.detach().clone()
-            t.mul_(keep.to(t.dtype))
+            t = tensor(resharded(model), name)
+            saved[name] = local(t).detach().clone()
+            local(t).mul_(rows(t, keep).to(t.dtype))
     try:
         yield
     finally:
         with torch.no_grad():
             for name, value in saved.items():
-                tensor(model, name).copy_(value)
+                local(tensor(resharded(model), name)).copy_(value)
 
 
 @torch.no_grad()
@@ -199,7 +201,8 @@ class NNrelief(IterativePruning):
         for n in self.names:     # biases are candidates too: give them masks
             b = n[:-len("weight")] + "bias"
             if b in params and b not in self.masks.masks:
-                self.masks.update(b, torch.ones_like(params[b], dtype=torch.bool))
+                self.masks.update(b, torch.ones(params[b].shape, dtype=torch.bool,
+                                                device=params[b].device))
 
     # -- the decision --------------------------------------------------------------------
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
@@ -212,14 +215,16 @@ class NNrelief(IterativePruning):
         fcs = [n for n in layers if n not in convs]
         new: dict[str, torch.Tensor] = {}
         stats, dead = self._pass(model, layers)
-        self._score(model, convs, stats, new)
-        self._drop_dead(model, dead, new, convs)
+        with self.editing():          # under FSDP2 the parameters are read whole
+            self._score(model, convs, stats, new)
+            self._drop_dead(model, dead, new, convs)
         if convs and fcs:
             with _masked(model, new):
                 stats, dead = self._pass(model, fcs)
-        self._score(model, fcs, stats, new)
-        self._drop_dead(model, dead, new, fcs)
-        self._backward_pass(model, new)
+        with self.editing():
+            self._score(model, fcs, stats, new)
+            self._drop_dead(model, dead, new, fcs)
+            self._backward_pass(model, new)
         return new
 
     def _pass(self, model, layers: list[str]) -> tuple[dict, dict]:

@@ -14,14 +14,13 @@ after the backward pass.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..options import option
-from ..sharding import local, resharded, sum_rows
+from ..sharding import local, plain_copy, resharded, rows, sum_rows
 from ..sites import _unwrap
 from .base import METHODS, Method, MethodOptions, PeriodicOptions
 
@@ -31,7 +30,7 @@ __all__ = ["ShrinkPerturb", "L2Init", "fresh_parameters"]
 def fresh_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters of a freshly initialised copy of `model` (every layer with
     ``reset_parameters`` reset; the others keep their current values)."""
-    clone = copy.deepcopy(_unwrap(model))
+    clone = plain_copy(_unwrap(model))       # under FSDP2: the whole parameters
     for m in clone.modules():
         if hasattr(m, "reset_parameters") and m is not clone:
             m.reset_parameters()
@@ -47,6 +46,7 @@ class ShrinkPerturb(Method):
 
     name = "shrink-perturb"
     uses_sites = False
+    acts_on_sharded = True     # elementwise: each rank's rows of theta and theta_fresh
 
     @dataclass
     class Options(PeriodicOptions):
@@ -62,9 +62,10 @@ class ShrinkPerturb(Method):
         if act:
             with self.seeded():
                 fresh = fresh_parameters(self.model)
-            for n, p in _unwrap(self.model).named_parameters():
+            for n, p in resharded(_unwrap(self.model)).named_parameters():
                 if p.requires_grad:         # frozen parameters are left alone
-                    p.mul_(self.opts.shrink).add_(fresh[n].to(p.device), alpha=self.opts.perturb)
+                    local(p).mul_(self.opts.shrink).add_(rows(p, fresh[n]).to(p.device),
+                                                         alpha=self.opts.perturb)
             self.applied += 1
         self.metrics = {"sp/applied": self.applied}
 

@@ -25,7 +25,6 @@ Deviations from the paper (which used RL networks without normalisation):
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn as nn
 
 from ..optim import zero_state
 from ..options import option
+from ..sharding import plain_copy
 from ..sites import _unwrap
 from ..units import Slice, incoming, outgoing, tensor, unit_mask_for
 from .base import METHODS, Method, PeriodicOptions
@@ -43,7 +43,7 @@ __all__ = ["ReDo", "recycle", "recycle_all"]
 def _fresh(model: nn.Module, module_name: str) -> nn.Module:
     """A copy of the layer, re-initialised: its own ``reset_parameters``, or the model's
     ``_init_weights`` (how Hugging Face models initialise a layer such as GPT-2's Conv1D)."""
-    m = copy.deepcopy(model.get_submodule(module_name))
+    m = plain_copy(model.get_submodule(module_name))
     if hasattr(m, "reset_parameters"):
         m.reset_parameters()
     elif hasattr(model, "_init_weights"):
@@ -111,6 +111,7 @@ class ReDo(Method):
 
     name = "redo"
     rewrites_outgoing = True
+    acts_on_sharded = True
     acts_on_fused_experts = True
 
     @dataclass
@@ -129,7 +130,8 @@ class ReDo(Method):
         dormant = self.observe().dead_units("dormant", tau=self.opts.tau)
         recycled = 0
         if act:
-            with self.seeded():
+            todo = [s for s in self.sites if dormant[s.name].any()]
+            with self.editing(self.touched_by(todo)), self.seeded():
                 recycled = recycle_all(self.model, self.sites, dormant, self.optimizer,
                                        bias=self.opts.bias)
         self.recycled_total += recycled

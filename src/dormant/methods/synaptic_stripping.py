@@ -97,6 +97,7 @@ class SynapticStripping(Method):
 
     name = "synaptic-stripping"
     acts_on_fused_experts = True
+    acts_on_sharded = True
 
     @dataclass
     class Options(PeriodicOptions):
@@ -112,6 +113,10 @@ class SynapticStripping(Method):
 
     def update(self, act: bool = True) -> None:
         dead = self.observe().dead_units("never_active")
+        with self.editing(self.touched_by(self.sites)):
+            self._strip(dead, act)
+
+    def _strip(self, dead: dict[str, torch.Tensor], act: bool) -> None:
         model = self.model
         revived = sum(int((self.previous[n] & ~d).sum()) for n, d in dead.items()
                       if n in self.previous)
