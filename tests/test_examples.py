@@ -52,3 +52,20 @@ def test_a_bad_method_name_is_refused():
     out = subprocess.run([sys.executable, str(EXAMPLES / "own_loop.py"), "gizmo"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "unknown method 'gizmo'" in out.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_loop_runs_a_method_on_two_sharded_ranks():
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(EXAMPLES / "fsdp_loop.py"), "redo"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    epochs = re.findall(r"redo epoch \d: .*'redo/recycled_total': (\d+).*decided the same: (\w+)",
+                        out.stdout)
+    assert len(epochs) == 3 and int(epochs[-1][0]) > 0
+    assert all(same == "True" for _, same in epochs)
+    total, mine = map(int, re.search(r"done, (\d+) parameters, (\d+) of them", out.stdout).groups())
+    assert mine < total

@@ -249,4 +249,4 @@ def test_every_method_under_fsdp2_ends_where_one_process_ends(tmp_path):
                     assert mine == pytest.approx(one, rel=1e-5), (kind, name)
                 for n, p in model.named_parameters():
                     torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-5,
-                                               atol=1e-6, msg=lambda m: f"{kind} {name} {n}: {m}")
+                                               atol=1e-6, msg=f"{kind} {name} {n}")
