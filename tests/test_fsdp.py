@@ -248,5 +248,6 @@ def test_every_method_under_fsdp2_ends_where_one_process_ends(tmp_path):
                 for mine, one in zip(got["metrics"], metrics, strict=True):
                     assert mine == pytest.approx(one, rel=1e-5), (kind, name)
                 for n, p in model.named_parameters():
+                    where = f"{kind} {name} {n}"
                     torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-5,
-                                               atol=1e-6, msg=f"{kind} {name} {n}")
+                                               atol=1e-6, msg=lambda m, w=where: f"{w}: {m}")
