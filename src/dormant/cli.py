@@ -183,7 +183,7 @@ def cmd_run(args) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     res = run_experiment(cfg, args.root, show_progress=not args.no_progress, log=say,
                          epoch_log=lambda line: say(line, flush=True),
-                         tensorboard=args.tensorboard)
+                         tensorboard=args.tensorboard, fsdp=args.fsdp)
     if rank != 0:
         return 0
     f = res["final"]
@@ -329,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--out", help="folder for compare.md/.csv/.json")
             q.add_argument("--jobs", type=int, default=1,
                            help="experiments run at once, in separate processes (default: 1)")
+        else:
+            q.add_argument("--fsdp", action="store_true",
+                           help="under torchrun: shard the model over the ranks with FSDP2 "
+                                "(fully_shard) instead of replicating it (DDP); methods that "
+                                "remove units (demp, structured) refuse it")
         _add_config_flags(q)
         q.set_defaults(func=func)
 

@@ -32,7 +32,7 @@ from .diagnose import diagnosis, probe
 from .methods import EpochResult, Method, build
 from .metrics import FeatureRecorder, distance_from, initial_state, plasticity_from
 from .monitor import ActivityMonitor, _every_steps
-from .sharding import sharded_parameters
+from .sharding import gathered_state, is_fsdp, resharded, rows, sharded_parameters, whole_rows
 from .sites import Site, find_sites
 
 __all__ = ["Session", "SESSION_FORMAT", "numbers"]
@@ -111,9 +111,9 @@ class Session:
         saved, self._saved = self._saved or {}, None
         if saved.get("shard") is not None and saved["shard"] != _shard_of(model):
             raise ValueError(f"dormant: the state holds the initial weights of shard "
-                             f"{saved['shard']} (rank, world size), this process is "
-                             f"{_shard_of(model)}: under FSDP2 save and load each rank's "
-                             "session state")
+                             f"{saved['shard']} (rank, world size), saved per rank by an "
+                             f"earlier dormant; this process is {_shard_of(model)}: load it "
+                             "on its own rank (states saved now hold whole tensors)")
         if self.watch:
             self.monitor = self._new_monitor()
             if saved.get("monitor") is not None:    # its own step: the watch phase goes on
@@ -122,7 +122,7 @@ class Session:
             self.monitor.set_step(self.step)
             # theta_0 on the host (a GPU keeps no second copy of the weights); a second
             # start (another fit) keeps the first one
-            self.initial = (dict(saved.get("initial") or {}) or self.initial
+            self.initial = (self._initial_rows(saved.get("initial")) or self.initial
                             or initial_state(model))
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer     # accelerate's wrapper: hooks go on the real one
@@ -275,11 +275,27 @@ class Session:
     def state_dict(self) -> dict:
         """What a checkpoint must carry for a resumed run to equal a straight one: the
         method's state (masks, counters, snapshots), the monitor's counters, the initial
-        weights (distance from init)."""
-        return {"method": self.method.state_dict() if self.method is not None else None,
-                "method_name": self.method.name if self.method is not None else None,
-                "monitor": self.monitor.state_dict() if self.monitor is not None else None,
-                "initial": self.initial, "shard": _shard_of(self.model)}
+        weights (distance from init). Under FSDP2 a collective (every rank calls it) whose
+        tensors are whole: any rank loads it, under any number of ranks."""
+        state = {"method": self.method.state_dict() if self.method is not None else None,
+                 "method_name": self.method.name if self.method is not None else None,
+                 "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+                 "initial": self.initial}
+        if self.model is None or not is_fsdp(self.model):
+            return state
+        params = dict(resharded(self.model).named_parameters())
+        state["initial"] = {n: whole_rows(params[n], v) if n in params else v
+                            for n, v in self.initial.items()}
+        return gathered_state(state)
+
+    def _initial_rows(self, saved: dict | None) -> dict[str, torch.Tensor]:
+        """Saved initial weights (whole tensors) as this process keeps them: under FSDP2 its
+        rows of each sharded parameter."""
+        if not saved or not is_fsdp(self.model):
+            return dict(saved or {})
+        params = dict(resharded(self.model).named_parameters())
+        return {n: rows(params[n], v).clone() if n in params and v.shape == params[n].shape
+                else v for n, v in saved.items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` before `start` (which applies it)."""
@@ -314,8 +330,8 @@ def _has_forward(model: nn.Module) -> bool:
 
 
 def _shard_of(model: nn.Module | None) -> list | None:
-    """(rank, world size) when the model is sharded (FSDP2): its initial weights are this
-    rank's rows, so the state belongs to this rank."""
+    """(rank, world size) when the model is sharded (FSDP2); an earlier dormant tagged each
+    rank's state with it (its initial weights were that rank's rows)."""
     if model is None or not sharded_parameters(model):
         return None
     return [torch.distributed.get_rank(), torch.distributed.get_world_size()]

@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["full", "gathered", "group_of", "is_fsdp", "is_sharded", "local", "plain_copy",
-           "ready", "resharded", "row_range", "rows", "sharded_parameters", "sum_rows"]
+__all__ = ["full", "full_state", "gathered", "gathered_state", "group_of", "is_fsdp",
+           "is_sharded", "load_full_state", "local", "plain_copy", "ready", "resharded",
+           "row_range", "rows", "shard", "sharded_like", "sharded_parameters", "sum_rows",
+           "whole_rows"]
 
 
 def _dtensor() -> type | None:
@@ -73,6 +75,16 @@ def rows(t: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
         return whole
     start, stop = row_range(t)
     return whole[start:stop]
+
+
+def whole_rows(t: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `mine` holds this rank's rows, laid out as the sharded `t`
+    (a collective); `mine` itself when `t` is not sharded."""
+    if not is_sharded(t):
+        return mine
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(mine.to(local(t).device), t.device_mesh, t.placements,
+                              shape=t.shape, stride=t.stride()).full_tensor()
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -222,3 +234,91 @@ def plain_copy(module: nn.Module) -> nn.Module:
         return c
 
     return clone(resharded(module))
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """`fully_shard` every Linear/Conv layer of `model`, then the root (which takes the rest:
+    norms, embeddings, an ``nn.MultiheadAttention``, whose forward reads its projections'
+    weights itself), on a one-dimensional mesh over the whole process group. The model's
+    parameters are DTensors afterwards: build the optimizer after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("dormant: sharding with FSDP2 needs a process group (run under "
+                           "torchrun)")
+    p = next(model.parameters())
+    mesh = init_device_mesh(p.device.type, (dist.get_world_size(),))
+    attention = {id(s) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+                 for s in m.modules()}
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    for m in model.modules():
+        if m is not model and isinstance(m, layers) and id(m) not in attention:
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return ready(model)
+
+
+def gathered_state(obj):
+    """`obj` (nested dicts, lists and tuples, e.g. a method's or a session's state) with every
+    sharded tensor replaced by its whole, on the host: a state any rank, and any number of
+    ranks, can load. A collective when `obj` holds sharded tensors (every rank calls it)."""
+    if is_sharded(obj):
+        return obj.full_tensor().cpu()
+    if isinstance(obj, dict):
+        return {k: gathered_state(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(gathered_state(v) for v in obj)
+    return obj
+
+
+def sharded_like(model: nn.Module, state: dict | None) -> dict | None:
+    """A state keyed by `model`'s parameter names (a state dict, initial weights) with each
+    whole tensor of a sharded parameter turned into that parameter's layout: a DTensor of this
+    rank's rows (what `gathered_state` undoes). Other entries are kept as they are."""
+    if state is None or not is_fsdp(model):
+        return state
+    from torch.distributed.tensor import DTensor
+    params = dict(resharded(model).named_parameters())
+    out = {}
+    for k, v in state.items():
+        p = params.get(k)
+        if (p is not None and is_sharded(p) and torch.is_tensor(v) and not is_sharded(v)
+                and v.shape == p.shape):
+            mine = rows(p, v).to(device=local(p).device, dtype=p.dtype).clone()
+            v = DTensor.from_local(mine, p.device_mesh, p.placements, shape=p.shape,
+                                   stride=p.stride())
+        out[k] = v
+    return out
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+               ) -> tuple[dict, dict | None]:
+    """(model state, optimizer state) of an FSDP2 model with whole tensors on the host, for a
+    checkpoint any number of ranks can load (`load_full_state`); the optimizer's state is
+    keyed by parameter names. A collective: every rank calls it, every rank gets it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    options = StateDictOptions(full_state_dict=True)
+    model_state = gathered_state(get_model_state_dict(resharded(model), options=options))
+    if optimizer is None:
+        return model_state, None
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, gathered_state(optim_state)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    model_state: dict, optim_state: dict | None) -> None:
+    """Load what `full_state` returned into an FSDP2 model and its optimizer (every rank
+    takes its rows)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(resharded(model), model_state, options=options)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)

@@ -20,6 +20,7 @@ from ..models import build_model, initialize
 from ..rundir import CorruptRunError, RunFiles, code_version, run_lock, writable_dir, write_json
 from ..schedules import make_scheduler
 from ..session import Session
+from ..sharding import full_state, shard
 from ..surgery import architecture, resize
 from ..train import CheckpointCallback, JsonlLogger, SessionCallback, Trainer, make_optimizer
 from ..train.callbacks import TaskCallback, load_checkpoint
@@ -59,11 +60,13 @@ def build(cfg: ExperimentConfig, data=None):
 
 def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
                    show_progress: bool = True, log=print, epoch_log=None,
-                   tensorboard: str | os.PathLike | None = None) -> dict:
+                   tensorboard: str | os.PathLike | None = None, fsdp: bool = False) -> dict:
     """Train `cfg` (or return its saved result if it already finished). One process at a
     time trains a run directory: a second one waits for the first, then finds it finished.
     `epoch_log(line)` receives one line per finished epoch; `tensorboard`, a folder, gets the
-    run's TensorBoard logs under the run's name."""
+    run's TensorBoard logs under the run's name. `fsdp`: under torchrun, shard the model with
+    FSDP2 (`dormant.sharding.shard`) instead of replicating it with DDP; the run directory is
+    the same (how a run is spread over ranks is not part of its config)."""
     cfg.validate()
     writable_dir(root, "root")
     if tensorboard is not None:
@@ -74,6 +77,8 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
         return _finished(rd, cfg, log)
     method = methods.from_options(cfg.method, cfg.method_options())   # parsed by validate
     rank, world = rank_and_world()
+    if fsdp:
+        _check_fsdp(method, world)
     if rank == 0:
         rd.mkdir(parents=True, exist_ok=True)
     # under torchrun, rank 0 holds the lock and writes; every rank trains its share
@@ -90,9 +95,21 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
             extra.append(TensorBoardCallback(Path(tensorboard) / rd.name, session=session))
         if rank != 0:
             show_progress, epoch_log = False, None
-        result = _train(cfg, rd, session, show_progress, log, epoch_log, extra)
+        result = _train(cfg, rd, session, show_progress, log, epoch_log, extra, fsdp)
         _barrier(world)        # rank 0 lets go of the lock once every rank is done
         return result
+
+
+def _check_fsdp(method, world: int) -> None:
+    """--fsdp needs torchrun and a method that acts on shards; refused before anything runs."""
+    if world < 2:
+        raise ValueError("--fsdp shards the model over the ranks of torchrun: run it as "
+                         "torchrun --nproc_per_node N -m dormant run --fsdp ... (N >= 2)")
+    if method is not None and not method.acts_on_sharded:
+        works = methods.acting_on_shards()
+        raise ValueError(f"--fsdp: method {method.name} does not act on FSDP2 shards (it "
+                         f"removes units physically); these do: {', '.join(works)}. Run "
+                         f"{method.name} without --fsdp (DistributedDataParallel)")
 
 
 def _check_ranks_agree(model) -> None:
@@ -147,10 +164,12 @@ def _check_config_file(rd: Path, cfg: ExperimentConfig, log) -> None:
 
 
 def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: bool, log,
-           epoch_log, extra=()) -> dict:
+           epoch_log, extra=(), fsdp: bool = False) -> dict:
     files = RunFiles(rd)
     data, model = build(cfg)
     arch_built = architecture(model)
+    if fsdp:
+        shard(model)            # before the optimizer: it must hold the sharded parameters
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     period = getattr(session.method, "schedule_period", lambda: None)()  # pruning rounds restart it
@@ -179,13 +198,14 @@ def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: boo
     t0 = time.perf_counter()
     trainer.fit()
     _barrier(trainer.world)                      # rank 0 has written the last epoch
-    if trainer.world > 1:
+    if trainer.world > 1 and not fsdp:      # FSDP2: one model, each rank its rows of it
         _check_ranks_agree(model)
     history = history.rows
     arch = architecture(model)
+    weights = full_state(model)[0] if fsdp else model.state_dict()    # whole, on every rank
     if writer:
         tmp = files.model.with_suffix(".pt.tmp")
-        torch.save(model.state_dict(), tmp)
+        torch.save(weights, tmp)
         os.replace(tmp, files.model)
         if arch != arch_built:                   # compacted during training (DemP)
             write_json(files.architecture, arch)
@@ -195,7 +215,8 @@ def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: boo
               "params": sum(p.numel() for p in model.parameters()),
               "version": code_version(), "torch": torch.__version__,
               **({"world_size": trainer.world, "ranks_identical": True}
-                 if trainer.world > 1 else {})}
+                 if trainer.world > 1 and not fsdp else {}),
+              **({"world_size": trainer.world, "sharding": "fsdp"} if fsdp else {})}
     if writer:
         write_json(files.result, result)
     return result

@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from ..options import OptionError
 from .ap import AP
-from .base import METHODS, EpochResult, Method, MethodOptions, prunable_weights, weight_sparsity
+from .base import (
+    METHODS,
+    EpochResult,
+    Method,
+    MethodOptions,
+    acting_on_shards,
+    prunable_weights,
+    weight_sparsity,
+)
 from .continual_backprop import ContinualBackprop
 from .demp import DemP
 from .iterative import IMP, IterativePruning
@@ -28,7 +36,7 @@ from .redo import ReDo
 from .structured import StructuredPruning
 from .synaptic_stripping import SynapticStripping
 
-__all__ = ["AP", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning",
+__all__ = ["AP", "acting_on_shards", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning",
            "L2Init", "METHODS", "Method", "MethodOptions", "NNrelief", "OptionError", "ReDo",
            "ShrinkPerturb", "StructuredPruning", "SynapticStripping", "build",
            "describe_options", "from_options", "method_options", "parse_options",

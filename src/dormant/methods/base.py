@@ -56,7 +56,7 @@ from ..sites import (
 from ..units import incoming, outgoing
 
 __all__ = ["EpochResult", "METHODS", "Method", "MethodOptions", "PeriodicOptions",
-           "prunable_weights", "weight_sparsity"]
+           "acting_on_shards", "prunable_weights", "weight_sparsity"]
 
 # Every method registers itself beside its class: ``@METHODS.register`` (under its `name`).
 METHODS = Registry("method")
@@ -487,12 +487,16 @@ def _versions(model: nn.Module) -> list[tuple[int, int]]:
     return [(id(t), t._version) for t in (*m.parameters(), *m.buffers())]
 
 
+def acting_on_shards() -> list[str]:
+    """The registered methods that act on FSDP2-sharded parameters."""
+    return [n for n in METHODS.names() if getattr(METHODS.get(n), "acts_on_sharded", False)]
+
+
 def _check_not_sharded(name: str, model: nn.Module) -> None:
     """Methods that remove units (or were not written for shards) refuse FSDP2 models."""
     sharded = sharded_parameters(_unwrap(model))
     if sharded:
-        works = [n for n in METHODS.names()
-                 if getattr(METHODS.get(n), "acts_on_sharded", False)]
+        works = acting_on_shards()
         raise ValueError(
             f"{name}: the model's parameters are sharded by FSDP2 (fully_shard: "
             f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}), and {name} "

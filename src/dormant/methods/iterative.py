@@ -24,7 +24,7 @@ from ..batching import take
 from ..flops import macs, positions
 from ..options import option
 from ..pruning import PRUNERS, alive, count_to_prune
-from ..sharding import resharded
+from ..sharding import resharded, sharded_like
 from ..sites import _unwrap, is_producer
 from ..units import fan_in_rows
 from .base import METHODS, EpochResult, Method, MethodOptions, check_option, weight_sparsity
@@ -115,6 +115,11 @@ class IterativePruning(Method):
             if self.rewind_epoch == 0:
                 self.snapshot = _state(model)
             self.round_start = _state(model)
+        else:          # a resumed state holds whole tensors: under FSDP2, this rank's rows
+            self.snapshot = sharded_like(model, self.snapshot)
+            self.round_start = sharded_like(model, self.round_start)
+            if self.best is not None:
+                self.best = (self.best[0], sharded_like(model, self.best[1]))
         self._pos = positions(model, take(self.example, 1))
 
     def _unfrozen(self, names: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..options import option
-from ..sharding import local, plain_copy, resharded, rows, sum_rows
+from ..sharding import local, plain_copy, resharded, rows, sharded_like, sum_rows
 from ..sites import _unwrap
 from .base import METHODS, Method, MethodOptions, PeriodicOptions
 
@@ -97,9 +97,12 @@ class L2Init(Method):
         self.initial: dict[str, torch.Tensor] | None = None
 
     def _prepare(self) -> None:
+        model = _unwrap(self.model)
         if self.initial is None:      # a resumed run keeps the weights it started from
             self.initial = {n: p.detach().clone()      # under FSDP2: this rank's shards
-                            for n, p in resharded(_unwrap(self.model)).named_parameters()}
+                            for n, p in resharded(model).named_parameters()}
+        else:                         # a saved state holds whole tensors
+            self.initial = sharded_like(model, self.initial)
 
     @torch.no_grad()
     def _after_backward(self) -> None:

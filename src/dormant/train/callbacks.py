@@ -14,6 +14,7 @@ from ..jsonl import read_jsonl, write_jsonl
 from ..methods.base import Method
 from ..monitor import _every_steps
 from ..session import Session
+from ..sharding import full_state, is_fsdp, load_full_state
 from ..sites import Site, _unwrap
 from ..surgery import architecture, resize
 
@@ -263,16 +264,22 @@ class CheckpointCallback(Callback):
         self.identity = identity     # the run it belongs to (a config's label): checked on load
 
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        sharded = is_fsdp(trainer.model)
+        if sharded:               # every rank gathers its shards; rank 0 writes whole tensors
+            model, optimizer = full_state(trainer.model, trainer.optimizer)
+            callbacks = {key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)}
         if trainer.rank != 0:     # one writer: rank 0
             return
+        if not sharded:
+            model, optimizer = trainer.model.state_dict(), trainer.optimizer.state_dict()
+            callbacks = {key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)}
         state = {
             "identity": self.identity,
             "epoch": trainer.epoch, "step": trainer.step, "stop": trainer.stop,
-            "arch": architecture(trainer.model),
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
+            "arch": architecture(trainer.model), "sharded": sharded,
+            "model": model, "optimizer": optimizer,
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-            "callbacks": {key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)},
+            "callbacks": callbacks,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         }
@@ -291,9 +298,19 @@ class CheckpointCallback(Callback):
                 "from its start")
         if state.get("arch") and state["arch"] != architecture(trainer.model):
             _resize_with_optimizer(trainer.model, state["arch"], trainer.optimizer)
+        if bool(state.get("sharded")) != is_fsdp(trainer.model):
+            raise CorruptCheckpointError(
+                f"{self.path} was written by a run {'with' if state.get('sharded') else 'without'}"
+                f" --fsdp (its optimizer state is laid out for it): resume it "
+                f"{'with' if state.get('sharded') else 'without'} --fsdp, or delete it to train "
+                "the run again from its start")
         try:
-            trainer.model.load_state_dict(state["model"])
-            trainer.optimizer.load_state_dict(state["optimizer"])
+            if state.get("sharded"):
+                load_full_state(trainer.model, trainer.optimizer, state["model"],
+                                state["optimizer"])
+            else:
+                trainer.model.load_state_dict(state["model"])
+                trainer.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CorruptCheckpointError(
                 f"{self.path} belongs to another model or optimizer ({str(err)[:200]}); delete "

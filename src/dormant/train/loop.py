@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..data import Dataset, Split, batches
 from ..methods.base import Method
 from ..registry import Registry
+from ..sharding import is_fsdp
 from .callbacks import MethodCallback
 from .progress import progress
 
@@ -131,9 +132,11 @@ class Trainer:
         self.metrics: dict = {}
         self.stop = False       # a callback may set this to end training after the epoch
         # under torch.distributed every rank takes its share of each global batch through a
-        # DistributedDataParallel wrapper (gradients averaged); callbacks see the plain model
+        # DistributedDataParallel wrapper (gradients averaged); callbacks see the plain model.
+        # A model sharded with FSDP2 (`dormant.sharding.shard`) averages its own gradients.
         self.rank, self.world = rank_and_world()
         self._ddp: nn.Module | None = None
+        self.sharded = is_fsdp(model)
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -157,7 +160,7 @@ class Trainer:
         """What the training step calls: the model, or its DDP wrapper on several ranks,
         compiled when `compile` asks for it."""
         net = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             if self._ddp is None:
                 self._ddp = nn.parallel.DistributedDataParallel(self.model)
             net = self._ddp
@@ -250,9 +253,18 @@ class Trainer:
         p = next(self.model.parameters(), None)
         self._device_type = p.device.type if p is not None else "cpu"
 
+    @torch.no_grad()
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank before a training
+        forward, as DistributedDataParallel does; FSDP2 leaves buffers alone."""
+        for b in self.model.buffers():
+            torch.distributed.broadcast(b, 0)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._call("on_step_start")
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sharded and self.world > 1:
+            self._broadcast_buffers()
         if self.memory_format == "channels_last" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self._device_type, dtype=torch.bfloat16,
