@@ -100,23 +100,31 @@ def test_tensorboard_logs_the_runs_metrics_and_unit_activity(tmp_path):
     assert [h.step for h in hist] == [1, 2] and hist[-1].histogram_value.num == 16
 
 
-@pytest.mark.slow
-def test_lightning_callback_under_ddp_on_cpu(tmp_path):
-    """Two gloo processes: each rank logs the same dead fraction, equal to a brute-force count
-    on the whole probe set, and takes the same stripping decisions (bitwise equal weights);
-    stripping cut the dead units' rows only."""
-    pytest.importorskip("lightning")
+def _lightning_script(out, devices: int, strategy: str) -> list[dict]:
     import json
     import subprocess
     import sys
     from pathlib import Path
     script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
-    out = tmp_path / "rank"
-    proc = subprocess.run([sys.executable, str(script), str(out), "2"], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(script), str(out), str(devices), strategy],
+                          capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(devices)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lightning_callback_under_ddp_and_fsdp_on_cpu(strategy, tmp_path):
+    """Two gloo processes, DDP or FSDP2 (ModelParallelStrategy, fully_shard in
+    configure_model): each rank logs the same dead fraction, equal to a brute-force count on
+    the whole probe set, and takes the same stripping decisions (bitwise equal weights; under
+    FSDP2 equal to one process's); stripping cut the dead units' rows only."""
+    pytest.importorskip("lightning")
+    ranks = _lightning_script(tmp_path / "rank", 2, strategy)
     assert ranks[0]["hash"] == ranks[1]["hash"]
+    if strategy == "fsdp":
+        (one,) = _lightning_script(tmp_path / "one", 1, "ddp")
+        assert ranks[0]["hash"] == one["hash"]
     for r in ranks:
         assert [h["dormant/dead/act"] for h in r["history"]] == [r["brute"]] * 2
         assert r["brute"] == pytest.approx(6 / 32)

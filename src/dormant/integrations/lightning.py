@@ -11,7 +11,9 @@ last epoch when ``test=`` is given; and the method's metrics. A method is driven
 the Method API (prepared at train start with the first optimizer and the estimated number of
 steps). Under ``strategy="ddp"`` every statistic is all-reduced before a decision, so every
 rank takes the same one; a method that draws random numbers (ReDo) needs the same seed on
-every rank (``lightning.seed_everything``). Physical removal (DemP, structured) is refused:
+every rank (``lightning.seed_everything``). Under FSDP2 (``ModelParallelStrategy`` with
+``fully_shard`` in ``configure_model``) the methods that act on shards (every one but DemP and
+structured) edit each rank's rows. Physical removal (DemP, structured) is refused:
 Lightning holds the parameters in its strategy's wrappers. The method's and the monitor's
 state travel in Lightning's own checkpoints (the callback's ``state_dict``), so
 ``trainer.fit(..., ckpt_path=...)`` resumes a run that equals a straight one. Needs
