@@ -131,3 +131,31 @@ def test_lightning_callback_under_ddp_and_fsdp_on_cpu(strategy, tmp_path):
         assert r["history"][0]["dormant/ss/dead_units"] == 6
         assert all(z > 0 for z in r["zeros"][:6]) and not any(r["zeros"][6:])
         assert r["logged"]["dormant/dead/act"] == pytest.approx(6 / 32)
+
+
+@pytest.mark.slow
+def test_lightning_fsdp_run_resumes_from_its_checkpoint_to_the_straight_one(tmp_path):
+    """FSDP2 under Lightning (2 gloo ranks, Adam, L2 Init whose state holds sharded initial
+    weights): 3 epochs straight equal 2 epochs, then `fit(ckpt_path=last.ckpt)` to 3 -- bitwise
+    weights and the same dormant metrics."""
+    pytest.importorskip("lightning")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent / "scripts" / "lightning_fsdp_resume.py"
+
+    def fit(ckpt_dir, epochs, *resume):
+        proc = subprocess.run([sys.executable, str(script), str(ckpt_dir), str(epochs),
+                               "l2-init", *resume], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+
+    straight = fit(tmp_path / "a", 3)
+    first = fit(tmp_path / "b", 2)
+    resumed = fit(tmp_path / "b", 3, str(tmp_path / "b" / "last.ckpt"))
+    assert first["hash"] != straight["hash"]
+    assert resumed["hash"] == straight["hash"]
+    assert resumed["last"] == straight["last"]
+    assert straight["last"]["dormant/l2init/distance"] > 0

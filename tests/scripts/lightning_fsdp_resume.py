@@ -1,0 +1,74 @@
+"""Run by tests/test_integrations.py: a LightningModule sharded with FSDP2 (Lightning's
+ModelParallelStrategy, `fully_shard` in `configure_model`) trained with DormantCallback on 2
+CPU ranks, checkpointing every epoch; rank 0 prints a digest of the whole weights and the
+last epoch's distance from the initial weights.
+
+    python tests/scripts/lightning_fsdp_resume.py CKPT_DIR EPOCHS METHOD [RESUME_FROM]
+"""
+import hashlib
+import json
+import sys
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+from dormant.integrations.lightning import DormantCallback
+
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)
+        with torch.no_grad():
+            self.fc1.bias[:6] = -1e3      # six units dead from the start
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, i):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, i):
+        pass
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.fc1, mesh=mesh)
+        fully_shard(self.fc2, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def main(ckpt_dir: str, epochs: int, method: str, resume: str | None) -> None:
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(256, 10, generator=g), torch.randint(0, 3, (256,), generator=g)
+    cb = DormantCallback(method=method, every_steps=1)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=2, logger=False,
+                        strategy=ModelParallelStrategy(data_parallel_size=2,
+                                                       tensor_parallel_size=1),
+                        callbacks=[cb, ckpt], enable_progress_bar=False,
+                        enable_model_summary=False)
+    model = Net()
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32),
+                DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32), ckpt_path=resume)
+    for m in model.modules():             # the parameters back in their shards
+        if hasattr(m, "reshard"):
+            m.reshard()
+    whole = b"".join(p.detach().full_tensor().numpy().tobytes() for p in model.parameters())
+    if trainer.global_rank == 0:
+        print("RESULT", json.dumps({"hash": hashlib.sha256(whole).hexdigest(),
+                                    "last": cb.history[-1]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
