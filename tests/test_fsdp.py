@@ -76,7 +76,10 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             mon = probe(model, x[rank::world], sites=sites)           # this rank's share
             stats = mon.stats()
             session = Session(None)
-            session.start(model, None, probe=x)                       # the same probe data
+            session.start(model, None, probe=x, example=x[:2])        # the same probe data
+            from dormant.sharding import resharded
+            whole_again = all(type(p).__name__ == "DTensor"           # no forward left open
+                              for p in resharded(model).parameters())
             _nudge(model)                                             # a distance to measure
             metrics = session.end_epoch()
             session.close()
@@ -95,7 +98,14 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
                 "positions": {n: s.positions for n, s in stats.items()},
                 "dead": {n: d for n, d in mon.dead_units().items()},
                 "metrics": metrics, "refused": refused, "compact": compact_refused,
+                "resharded": whole_again,
                 "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters())}
+        from dormant.batching import capture_inputs
+        from dormant.models import build_model
+        from dormant.sharding import resharded, shard
+        net = shard(build_model("resnet20", (1, 28, 28), 10))   # the root holds BatchNorms
+        capture_inputs(net, torch.randn(2, 1, 28, 28))          # a forward cut at its start
+        results["captured"] = [type(p).__name__ for p in resharded(net).parameters()]
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -121,7 +131,7 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
             metrics = session.end_epoch()
         for r in ranks:
             got = r[kind]
-            assert got["sharded"], kind
+            assert got["sharded"] and got["resharded"], kind
             assert set(got["active"]) == set(stats) and len(stats) >= 2, kind
             for n, s in stats.items():                 # exact: counts over both shares
                 assert torch.equal(got["active"][n], s.active), (kind, n)
@@ -135,6 +145,7 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
         for n in stats:
             assert torch.equal(ranks[0][kind]["dead"][n], ranks[1][kind]["dead"][n])
     assert ranks[0]["mlp"]["metrics"]["dead_units"] == 4
+    assert set(ranks[0]["captured"]) == {"DTensor"}      # capturing inputs left none gathered
     assert ranks[0]["mlp"]["metrics"]["distance_from_init"] > 0.1
 
 

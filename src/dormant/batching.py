@@ -128,7 +128,9 @@ def capture_inputs(model: nn.Module, batch: Any, forward: Forward = default_forw
     bound to their parameter names). The model itself does not run."""
     def grab(module, args, kwargs):
         raise _Captured(args, kwargs)
-    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    # first of the pre-hooks: FSDP2's would gather the root's parameters for a forward that
+    # never ends, and leave them so
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     try:
         forward(model, batch)
     except _Captured as c:

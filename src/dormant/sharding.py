@@ -238,8 +238,9 @@ def plain_copy(module: nn.Module) -> nn.Module:
 
 def shard(model: nn.Module) -> nn.Module:
     """`fully_shard` every Linear/Conv layer of `model`, then the root (which takes the rest:
-    norms, embeddings, an ``nn.MultiheadAttention``, whose forward reads its projections'
-    weights itself), on a one-dimensional mesh over the whole process group. The model's
+    norms, embeddings, a layer with a tied weight, an ``nn.MultiheadAttention``, whose
+    forward reads its projections' weights itself), on a one-dimensional mesh over the whole
+    process group. The model's
     parameters are DTensors afterwards: build the optimizer after this."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -250,9 +251,15 @@ def shard(model: nn.Module) -> nn.Module:
     mesh = init_device_mesh(p.device.type, (dist.get_world_size(),))
     attention = {id(s) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
                  for s in m.modules()}
+    owners: dict[int, int] = {}          # a tied weight (an LM head) stays with the root
+    for m in model.modules():
+        for q in m._parameters.values():
+            if q is not None:
+                owners[id(q)] = owners.get(id(q), 0) + 1
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     for m in model.modules():
-        if m is not model and isinstance(m, layers) and id(m) not in attention:
+        tied = any(owners[id(q)] > 1 for q in m._parameters.values() if q is not None)
+        if m is not model and isinstance(m, layers) and id(m) not in attention and not tied:
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return ready(model)
