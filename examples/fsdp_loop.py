@@ -7,8 +7,9 @@ Every Linear layer of an MLP, then the MLP itself, is wrapped with `fully_shard`
 holds half the rows of every weight. Each rank trains on its share of every batch; a
 `dormant.session.Session` drives the method and measures every epoch (the statistics are
 all-reduced, so every rank takes the same decision: the script compares every rank's metrics
-each epoch and prints the result). The method edits each rank's shards in place. On GPUs the
-same script runs with NCCL (``init_process_group("nccl")`` and the model on its device).
+each epoch and prints the result). The method edits each rank's shards in place. For GPUs,
+change three things: ``init_process_group("nccl")``, the mesh's device type ("cuda") and the
+model and batches on ``cuda:<LOCAL_RANK>``; nothing of dormant changes (not run here: no GPU).
 """
 import sys
 

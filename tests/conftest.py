@@ -1,4 +1,5 @@
 """Shared fixtures."""
+import contextlib
 import warnings
 
 import pytest
@@ -13,27 +14,27 @@ def no_fx_warning():
         yield
 
 
+@contextlib.contextmanager
+def interrupting(name: str, epoch: int = 2):
+    """Inside the block the registered method `name` raises KeyboardInterrupt at the end of
+    `epoch` (after acting, before the epoch's checkpoint), as a killed run would stop; the
+    registry is restored after it. Also for worker processes (``from conftest import ...``)."""
+    from dormant.methods import METHODS
+    original = METHODS.get(name)
+
+    class Interrupted(original):
+        def end_epoch(self, *args, **kwargs):
+            out = super().end_epoch(*args, **kwargs)
+            if self.epoch == epoch:
+                raise KeyboardInterrupt
+            return out
+
+    with METHODS.scoped():
+        METHODS._items[name] = Interrupted
+        yield
+
+
 @pytest.fixture
 def interrupt_at_epoch():
-    """``with interrupt_at_epoch("redo", 2):`` -- the registered method raises
-    KeyboardInterrupt at the end of that epoch (after acting, before the epoch's checkpoint),
-    as a killed run would stop; the registry is restored after the block."""
-    import contextlib
-
-    from dormant.methods import METHODS
-
-    @contextlib.contextmanager
-    def interrupt(name: str, epoch: int = 2):
-        original = METHODS.get(name)
-
-        class Interrupted(original):
-            def end_epoch(self, *args, **kwargs):
-                out = super().end_epoch(*args, **kwargs)
-                if self.epoch == epoch:
-                    raise KeyboardInterrupt
-                return out
-
-        with METHODS.scoped():
-            METHODS._items[name] = Interrupted
-            yield
-    return interrupt
+    """``with interrupt_at_epoch("redo", 2):`` -- see `interrupting`."""
+    return interrupting

@@ -193,13 +193,17 @@ def _loss(kind, model, x, y):
 
 
 def _train(kind: str, name: str, model, x, y, probe, rank=0, world=1) -> list[dict]:
-    """Two epochs of three SGD steps (each rank on its share of the batch) with method
+    """Two epochs of three optimizer steps (each rank on its share of the batch) with method
     `name` observing `probe`; the metrics of each epoch."""
     import warnings
 
     from dormant.methods import build
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # optimizer state reset on the shards: Adam's moments on the MLP, SGD momentum on the
+    # transformers (Adam would amplify their near-zero gradients' float noise, summed in
+    # another order by the shards, past 1e-5)
+    opt = (torch.optim.Adam(model.parameters(), lr=0.01) if kind == "mlp"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build(name, **METHODS[name]).prepare(model, opt, probe=probe, epochs=2)

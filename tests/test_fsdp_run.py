@@ -1,5 +1,6 @@
 """`dormant run --fsdp` (2 gloo processes): the run ends where one process ends, and an
 interrupted sharded run resumes to the straight sharded run, method state included."""
+import contextlib
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def test_dormant_run_fsdp_refuses_what_cannot_be_sharded(tmp_path):
             "--root", str(tmp_path)]
     proc = _torchrun(args + ["--method", "demp", "--fsdp"])
     assert proc.returncode != 0
-    assert "--fsdp: method demp does not act on FSDP2 shards" in proc.stderr
+    assert "--fsdp: demp does not act on FSDP2-sharded parameters" in proc.stderr
     assert "synaptic-stripping" in proc.stderr
     assert main(args + ["--fsdp"]) == 2                      # one process: nothing to shard
     assert not any(tmp_path.iterdir())
@@ -67,23 +68,14 @@ RESUMED = {"imp": {"rounds": 2, "epochs_per_round": 1}, "l2-init": {"lam": 0.01}
 def _resume_worker(rank: int, world: int, init: str, root: str, method: str, stop: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
+        from conftest import interrupting
+
         from dormant.experiments import ExperimentConfig, run_experiment
-        from dormant.methods import METHODS
         torch.set_num_threads(1)
         cfg = ExperimentConfig(dataset="synthetic", model="mlp", model_args={"width": 16},
                                epochs=3, batch_size=64, lr=0.1, method=method,
                                method_args=RESUMED[method])
-        original = METHODS.get(method)
-
-        class Interrupted(original):
-            def end_epoch(self, *args, **kwargs):
-                out = super().end_epoch(*args, **kwargs)
-                if self.epoch == stop:
-                    raise KeyboardInterrupt
-                return out
-
-        with METHODS.scoped():
-            METHODS._items[method] = Interrupted
+        with interrupting(method, stop) if stop else contextlib.nullcontext():
             try:
                 with open(os.path.join(root, f"log{rank}.txt"), "a") as log:
                     run_experiment(cfg, root, show_progress=False, fsdp=True,

@@ -154,10 +154,13 @@ def _owners(model: nn.Module, names: Iterable[str] | None):
     """(module, attribute, parameter) of every sharded parameter of `model` (of `names` only,
     when given), each owner of a tied parameter listed."""
     wanted = None if names is None else set(names)
-    by_id = {id(p): n for n, p in model.named_parameters()}
+    by_id: dict[int, set[str]] = {}           # a tied parameter answers to each of its names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), set()).add(n)
     for m in model.modules():
         for attr, p in m._parameters.items():
-            if p is not None and is_sharded(p) and (wanted is None or by_id.get(id(p)) in wanted):
+            if p is not None and is_sharded(p) and (wanted is None
+                                                    or by_id.get(id(p), set()) & wanted):
                 yield m, attr, p
 
 
@@ -165,11 +168,13 @@ def _owners(model: nn.Module, names: Iterable[str] | None):
 def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
              names: Iterable[str] | None = None) -> Iterator[nn.Module]:
     """Inside the block, the sharded parameters of `model` (those named in `names`, or all)
-    are full plain parameters on every rank, their optimizer state (SGD momentum, Adam's
-    moments) full tensors keyed by them; whatever the block edits in place, each rank then
-    keeps its own rows of (parameters and state alike). A plain model is left as it is. The
-    block must not run the model (FSDP2 would put its own tensors back); an exception inside
-    it leaves the shards as they were. Memory: the gathered tensors, on every rank."""
+    are full plain parameters on every rank, with their optimizer state (SGD momentum, Adam's
+    moments) as full tensors keyed by them when `optimizer` is given (a block that only
+    reads passes none); whatever the block edits in place, each rank then keeps its own rows
+    of (parameters and state alike). A plain model is left as it is. The block must not run
+    the model (FSDP2 would put its own tensors back). An exception inside it leaves the
+    shards and their per-entry optimizer state as they were (a mask updated inside stays).
+    Memory: the gathered tensors and their state, on every rank."""
     if not is_fsdp(model):
         yield model
         return
@@ -285,7 +290,7 @@ def sharded_like(model: nn.Module, state: dict | None) -> dict | None:
     if state is None or not is_fsdp(model):
         return state
     from torch.distributed.tensor import DTensor
-    params = dict(resharded(model).named_parameters())
+    params = dict(resharded(model).named_parameters(remove_duplicate=False))   # tied: each name
     out = {}
     for k, v in state.items():
         p = params.get(k)
@@ -302,18 +307,18 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
                ) -> tuple[dict, dict | None]:
     """(model state, optimizer state) of an FSDP2 model with whole tensors on the host, for a
     checkpoint any number of ranks can load (`load_full_state`); the optimizer's state is
-    keyed by parameter names. A collective: every rank calls it, every rank gets it."""
+    keyed by parameter names. A collective: every rank calls it, rank 0 gets the state (the
+    others empty dicts), gathered one tensor at a time onto the host."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
-    options = StateDictOptions(full_state_dict=True)
-    model_state = gathered_state(get_model_state_dict(resharded(model), options=options))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(resharded(model), options=options)
     if optimizer is None:
         return model_state, None
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    return model_state, gathered_state(optim_state)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -18,9 +18,9 @@ from dormant.integrations.lightning import DormantCallback
 
 
 class Net(L.LightningModule):
-    def __init__(self, shard: bool = False):
+    def __init__(self, shard: bool = False, lr: float = 0.0):
         super().__init__()
-        self.shard = shard
+        self.shard, self.lr = shard, lr
         self.fc1, self.act, self.fc2 = nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)
         with torch.no_grad():
             self.fc1.bias[:6] = -1e3      # six units dead from the start
@@ -44,8 +44,10 @@ class Net(L.LightningModule):
         fully_shard(self.fc2, mesh=mesh)
         fully_shard(self, mesh=mesh)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)   # only the method moves weights
+    def configure_optimizers(self):         # lr 0 (the default): only the method moves weights
+        if self.lr == 0:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

@@ -8,43 +8,18 @@ last epoch's distance from the initial weights.
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from dormant.integrations.lightning import DormantCallback
 
-
-class Net(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)
-        with torch.no_grad():
-            self.fc1.bias[:6] = -1e3      # six units dead from the start
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-    def training_step(self, batch, i):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, i):
-        pass
-
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-        mesh = self.device_mesh["data_parallel"]
-        fully_shard(self.fc1, mesh=mesh)
-        fully_shard(self.fc2, mesh=mesh)
-        fully_shard(self, mesh=mesh)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.01)
+sys.path.insert(0, str(Path(__file__).parent))
+from lightning_ddp import Net  # noqa: E402  (the same module, sharded, trained with Adam)
 
 
 def main(ckpt_dir: str, epochs: int, method: str, resume: str | None) -> None:
@@ -58,7 +33,7 @@ def main(ckpt_dir: str, epochs: int, method: str, resume: str | None) -> None:
                                                        tensor_parallel_size=1),
                         callbacks=[cb, ckpt], enable_progress_bar=False,
                         enable_model_summary=False)
-    model = Net()
+    model = Net(shard=True, lr=0.01)
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32),
                 DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32), ckpt_path=resume)
     for m in model.modules():             # the parameters back in their shards

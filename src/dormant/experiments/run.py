@@ -16,6 +16,7 @@ from .. import methods
 from ..activations import make_activation
 from ..data import load_dataset
 from ..jsonl import write_jsonl
+from ..methods.base import not_on_shards
 from ..models import build_model, initialize
 from ..rundir import CorruptRunError, RunFiles, code_version, run_lock, writable_dir, write_json
 from ..schedules import make_scheduler
@@ -106,10 +107,7 @@ def _check_fsdp(method, world: int) -> None:
         raise ValueError("--fsdp shards the model over the ranks of torchrun: run it as "
                          "torchrun --nproc_per_node N -m dormant run --fsdp ... (N >= 2)")
     if method is not None and not method.acts_on_sharded:
-        works = methods.acting_on_shards()
-        raise ValueError(f"--fsdp: method {method.name} does not act on FSDP2 shards (it "
-                         f"removes units physically); these do: {', '.join(works)}. Run "
-                         f"{method.name} without --fsdp (DistributedDataParallel)")
+        raise ValueError("--fsdp: " + not_on_shards(method.name))
 
 
 def _check_ranks_agree(model) -> None:

@@ -100,11 +100,13 @@ class DormantTrainerCallback(TrainerCallback):
         self.session.close()
 
     def on_save(self, args, state, control, **kwargs):
-        """The Trainer has written ``checkpoint-<step>``: the dormant state goes with it."""
+        """The Trainer has written ``checkpoint-<step>``: the dormant state goes with it
+        (gathered on every rank under FSDP2, written by the first)."""
+        session = self.session.state_dict()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             tmp = folder / (self.STATE + ".tmp")
-            torch.save({"format": SESSION_FORMAT, "session": self.session.state_dict(),
+            torch.save({"format": SESSION_FORMAT, "session": session,
                         "history": self.history}, tmp)
             os.replace(tmp, folder / self.STATE)
 

@@ -176,7 +176,7 @@ class AP(IMP):
         return super().pruned_names(model)
 
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
-        with self.editing(self.names):       # under FSDP2 the weights are read whole
+        with self.editing(self.names, state=False):   # FSDP2: the weights read whole
             return self._decide(rnd)
 
     def _decide(self, rnd: int) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ from ..sites import (
 from ..units import incoming, outgoing
 
 __all__ = ["EpochResult", "METHODS", "Method", "MethodOptions", "PeriodicOptions",
-           "acting_on_shards", "prunable_weights", "weight_sparsity"]
+           "acting_on_shards", "not_on_shards", "prunable_weights", "weight_sparsity"]
 
 # Every method registers itself beside its class: ``@METHODS.register`` (under its `name`).
 METHODS = Registry("method")
@@ -344,14 +344,15 @@ class Method:
                               + salt + 24_593)
             yield
 
-    def editing(self, names: Iterable[str] | None = None):
+    def editing(self, names: Iterable[str] | None = None, *, state: bool = True):
         """A block that reads or edits parameters outside a forward: under FSDP2 the model's
-        sharded parameters (`names`, or all) are whole there, with their optimizer state,
-        and each rank keeps its rows of the edits (`dormant.sharding.gathered`); nothing
-        changes for any other model. The block must not run the model."""
+        sharded parameters (`names`, or all) are whole there, with their optimizer state
+        (unless `state=False`: a block that leaves it alone), and each rank keeps its rows of
+        the edits (`dormant.sharding.gathered`); nothing changes for any other model. The
+        block must not run the model."""
         if not is_fsdp(_unwrap(self.model)):
             return contextlib.nullcontext()
-        return gathered(_unwrap(self.model), self.optimizer, names)
+        return gathered(_unwrap(self.model), self.optimizer if state else None, names)
 
     def ensure_masks(self) -> Masks:
         """The method's masks, created and attached to the optimizer on first use."""
@@ -483,8 +484,8 @@ class Method:
 
 def _versions(model: nn.Module) -> list[tuple[int, int]]:
     """Identity and in-place version of every parameter and buffer: any edit changes it."""
-    m = _unwrap(model)
-    return [(id(t), t._version) for t in (*m.parameters(), *m.buffers())]
+    m = _unwrap(model)      # a shard edited in place bumps its local tensor's version only
+    return [(id(t), t._version, local(t)._version) for t in (*m.parameters(), *m.buffers())]
 
 
 def acting_on_shards() -> list[str]:
@@ -492,19 +493,22 @@ def acting_on_shards() -> list[str]:
     return [n for n in METHODS.names() if getattr(METHODS.get(n), "acts_on_sharded", False)]
 
 
+def not_on_shards(name: str) -> str:
+    """Why method `name` refuses FSDP2 shards, and what works instead."""
+    return (f"{name} does not act on FSDP2-sharded parameters (it removes units physically, "
+            "so every shard would change shape, or it was not written for shards). These do: "
+            f"{', '.join(acting_on_shards())}; the monitor, dormant.diagnose and the epoch-end "
+            f"metrics work too (Session(None)). Run {name} without sharding "
+            "(DistributedDataParallel: torchrun -m dormant run ... without --fsdp)")
+
+
 def _check_not_sharded(name: str, model: nn.Module) -> None:
     """Methods that remove units (or were not written for shards) refuse FSDP2 models."""
     sharded = sharded_parameters(_unwrap(model))
     if sharded:
-        works = acting_on_shards()
-        raise ValueError(
-            f"{name}: the model's parameters are sharded by FSDP2 (fully_shard: "
-            f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}), and {name} "
-            f"does not act on sharded parameters (it removes units physically, so every "
-            f"shard would change shape, or it was not written for shards). These do: "
-            f"{', '.join(works)}; the monitor, dormant.diagnose and the epoch-end metrics "
-            "work too (Session(None)). Run it without fully_shard (DistributedDataParallel: "
-            "torchrun -m dormant run ...)")
+        raise ValueError(f"{name}: the model's parameters are sharded by FSDP2 (fully_shard: "
+                         f"{', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}); "
+                         + not_on_shards(name))
 
 
 def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:

@@ -177,7 +177,7 @@ class IterativePruning(Method):
             if evaluate is not None:
                 result.update(evaluate(self.model))
         result["round_end"] = True
-        with self.editing():
+        with self.editing(state=False):
             result.update(self.report())
         if rnd < self.opts.rounds:
             result["pruned"] = self._prune(rnd)
@@ -255,6 +255,6 @@ class IMP(IterativePruning):
     def decide(self, rnd: int) -> dict[str, torch.Tensor]:
         masks = self.pruning_masks()
         n = count_to_prune(alive(masks), self.opts.rate)
-        with self.editing(self.names):       # under FSDP2 the weights are read whole
+        with self.editing(self.names, state=False):   # FSDP2: the weights read whole
             return PRUNERS.get(self.opts.pruner)(self.weights(), masks, n,
                                                  generator=self.generator(rnd))

@@ -215,13 +215,13 @@ class NNrelief(IterativePruning):
         fcs = [n for n in layers if n not in convs]
         new: dict[str, torch.Tensor] = {}
         stats, dead = self._pass(model, layers)
-        with self.editing():          # under FSDP2 the parameters are read whole
+        with self.editing(state=False):     # under FSDP2 the parameters are read whole
             self._score(model, convs, stats, new)
             self._drop_dead(model, dead, new, convs)
         if convs and fcs:
             with _masked(model, new):
                 stats, dead = self._pass(model, fcs)
-        with self.editing():
+        with self.editing(state=False):
             self._score(model, fcs, stats, new)
             self._drop_dead(model, dead, new, fcs)
             self._backward_pass(model, new)

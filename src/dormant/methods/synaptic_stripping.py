@@ -113,7 +113,7 @@ class SynapticStripping(Method):
 
     def update(self, act: bool = True) -> None:
         dead = self.observe().dead_units("never_active")
-        with self.editing(self.touched_by(self.sites)):
+        with self.editing(self.touched_by(self.sites), state=False):
             self._strip(dead, act)
 
     def _strip(self, dead: dict[str, torch.Tensor], act: bool) -> None:

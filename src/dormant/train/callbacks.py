@@ -267,12 +267,12 @@ class CheckpointCallback(Callback):
         sharded = is_fsdp(trainer.model)
         if sharded:               # every rank gathers its shards; rank 0 writes whole tensors
             model, optimizer = full_state(trainer.model, trainer.optimizer)
-            callbacks = {key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)}
+        callbacks = ({key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)}
+                     if sharded or trainer.rank == 0 else None)
         if trainer.rank != 0:     # one writer: rank 0
             return
         if not sharded:
             model, optimizer = trainer.model.state_dict(), trainer.optimizer.state_dict()
-            callbacks = {key: cb.state_dict() for key, cb in _keyed(trainer.callbacks)}
         state = {
             "identity": self.identity,
             "epoch": trainer.epoch, "step": trainer.step, "stop": trainer.stop,

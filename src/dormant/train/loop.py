@@ -256,9 +256,16 @@ class Trainer:
     @torch.no_grad()
     def _broadcast_buffers(self) -> None:
         """Rank 0's buffers (BatchNorm's running statistics) on every rank before a training
-        forward, as DistributedDataParallel does; FSDP2 leaves buffers alone."""
+        forward, as DistributedDataParallel does; FSDP2 leaves buffers alone. One broadcast
+        per dtype (the buffers flattened together)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for b in self.model.buffers():
-            torch.distributed.broadcast(b, 0)
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for group in by_dtype.values():
+            flat = torch.cat([b.flatten() for b in group])
+            torch.distributed.broadcast(flat, 0)
+            for b, value in zip(group, flat.split([b.numel() for b in group])):
+                b.copy_(value.view_as(b))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._call("on_step_start")
