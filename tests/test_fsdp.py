@@ -93,7 +93,12 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
                 compact_refused = ""
             except ValueError as err:
                 compact_refused = str(err)
+            from dormant.sharding import gathered_state, sharded_like
+            whole = gathered_state(resharded(model).state_dict())     # OPT's tied LM head too
+            resharded(model).load_state_dict(sharded_like(model, whole))
+            back = gathered_state(resharded(model).state_dict())
             results[kind] = {
+                "round_trip": all(torch.equal(whole[k], back[k]) for k in whole),
                 "active": {n: s.active for n, s in stats.items()},
                 "positions": {n: s.positions for n, s in stats.items()},
                 "dead": {n: d for n, d in mon.dead_units().items()},
@@ -131,7 +136,7 @@ def test_the_monitor_and_the_epoch_metrics_under_fsdp2_equal_one_process(tmp_pat
             metrics = session.end_epoch()
         for r in ranks:
             got = r[kind]
-            assert got["sharded"] and got["resharded"], kind
+            assert got["sharded"] and got["resharded"] and got["round_trip"], kind
             assert set(got["active"]) == set(stats) and len(stats) >= 2, kind
             for n, s in stats.items():                 # exact: counts over both shares
                 assert torch.equal(got["active"][n], s.active), (kind, n)
