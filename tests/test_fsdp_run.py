@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")]
 
-ARGS = {"redo": "tau=0.1", "imp": "rounds=2,epochs_per_round=1", "l2-init": "lam=0.01"}
+# (L2 Init: in-process in test_fsdp.py, resumed through Lightning in test_integrations.py)
+ARGS = {"redo": "tau=0.1", "imp": "rounds=2,epochs_per_round=1"}
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
@@ -62,7 +63,7 @@ def test_dormant_run_fsdp_refuses_what_cannot_be_sharded(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-RESUMED = {"imp": {"rounds": 2, "epochs_per_round": 1}, "l2-init": {"lam": 0.01}}
+RESUMED = {"imp": {"rounds": 2, "epochs_per_round": 1}}
 
 
 def _resume_worker(rank: int, world: int, init: str, root: str, method: str, stop: int) -> None:
@@ -88,9 +89,8 @@ def _resume_worker(rank: int, world: int, init: str, root: str, method: str, sto
 
 @pytest.mark.parametrize("method", list(RESUMED))
 def test_an_interrupted_fsdp_run_resumes_to_the_straight_one(method, tmp_path):
-    """The checkpoint holds whole tensors (model, optimizer, the method's rewind point or
-    initial weights, the session's initial weights); a resumed sharded run equals the
-    straight one."""
+    """The checkpoint holds whole tensors (model, optimizer, IMP's masks and rewind point,
+    the session's initial weights); a resumed sharded run equals the straight one."""
     from dormant.jsonl import read_jsonl
 
     def spawn(root, stop, tag):
