@@ -200,7 +200,7 @@ def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: boo
         _check_ranks_agree(model)
     history = history.rows
     arch = architecture(model)
-    weights = full_state(model)[0] if fsdp else model.state_dict()    # whole, on every rank
+    weights = full_state(model)[0] if fsdp else model.state_dict()    # FSDP2: whole, on rank 0
     if writer:
         tmp = files.model.with_suffix(".pt.tmp")
         torch.save(weights, tmp)

@@ -36,9 +36,9 @@ from .redo import ReDo
 from .structured import StructuredPruning
 from .synaptic_stripping import SynapticStripping
 
-__all__ = ["AP", "acting_on_shards", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning",
-           "L2Init", "METHODS", "Method", "MethodOptions", "NNrelief", "OptionError", "ReDo",
-           "ShrinkPerturb", "StructuredPruning", "SynapticStripping", "build",
+__all__ = ["AP", "ContinualBackprop", "DemP", "EpochResult", "IMP", "IterativePruning", "L2Init",
+           "METHODS", "Method", "MethodOptions", "NNrelief", "OptionError", "ReDo", "ShrinkPerturb",
+           "StructuredPruning", "SynapticStripping", "acting_on_shards", "build",
            "describe_options", "from_options", "method_options", "parse_options",
            "prunable_weights", "weight_sparsity"]
 

@@ -482,8 +482,8 @@ class Method:
         self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
 
 
-def _versions(model: nn.Module) -> list[tuple[int, int]]:
-    """Identity and in-place version of every parameter and buffer: any edit changes it."""
+def _versions(model: nn.Module) -> list[tuple[int, int, int]]:
+    """Identity and in-place versions of every parameter and buffer: any edit changes them."""
     m = _unwrap(model)      # a shard edited in place bumps its local tensor's version only
     return [(id(t), t._version, local(t)._version) for t in (*m.parameters(), *m.buffers())]
 
