@@ -51,15 +51,16 @@ def test_dormant_run_fsdp_ends_where_one_process_ends(method, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
-def test_dormant_run_fsdp_refuses_what_cannot_be_sharded(tmp_path):
+def test_dormant_run_fsdp_refuses_what_cannot_be_sharded(tmp_path, capsys):
     from dormant.cli import main
     args = ["run", "--dataset", "synthetic", "--epochs", "1", "--no-progress",
             "--root", str(tmp_path)]
-    proc = _torchrun(args + ["--method", "demp", "--fsdp"])
-    assert proc.returncode != 0
-    assert "--fsdp: demp does not act on FSDP2-sharded parameters" in proc.stderr
-    assert "synaptic-stripping" in proc.stderr
+    assert main(args + ["--method", "demp", "--fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp: demp does not act on FSDP2-sharded parameters" in err
+    assert "synaptic-stripping" in err
     assert main(args + ["--fsdp"]) == 2                      # one process: nothing to shard
+    assert "torchrun --nproc_per_node N" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -1,6 +1,6 @@
 """Run by tests/test_integrations.py: a LightningModule sharded with FSDP2 (Lightning's
 ModelParallelStrategy, `fully_shard` in `configure_model`) trained with DormantCallback on 2
-CPU ranks, checkpointing every epoch; rank 0 prints a digest of the whole weights and the
+CPU ranks, keeping a checkpoint of every epoch; rank 0 prints a digest of the whole weights and the
 last epoch's distance from the initial weights.
 
     python tests/scripts/lightning_fsdp_resume.py CKPT_DIR EPOCHS METHOD [RESUME_FROM]
@@ -27,7 +27,7 @@ def main(ckpt_dir: str, epochs: int, method: str, resume: str | None) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(256, 10, generator=g), torch.randint(0, 3, (256,), generator=g)
     cb = DormantCallback(method=method, every_steps=1)
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1)   # every epoch
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=2, logger=False,
                         strategy=ModelParallelStrategy(data_parallel_size=2,
                                                        tensor_parallel_size=1),

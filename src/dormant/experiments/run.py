@@ -102,12 +102,12 @@ def run_experiment(cfg: ExperimentConfig, root: str | os.PathLike = "runs", *,
 
 
 def _check_fsdp(method, world: int) -> None:
-    """--fsdp needs torchrun and a method that acts on shards; refused before anything runs."""
+    """--fsdp needs a method that acts on shards and torchrun; refused before anything runs."""
+    if method is not None and not method.acts_on_sharded:
+        raise ValueError("--fsdp: " + not_on_shards(method.name))
     if world < 2:
         raise ValueError("--fsdp shards the model over the ranks of torchrun: run it as "
                          "torchrun --nproc_per_node N -m dormant run --fsdp ... (N >= 2)")
-    if method is not None and not method.acts_on_sharded:
-        raise ValueError("--fsdp: " + not_on_shards(method.name))
 
 
 def _check_ranks_agree(model) -> None:

@@ -57,7 +57,7 @@ import torch
 
 from ..options import option
 from ..sites import _unwrap
-from ..units import fan_in_rows, rows_to_weight, site_rows, weight_name
+from ..units import fan_in_rows, rows_to_weight, site_rows, tensor, weight_name
 from .base import METHODS, Method, PeriodicOptions, weight_sparsity
 
 __all__ = ["SynapticStripping", "beyond_reach", "strip_decision"]
@@ -113,7 +113,8 @@ class SynapticStripping(Method):
 
     def update(self, act: bool = True) -> None:
         dead = self.observe().dead_units("never_active")
-        with self.editing(self.touched_by(self.sites), state=False):
+        hit = [s for s in self.sites if dead[s.name].any()]      # the sites it reads and cuts
+        with self.editing(self.touched_by(hit), state=False):
             self._strip(dead, act)
 
     def _strip(self, dead: dict[str, torch.Tensor], act: bool) -> None:
@@ -168,12 +169,13 @@ class SynapticStripping(Method):
         total = 0
         for site in self.sites:
             name = weight_name(site)
-            rows = fan_in_rows(model, site)
+            live = ~dead[site.name]
             if self.masks is not None and name in self.masks.masks:
-                keep = site_rows(model, site, self.masks.masks[name])
-            else:
-                keep = torch.ones_like(rows, dtype=torch.bool)
-            total += int(keep[~dead[site.name]].sum())
+                total += int(site_rows(model, site, self.masks.masks[name])[live].sum())
+            else:      # the shape alone (under FSDP2 the weight is this rank's rows)
+                shape = tensor(model, name).shape
+                rows = site_rows(model, site, torch.empty(shape, device="meta"))
+                total += int(live.sum()) * rows.shape[1]
         return total
 
     def state_dict(self) -> dict:
