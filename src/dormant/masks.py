@@ -60,8 +60,11 @@ class Masks:
     @torch.no_grad()
     def apply(self) -> None:
         """Zero every masked weight in place."""
-        if self._fsdp:
-            resharded(self.model)    # the root's parameters stay whole after a forward
+        if not self._fsdp:                # every step: the plain path first
+            for name, m in self.masks.items():
+                self._params[name].mul_(m)
+            return
+        resharded(self.model)             # the root's parameters stay whole after a forward
         for name, m in self.masks.items():
             p = self._param(name)
             local(p).mul_(rows(p, m))
@@ -71,7 +74,10 @@ class Masks:
         for name, m in self.masks.items():
             p = self._param(name)
             if p.grad is not None:
-                local(p.grad).mul_(rows(p, m) if is_sharded(p.grad) else m)
+                if self._fsdp and is_sharded(p.grad):
+                    local(p.grad).mul_(rows(p, m))
+                else:
+                    p.grad.mul_(m)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Masks":
         """Mask gradients before and re-apply masks after every `optimizer.step()`."""
