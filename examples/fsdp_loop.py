@@ -98,7 +98,7 @@ def main(name: str) -> None:
 if __name__ == "__main__":
     method = sys.argv[1] if len(sys.argv) > 1 else "redo"
     if method not in OPTIONS:
-        works = [n for n in METHODS.names() if n in OPTIONS]
-        sys.exit(f"unknown method or one that does not act on FSDP2 shards: {method!r}; "
-                 f"choose from {', '.join(works)}")
+        why = ("removes units physically, which FSDP2 shards cannot follow"
+               if method in METHODS and method != "none" else "is not a dormant method here")
+        sys.exit(f"{method!r} {why}; choose from {', '.join(sorted(OPTIONS))}")
     main(method)

@@ -227,6 +227,34 @@ def _train(kind: str, name: str, model, x, y, probe, rank=0, world=1) -> list[di
     return epochs
 
 
+def _mistakes(mesh) -> list[str]:
+    """What a user gets for sharding at the wrong moment: the optimizer built before
+    fully_shard; the model sharded after prepare."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dormant.methods import build
+    out = []
+    model, x, _, inner = _planted("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)          # before sharding
+    for m in inner:
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        build("redo").prepare(model, opt, probe=x)
+    except ValueError as err:
+        out.append(str(err))
+    model, x, _, inner = _planted("mlp")
+    method = build("redo").prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), probe=x)
+    for m in inner:                                             # sharded after prepare
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        method.end_epoch()
+    except RuntimeError as err:
+        out.append(str(err))
+    return out
+
+
 def _methods_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
@@ -236,7 +264,7 @@ def _methods_worker(rank: int, world: int, init: str, out: str) -> None:
         from dormant.sharding import resharded
         torch.set_num_threads(1)
         mesh = init_device_mesh("cpu", (world,))
-        results = {}
+        results = {"mistakes": _mistakes(mesh)}
         for kind in KINDS:
             for name in METHODS:
                 model, x, y, inner = _planted(kind)
@@ -257,6 +285,9 @@ def test_every_method_under_fsdp2_ends_where_one_process_ends(tmp_path):
     process's run within 1e-5, with the same decisions on both ranks and in one process."""
     mp.spawn(_methods_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"methods{r}.pt", weights_only=False) for r in range(2)]
+    before, after = ranks[0]["mistakes"]
+    assert "build the optimizer after fully_shard" in before
+    assert "sharded with FSDP2 after prepare()/start()" in after and "Shard first" in after
     for kind in KINDS:
         for name in METHODS:
             model, x, y, _ = _planted(kind)

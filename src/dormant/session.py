@@ -30,6 +30,7 @@ from .batching import Forward, capture_inputs, default_forward, probe_example
 from .criteria import CRITERIA
 from .diagnose import diagnosis, probe
 from .methods import EpochResult, Method, build
+from .methods.base import check_layout
 from .metrics import FeatureRecorder, distance_from, initial_state, plasticity_from
 from .monitor import ActivityMonitor, _every_steps
 from .sharding import gathered_state, is_fsdp, resharded, rows, sharded_parameters, whole_rows
@@ -82,6 +83,7 @@ class Session:
         self._grad_steps = 0
         self._found = False                  # sites found once (given ones used first)
         self._saved: dict | None = None      # a checkpoint's state, applied at `start`
+        self._sharded = False                # the model was sharded (FSDP2) at `start`
 
     # -- the run's events ----------------------------------------------------------------
     def start(self, model: nn.Module, optimizer, *, probe: Any = None, example: Any = None,
@@ -95,6 +97,7 @@ class Session:
         if self.monitor is not None:        # started before (a second fit): hooks off first
             self.monitor.close()
         self.model, self.probe, self.test, self.step = model, probe, test, int(step)
+        self._sharded = is_fsdp(model)
         if self.forward is default_forward and not _has_forward(model):
             raise TypeError(f"dormant: {type(model).__name__} has no forward(), so a probe batch "
                             "cannot be fed to it: give it a forward() that takes a batch's "
@@ -165,6 +168,7 @@ class Session:
         if self.model is None:
             raise RuntimeError("dormant: call session.start(model, optimizer, probe=...) "
                                "before end_epoch()")
+        check_layout("dormant", self.model, self._sharded)
         out = EpochResult()
         self.last = None           # the pass of this epoch only, never an older one
         if self.watch and not diverged:

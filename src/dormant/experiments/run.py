@@ -141,7 +141,9 @@ def _finished(rd: Path, cfg: ExperimentConfig, log) -> dict:
         raise CorruptRunError(f"{rd} holds the result of run {saved}, not of {cfg.label()} (a "
                               "copied, moved or linked directory): move it away to train this "
                               "config")
-    log(f"[skip] {rd} already finished")
+    spread = (f" (trained on {result['world_size']} ranks, sharded with FSDP2)"
+              if result.get("sharding") == "fsdp" else "")
+    log(f"[skip] {rd} already finished{spread}")
     return {**result, "skipped": True}
 
 
@@ -168,6 +170,7 @@ def _train(cfg: ExperimentConfig, rd: Path, session: Session, show_progress: boo
     arch_built = architecture(model)
     if fsdp:
         shard(model)            # before the optimizer: it must hold the sharded parameters
+        log(f"[fsdp] the model sharded over {rank_and_world()[1]} ranks (FSDP2)")
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     period = getattr(session.method, "schedule_period", lambda: None)()  # pruning rounds restart it

@@ -157,6 +157,7 @@ class Method:
         self._probe: Any = None
         self._saved_masks: dict | None = None
         self._changed = False
+        self._sharded = False      # the model was sharded (FSDP2) when prepared
         self._offered: tuple[ActivityMonitor, list] | None = None   # see end_epoch(observed=)
 
     def __repr__(self) -> str:
@@ -180,6 +181,8 @@ class Method:
         example: the model's inputs for site discovery, a tensor or a mapping of keyword
             inputs (default: what `forward` passes the model for the first two probe samples).
         """
+        if not self.acts_on_sharded:      # first: no other fix would make it run
+            _check_not_sharded(self.name, model)
         for need in self.needs:
             if {"total_steps": total_steps, "epochs": epochs, "probe": probe}[need] is None:
                 raise ValueError(f"{self.name}: prepare() needs {need}=... (its schedule "
@@ -193,9 +196,8 @@ class Method:
                                  f"run's length), got {value!r}")
         self.check_budget(epochs=epochs, total_steps=total_steps)
         _check_optimizer(self.name, model, optimizer)
-        if not self.acts_on_sharded:
-            _check_not_sharded(self.name, model)
         self.model, self.optimizer = model, optimizer
+        self._sharded = is_fsdp(_unwrap(model))
         self.forward, self._probe = forward or default_forward, probe
         self.total_steps, self.epochs, self.seed = total_steps, epochs, int(seed)
         if self.uses_sites:
@@ -438,6 +440,7 @@ class Method:
             passing the data through the model again, as long as it applies (see `observe`).
         """
         self._require_prepared()
+        check_layout(self.name, self.model, self._sharded)
         self.epoch += 1
         self._changed = False
         result = EpochResult()
@@ -488,6 +491,15 @@ def _versions(model: nn.Module) -> list[tuple[int, int, int]]:
     return [(id(t), t._version, local(t)._version) for t in (*m.parameters(), *m.buffers())]
 
 
+def check_layout(name: str, model: nn.Module, sharded: bool) -> None:
+    """Refuse a model sharded with FSDP2 after it was handed over unsharded (its optimizer
+    and the method's state would hold the old parameters, silently untrained)."""
+    if is_fsdp(_unwrap(model)) and not sharded:
+        raise RuntimeError(f"{name}: the model was sharded with FSDP2 after prepare()/start(): "
+                           "its optimizer and dormant's state hold the old parameters. Shard "
+                           "first (fully_shard), then build the optimizer, then prepare/start")
+
+
 def acting_on_shards() -> list[str]:
     """The registered methods that act on FSDP2-sharded parameters."""
     return [n for n in METHODS.names() if getattr(METHODS.get(n), "acts_on_sharded", False)]
@@ -523,8 +535,10 @@ def _check_optimizer(name: str, model: nn.Module, optimizer) -> None:
                         f"{type(optimizer).__name__}")
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not any(id(p) in held for p in _unwrap(model).parameters()):
-        raise ValueError(f"{name}: the optimizer holds none of the model's parameters: pass "
-                         "the optimizer that trains this model")
+        hint = (" (the model is sharded by FSDP2: build the optimizer after fully_shard, from "
+                "the sharded parameters)" if is_fsdp(_unwrap(model)) else "")
+        raise ValueError(f"{name}: the optimizer holds none of the model's parameters{hint}: "
+                         "pass the optimizer that trains this model")
 
 
 def check_option(ok: bool, owner: str, message: str) -> None:
