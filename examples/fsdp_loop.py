@@ -92,7 +92,8 @@ def main(name: str) -> None:
     mine = sum(p.to_local().numel() for p in model.parameters())
     if rank == 0:
         print(f"{name}: done, {params} parameters, {mine} of them on rank 0", flush=True)
-    dist.destroy_process_group()
+    dist.barrier()                        # every rank done before the group closes (gloo
+    dist.destroy_process_group()          # under FSDP2 may abort at exit otherwise)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         capture_inputs(net, torch.randn(2, 1, 28, 28))          # a forward cut at its start
         results["captured"] = [type(p).__name__ for p in resharded(net).parameters()]
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()            # then close: gloo under FSDP2 may abort at exit otherwise
     finally:
         dist.destroy_process_group()
 
@@ -275,6 +276,7 @@ def _methods_worker(rank: int, world: int, init: str, out: str) -> None:
                 full = {n: p.full_tensor() for n, p in resharded(model).named_parameters()}
                 results[kind, name] = {"params": full, "metrics": metrics}
         torch.save(results, os.path.join(out, f"methods{rank}.pt"))
+        dist.barrier()            # then close: gloo under FSDP2 may abort at exit otherwise
     finally:
         dist.destroy_process_group()
 

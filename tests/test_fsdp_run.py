@@ -84,6 +84,7 @@ def _resume_worker(rank: int, world: int, init: str, root: str, method: str, sto
                                    log=lambda line: print(line, file=log))
             except KeyboardInterrupt:
                 pass
+        dist.barrier()            # then close: gloo under FSDP2 may abort at exit otherwise
     finally:
         dist.destroy_process_group()
 
