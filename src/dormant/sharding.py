@@ -80,11 +80,14 @@ def rows(t: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
 def whole_rows(t: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
     """The whole tensor of which `mine` holds this rank's rows, laid out as the sharded `t`
     (a collective); `mine` itself when `t` is not sharded."""
-    if not is_sharded(t):
-        return mine
+    return _as_shard(t, mine).full_tensor() if is_sharded(t) else mine
+
+
+def _as_shard(t: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """`mine`, this rank's rows, as a DTensor laid out like the sharded `t`."""
     from torch.distributed.tensor import DTensor
-    return DTensor.from_local(mine.to(local(t).device), t.device_mesh, t.placements,
-                              shape=t.shape, stride=t.stride()).full_tensor()
+    return DTensor.from_local(mine.to(device=local(t).device), t.device_mesh, t.placements,
+                              shape=t.shape, stride=t.stride())
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -289,16 +292,13 @@ def sharded_like(model: nn.Module, state: dict | None) -> dict | None:
     rank's rows (what `gathered_state` undoes). Other entries are kept as they are."""
     if state is None or not is_fsdp(model):
         return state
-    from torch.distributed.tensor import DTensor
     params = dict(resharded(model).named_parameters(remove_duplicate=False))   # tied: each name
     out = {}
     for k, v in state.items():
         p = params.get(k)
         if (p is not None and is_sharded(p) and torch.is_tensor(v) and not is_sharded(v)
                 and v.shape == p.shape):
-            mine = rows(p, v).to(device=local(p).device, dtype=p.dtype).clone()
-            v = DTensor.from_local(mine, p.device_mesh, p.placements, shape=p.shape,
-                                   stride=p.stride())
+            v = _as_shard(p, rows(p, v).to(dtype=p.dtype).clone())
         out[k] = v
     return out
 

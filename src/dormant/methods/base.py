@@ -269,9 +269,9 @@ class Method:
         return [sl.name for sl in out]
 
     def touched_by(self, sites: Iterable[Site]) -> list[str]:
-        """The parameters the method edits at `sites` (for `editing`)."""
-        frozen = self.frozen()
-        return sorted({n for s in sites for n in self._touched(s) if n not in frozen})
+        """The parameters the method edits at `sites` (for `editing`; its sites touch no
+        frozen parameter: `prepare` left those out)."""
+        return sorted({n for s in sites for n in self._touched(s)})
 
     def _frozen_of(self, sites: list[Site]) -> dict[str, list[str]]:
         frozen = self.frozen()
