@@ -59,9 +59,10 @@ def test_fsdp_loop_runs_a_method_on_two_sharded_ranks():
     import torch.distributed as dist
     if not dist.is_available():
         pytest.skip("no torch.distributed")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          str(EXAMPLES / "fsdp_loop.py"), "redo"], capture_output=True,
-                         text=True, timeout=300)
+    from conftest import run_distributed
+    out = run_distributed([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", str(EXAMPLES / "fsdp_loop.py"), "redo"], capture_output=True,
+                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     epochs = re.findall(r"redo epoch \d: .*'redo/recycled_total': (\d+).*decided the same: (\w+)",
                         out.stdout)

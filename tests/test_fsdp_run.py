@@ -21,10 +21,11 @@ ARGS = {"redo": "tau=0.1", "imp": "rounds=2,epochs_per_round=1"}
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    from conftest import run_distributed
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "dormant", *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_distributed([torchrun, "--nproc_per_node", "2", "-m", "dormant", *args],
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("method", list(ARGS))
