@@ -11,7 +11,9 @@ on every token (`--dead`, default 25%: what `dormant.compact` removes). Variants
     both       compacted, then sparse
 
 Prints, per model and sparsity: decode tokens/s (median over interleaved rounds) and the
-ratio to dense, the MLP block alone (one token), and next to each ratio its bytes-read limit
+ratio to dense (median over rounds of the ratio within a round), the MLP block alone (layer
+0's, one token: 32 real hidden states in turn, the caches flushed before each call as the
+other layers' weights flush them in a decode), and next to each ratio its bytes-read limit
 (docs: ../shared/specs/sparse-inference.md §2): an OPT block must still read all of fc1
 (2 / (2 - s) at sparsity s), a gated block all of `gate` (3 / (1 + 2 (1 - s))); whole-model
 decode also reads attention and the LM head. Batch 4 and 16 show the crossover.
@@ -144,12 +146,57 @@ def mlp_block(model, arch: str):
     return model.model.decoder.layers[0] if arch == "opt" else model.model.layers[0].mlp
 
 
+def block_call(model, arch: str):
+    """One call of layer 0's MLP block: fc1 -> activation -> fc2, or the gated MLP."""
+    mlp = mlp_block(model, arch)
+    if arch == "opt":
+        return lambda x: mlp.fc2(mlp.activation_fn(mlp.fc1(x)))
+    return mlp
+
+
+@torch.no_grad()
+def block_inputs(model, arch: str, prompts, n: int = 32) -> list:
+    """The inputs layer 0's MLP block sees for the tokens of `prompts` (n of them, one token
+    each): real hidden states, each with its own active units."""
+    mlp = mlp_block(model, arch)
+    first = mlp.fc1 if arch == "opt" else mlp
+    seen = []
+    h = first.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    try:
+        model(prompts)
+    finally:
+        h.remove()
+    return [row[None] for row in torch.cat(seen)[:n]]
+
+
+def _cold(fn, inputs, flush) -> float:
+    """Median seconds of fn over `inputs`, the caches flushed (a write of `flush`) before each
+    call: in a decode the weights of the other layers pass through the caches between two
+    calls of one block, so a block never finds its rows cached."""
+    out = []
+    for x in inputs:
+        flush.add_(1.0)
+        t = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _paired(times: dict, v: str) -> float:
+    """Median over rounds of dense time / variant time, both measured in the same round
+    (a drift of the machine's speed between rounds cancels)."""
+    return statistics.median(d / t for d, t in zip(times["dense"], times[v]))
+
+
 def run(args) -> list[str]:
     torch.set_num_threads(args.threads)
+    flush = torch.zeros(args.flush_mib << 18)             # float32: 4 bytes each
     lines = [f"machine: {machine(args.threads)}",
              f"d = {args.d}, {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
-             f"greedy with a KV cache, {args.rounds} interleaved rounds (median), dead units "
-             f"{args.dead:.0%}", ""]
+             f"greedy with a KV cache, {args.rounds} interleaved rounds (ratios: median of the "
+             f"rounds' ratios), dead units {args.dead:.0%}; MLP block: one token, 32 real "
+             f"hidden states, caches flushed ({args.flush_mib} MiB written) before each call",
+             ""]
     head = ("| model | sparsity (measured) | batch | variant | tokens/s | × dense (limit) | "
             "MLP block × dense (limit) |")
     lines += [head, "|---|---|---:|---|---:|---:|---:|"]
@@ -164,30 +211,24 @@ def run(args) -> list[str]:
             f = _producers(model, arch)[0].out_features
             lim = limits(arch, args.d, f, args.layers, args.vocab, s, args.dead if level else 0)
             vs = variants(model, probe)
+            xs = block_inputs(model, arch, probe[:2])
             for batch in args.batches:
                 prompts = torch.randint(1, args.vocab, (batch, 16), generator=g)
                 times = {v: [] for v in vs}
                 block = {v: [] for v in vs}
-                x = torch.randn(1, 1, args.d)
                 for _ in range(args.rounds):               # interleaved
                     for v, (m, _) in vs.items():
                         times[v].append(_time(
                             lambda m=m, p=prompts: decode(m, p, args.tokens), 1))
-                        mlp = mlp_block(m, arch)
                         with torch.inference_mode():
-                            call = ((lambda mlp=mlp, x=x: mlp(x)) if arch != "opt" else
-                                    (lambda mlp=mlp, x=x: mlp.fc2(mlp.activation_fn(
-                                        mlp.fc1(x[0])))))
-                            block[v].append(_time(call, 20))
-                base_t = statistics.median(times["dense"])
-                base_b = statistics.median(block["dense"])
+                            block[v].append(_cold(block_call(m, arch), xs, flush))
                 for v in vs:
-                    t, b = statistics.median(times[v]), statistics.median(block[v])
+                    t = statistics.median(times[v])
                     lm = (f" ({lim[v][1]:.2f})" if v in lim else "")
                     lb = (f" ({lim[v][0]:.2f})" if v in lim else "")
                     row = (f"| {arch} | {'init' if level is None else f'{level:.0%}'} "
                            f"({s:.1%}) | {batch} | {v} | {batch * args.tokens / t:.1f} | "
-                           f"{base_t / t:.2f}{lm} | {base_b / b:.2f}{lb} |")
+                           f"{_paired(times, v):.2f}{lm} | {_paired(block, v):.2f}{lb} |")
                     lines.append(row)
                     print(row, flush=True)
     return lines
@@ -205,6 +246,9 @@ def main() -> None:
     p.add_argument("--archs", default="opt,llama")
     p.add_argument("--sparsities", default="init,0.85,0.9")
     p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--flush-mib", type=int, default=128,
+                   help="MiB written between two timed calls of the MLP block (more than the "
+                        "last-level cache)")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--quick", action="store_true", help="d = 256, 2 layers, 16 tokens")
     args = p.parse_args()

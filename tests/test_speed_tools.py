@@ -54,6 +54,58 @@ def test_sparse_inference_equals_dense_for_1_4_and_64_tokens(kind, gated):
         assert torch.equal(s, d)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("kind", ["relu", "crelu"])
+def test_one_token_on_wide_layers_takes_the_split_gather_and_in_place_rows(kind, gated,
+                                                                          monkeypatch):
+    """Decoding (one token, wide layers): the consumer's rows are gathered in several bags
+    (one bag per thread pair) and a gated unit's up projection reads its open rows in place
+    (sampled_addmm); both equal dense."""
+    import types
+
+    import dormant.sparse as sparse
+    torch.manual_seed(0)
+    d, f = 32, 1024
+    act = ACTS[kind]()
+    if gated:
+        model = Gated(act)
+        model.gate_proj, model.up_proj = nn.Linear(d, f), nn.Linear(d, f)
+        model.down_proj = nn.Linear(f, d)
+        if kind == "relu":                       # most gates shut: the up skip applies
+            with torch.no_grad():
+                model.gate_proj.bias -= 0.5
+    else:
+        model = nn.Sequential(nn.Linear(d, f), act, nn.Linear(f, d))
+    model.eval()
+    seen = {"offsets": [], "sampled": 0}
+    bag, sampled = torch.nn.functional.embedding_bag, torch.sparse.sampled_addmm
+
+    def spy_bag(idx, rows, offsets=None, **kw):
+        seen["offsets"].append(None if offsets is None else offsets.numel())
+        return bag(idx, rows, offsets, **kw)
+
+    def spy_sampled(*a, **kw):
+        seen["sampled"] += 1
+        return sampled(*a, **kw)
+    monkeypatch.setattr(sparse, "F", types.SimpleNamespace(embedding_bag=spy_bag,
+                                                           linear=torch.nn.functional.linear))
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", spy_sampled)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        xs = [torch.randn(1, 1, d) for _ in range(5)]
+        with torch.no_grad():
+            want = [model(x) for x in xs]
+            with dormant.sparse_inference(model, xs[0], max_active=1.0):
+                got = [model(x) for x in xs]
+    finally:
+        torch.set_num_threads(threads)
+    for g, w in zip(got, want):
+        _close(g, w)
+    assert seen["offsets"][-5:] == [4] * 5            # 2 threads: 4 bags, summed
+    assert seen["sampled"] == (5 if gated else 0)
+
+
 def test_the_up_projection_is_computed_only_where_the_gate_is_open():
     torch.manual_seed(0)
     model = Gated(nn.ReLU()).eval()
@@ -66,7 +118,10 @@ def test_the_up_projection_is_computed_only_where_the_gate_is_open():
         model.up_proj.weight.register_hook(lambda g: rows.append(g))
         model.up_proj.weight.requires_grad_(True)
         model(x).sum().backward()
-    assert (rows[0][8:] == 0).all() and (rows[0][:8] != 0).any()     # up rows 8.. never read
+        model(x[:1]).sum().backward()                # one token, with autograd: rows copied
+    for grad in rows:
+        assert (grad[8:] == 0).all() and (grad[:8] != 0).any()      # up rows 8.. never read
+    assert len(rows) == 2
     assert torch.nn.Linear.forward is hook
 
 

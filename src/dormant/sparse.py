@@ -9,12 +9,16 @@ columns of the active ones:
 exact up to the order of a float sum. `sparse_inference(model, ...)` makes every such site's
 consumer (a Linear or transformers' Conv1D) compute that sum with
 ``F.embedding_bag(idx, W_t, per_sample_weights=h[idx])``, which reads the rows of the
-transposed weight in place (``W[:, idx]`` would copy them first and lose). The weight is kept
-in one layout only: a Linear's weight is re-laid out as the transpose of a contiguous
-``(units, out)`` tensor, and the dense path multiplies by that view. Past a crossover in
-active units, measured per site at setup (`max_active="auto"`), the dense product wins and is
-used. A gated MLP's up projection is also computed only for units whose gate is open (the gate
-is computed first, as Llama/Mistral/Qwen2 do). Nothing else changes: no second copy of any
+transposed weight in place (``W[:, idx]`` would copy them first and lose); a single token's
+active units go in two bags per thread, summed after, since embedding_bag reads one bag's
+rows on one thread. The weight is kept in one layout only: a Linear's weight is re-laid out
+as the transpose of a contiguous ``(units, out)`` tensor, and the dense path multiplies by
+that view. Past a crossover in active units, measured per site at setup
+(`max_active="auto"`), the dense product wins and is used. A gated MLP's up projection is
+also computed only for units whose gate is open (the gate is computed first, as
+Llama/Mistral/Qwen2 do): for one token in fp32/fp64 without autograd, the open rows' dot
+products are taken in place (``torch.sparse.sampled_addmm`` over a CSR pattern of those
+rows); otherwise the open rows are copied first. Nothing else changes: no second copy of any
 weight, the same parameters, `remove()` restores the layout. Pure PyTorch.
 """
 from __future__ import annotations
@@ -178,12 +182,26 @@ def _sparse_forward(state: _Site):
             y = flat @ rows
         else:
             state.calls["sparse"] += 1
-            y = F.embedding_bag(idx.expand(n, -1), rows,
-                                per_sample_weights=flat.index_select(1, idx), mode="sum")
+            y = _gather(flat, idx, rows)
         if bias is not None:
             y = y + bias
         return y.reshape(*h.shape[:-1], y.shape[-1])
     return forward
+
+
+def _gather(flat: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """sum over the active units i of flat[:, i] * rows[i], one bag per token; one token's
+    units are split into two bags per thread (embedding_bag parallelises over bags: one bag
+    reads its rows on one thread) and the bags summed."""
+    n, k = flat.shape[0], idx.numel()
+    bags = 2 * torch.get_num_threads()
+    if n > 1 or bags < 4 or k < 32 * bags or rows.device.type != "cpu":
+        return F.embedding_bag(idx.expand(n, -1), rows,
+                               per_sample_weights=flat.index_select(1, idx), mode="sum")
+    offsets = torch.arange(0, k, -(-k // bags), device=idx.device)
+    y = F.embedding_bag(idx, rows, offsets, per_sample_weights=flat[0].index_select(0, idx),
+                        mode="sum")
+    return y.sum(0, keepdim=True)
 
 
 def _active(flat: torch.Tensor) -> torch.Tensor:
@@ -199,6 +217,7 @@ def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> 
         flat = output.reshape(-1, output.shape[-1])
         open_units[:] = [(flat.shape[0], _active(flat))]
 
+    _quiet_csr()
     handle = act.register_forward_hook(seen)
     restore.append(handle.remove)
     weight, bias = up.weight, up.bias
@@ -210,12 +229,38 @@ def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> 
         if pending is None or pending[0] != flat.shape[0] or \
                 pending[1].numel() * 2 > weight.shape[0]:
             return dense(up, x)
-        idx = pending[1]
-        sub = F.linear(flat, weight.index_select(0, idx),
-                       bias.index_select(0, idx) if bias is not None else None)
-        out = flat.new_zeros(flat.shape[0], weight.shape[0]).index_copy_(1, idx, sub)
+        sub = _rows_times(weight, bias, pending[1], flat)
+        out = flat.new_zeros(flat.shape[0], weight.shape[0]).index_copy_(1, pending[1], sub)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     _patch(up, forward, restore)
+
+
+_SAMPLED = (torch.float32, torch.float64)
+
+
+def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
+                flat: torch.Tensor) -> torch.Tensor:
+    """flat @ weight[idx].T (+ bias[idx]). One token on the CPU without autograd: the dot
+    products of the selected rows in place, by `torch.sparse.sampled_addmm` over a CSR
+    pattern holding those rows (fp32/fp64 only); otherwise the rows are copied first."""
+    k = idx.numel()
+    if flat.shape[0] != 1 or flat.dtype not in _SAMPLED or flat.device.type != "cpu" or \
+            (torch.is_grad_enabled() and (weight.requires_grad or flat.requires_grad)):
+        return F.linear(flat, weight.index_select(0, idx),
+                        bias.index_select(0, idx) if bias is not None else None)
+    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int64)
+    crow[idx + 1] = 1
+    start = bias.index_select(0, idx) if bias is not None else flat.new_zeros(k)
+    pattern = torch.sparse_csr_tensor(crow.cumsum_(0), torch.zeros(k, dtype=torch.int64),
+                                      start, (weight.shape[0], 1), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, weight, flat.t()).values()[None]
+
+
+def _quiet_csr() -> None:
+    """torch warns once per process that sparse CSR tensors are in beta: spent here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), (1, 1))
 
 
 @torch.no_grad()
@@ -238,8 +283,7 @@ def _crossover(rows: torch.Tensor, reps: int = 5) -> int:
         return best
 
     def sparse(h):
-        idx = h[0].nonzero().flatten()
-        return F.embedding_bag(idx[None], rows, per_sample_weights=h[:, idx], mode="sum")
+        return _gather(h, h[0].nonzero().flatten(), rows)
 
     g = torch.Generator().manual_seed(0)
     best = 0
