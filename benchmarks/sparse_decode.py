@@ -11,9 +11,9 @@ on every token (`--dead`, default 25%: what `dormant.compact` removes). Variants
     both       compacted, then sparse
 
 Prints, per model and sparsity: decode tokens/s (median over interleaved rounds) and the
-ratio to dense (median over rounds of the ratio within a round), the MLP block alone (layer
-0's, one token: 32 real hidden states in turn, the caches flushed before each call as the
-other layers' weights flush them in a decode), and next to each ratio its bytes-read limit
+ratio to dense (median over rounds of the ratio within a round), the MLP blocks alone (the
+time the same decodes spent in them, timed by hooks around each layer's block), and next to
+each ratio its bytes-read limit
 (docs: ../shared/specs/sparse-inference.md §2): an OPT block must still read all of fc1
 (2 / (2 - s) at sparsity s), a gated block all of `gate` (3 / (1 + 2 (1 - s))); whole-model
 decode also reads attention and the LM head. Batch 4 and 16 show the crossover.
@@ -110,15 +110,6 @@ def limits(arch: str, d: int, f: int, layers: int, vocab: int, s: float, dead: f
     return out
 
 
-def _time(fn, reps: int) -> float:
-    best = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best.append(time.perf_counter() - t)
-    return statistics.median(best)
-
-
 @torch.inference_mode()
 def decode(model, prompts, tokens: int):
     return model.generate(prompts, max_new_tokens=tokens, min_new_tokens=tokens,
@@ -142,44 +133,42 @@ def variants(model, probe):
     return out
 
 
-def mlp_block(model, arch: str):
-    return model.model.decoder.layers[0] if arch == "opt" else model.model.layers[0].mlp
+class BlockClock:
+    """Seconds spent in the MLP blocks of every layer during a decode: fc1 -> activation -> fc2
+    (OPT-style) or the gated MLP module, timed by hooks around them, inside the decode itself
+    (the caches and the interpreter as a decode leaves them; the hooks cost both variants
+    alike)."""
+
+    def __init__(self, model, arch: str):
+        if arch == "opt":
+            pairs = [(layer.fc1, layer.fc2) for layer in model.model.decoder.layers]
+        else:
+            pairs = [(layer.mlp, layer.mlp) for layer in model.model.layers]
+        self.seconds, self._start, self._handles = 0.0, 0.0, []
+        for first, last in pairs:
+            self._handles.append(first.register_forward_pre_hook(self._enter))
+            self._handles.append(last.register_forward_hook(self._leave))
+
+    def _enter(self, module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _leave(self, module, args, out) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
-def block_call(model, arch: str):
-    """One call of layer 0's MLP block: fc1 -> activation -> fc2, or the gated MLP."""
-    mlp = mlp_block(model, arch)
-    if arch == "opt":
-        return lambda x: mlp.fc2(mlp.activation_fn(mlp.fc1(x)))
-    return mlp
-
-
-@torch.no_grad()
-def block_inputs(model, arch: str, prompts, n: int = 32) -> list:
-    """The inputs layer 0's MLP block sees for the tokens of `prompts` (n of them, one token
-    each): real hidden states, each with its own active units."""
-    mlp = mlp_block(model, arch)
-    first = mlp.fc1 if arch == "opt" else mlp
-    seen = []
-    h = first.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+def timed_decode(model, arch: str, prompts, tokens: int) -> tuple[float, float]:
+    """(seconds of the whole decode, seconds of it spent in the MLP blocks)."""
+    clock = BlockClock(model, arch)
     try:
-        model(prompts)
-    finally:
-        h.remove()
-    return [row[None] for row in torch.cat(seen)[:n]]
-
-
-def _cold(fn, inputs, flush) -> float:
-    """Median seconds of fn over `inputs`, the caches flushed (a write of `flush`) before each
-    call: in a decode the weights of the other layers pass through the caches between two
-    calls of one block, so a block never finds its rows cached."""
-    out = []
-    for x in inputs:
-        flush.add_(1.0)
         t = time.perf_counter()
-        fn(x)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        decode(model, prompts, tokens)
+        return time.perf_counter() - t, clock.seconds
+    finally:
+        clock.close()
 
 
 def _paired(times: dict, v: str) -> float:
@@ -190,13 +179,11 @@ def _paired(times: dict, v: str) -> float:
 
 def run(args) -> list[str]:
     torch.set_num_threads(args.threads)
-    flush = torch.zeros(args.flush_mib << 18)             # float32: 4 bytes each
     lines = [f"machine: {machine(args.threads)}",
              f"d = {args.d}, {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
              f"greedy with a KV cache, {args.rounds} interleaved rounds (ratios: median of the "
-             f"rounds' ratios), dead units {args.dead:.0%}; MLP block: one token, 32 real "
-             f"hidden states, caches flushed ({args.flush_mib} MiB written) before each call",
-             ""]
+             f"rounds' ratios), dead units {args.dead:.0%}; MLP block: the time spent in the "
+             f"MLP blocks of every layer within the same decodes", ""]
     head = ("| model | sparsity (measured) | batch | variant | tokens/s | × dense (limit) | "
             "MLP block × dense (limit) |")
     lines += [head, "|---|---|---:|---|---:|---:|---:|"]
@@ -211,17 +198,15 @@ def run(args) -> list[str]:
             f = _producers(model, arch)[0].out_features
             lim = limits(arch, args.d, f, args.layers, args.vocab, s, args.dead if level else 0)
             vs = variants(model, probe)
-            xs = block_inputs(model, arch, probe[:2])
             for batch in args.batches:
                 prompts = torch.randint(1, args.vocab, (batch, 16), generator=g)
                 times = {v: [] for v in vs}
                 block = {v: [] for v in vs}
                 for _ in range(args.rounds):               # interleaved
                     for v, (m, _) in vs.items():
-                        times[v].append(_time(
-                            lambda m=m, p=prompts: decode(m, p, args.tokens), 1))
-                        with torch.inference_mode():
-                            block[v].append(_cold(block_call(m, arch), xs, flush))
+                        whole, mlp = timed_decode(m, arch, prompts, args.tokens)
+                        times[v].append(whole)
+                        block[v].append(mlp)
                 for v in vs:
                     t = statistics.median(times[v])
                     lm = (f" ({lim[v][1]:.2f})" if v in lim else "")
@@ -246,9 +231,6 @@ def main() -> None:
     p.add_argument("--archs", default="opt,llama")
     p.add_argument("--sparsities", default="init,0.85,0.9")
     p.add_argument("--batches", default="1,4,16")
-    p.add_argument("--flush-mib", type=int, default=128,
-                   help="MiB written between two timed calls of the MLP block (more than the "
-                        "last-level cache)")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--quick", action="store_true", help="d = 256, 2 layers, 16 tokens")
     args = p.parse_args()
