@@ -240,7 +240,8 @@ _SAMPLED = (torch.float32, torch.float64)
 
 def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
                 flat: torch.Tensor) -> torch.Tensor:
-    """flat @ weight[idx].T (+ bias[idx]). One token on the CPU without autograd: the dot
+    """flat @ weight[idx].T (+ bias[idx]), idx ascending (as nonzero() gives it: the CSR
+    pattern's values follow its rows). One token on the CPU without autograd: the dot
     products of the selected rows in place, by `torch.sparse.sampled_addmm` over a CSR
     pattern holding those rows (fp32/fp64 only); otherwise the rows are copied first."""
     k = idx.numel()
