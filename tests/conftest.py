@@ -45,10 +45,11 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run_distributed(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run(argv)` of a torchrun command; run once more when a rank aborted in
-    torch's teardown after the work was done (gloo under FSDP2, torch 2.13: "terminate called
-    without an active exception", a few runs in a hundred here even after a barrier and
-    destroy_process_group). Any other failure is returned as it is."""
+    """`subprocess.run(argv)` of a command that starts several ranks (torchrun, Lightning's
+    launcher); run once more when a rank aborted in torch's teardown after the work was done
+    (gloo under FSDP2, torch 2.13: "terminate called without an active exception", a few runs
+    in a hundred here even after a barrier and destroy_process_group). Any other failure is
+    returned as it is."""
     proc = subprocess.run(argv, **kwargs)
     if proc.returncode != 0 and TEARDOWN_ABORT in (proc.stderr or ""):
         proc = subprocess.run(argv, **kwargs)

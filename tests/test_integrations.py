@@ -102,12 +102,13 @@ def test_tensorboard_logs_the_runs_metrics_and_unit_activity(tmp_path):
 
 def _lightning_script(out, devices: int, strategy: str) -> list[dict]:
     import json
-    import subprocess
     import sys
     from pathlib import Path
+
+    from conftest import run_distributed
     script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
-    proc = subprocess.run([sys.executable, str(script), str(out), str(devices), strategy],
-                          capture_output=True, text=True, timeout=300, cwd=out.parent)
+    proc = run_distributed([sys.executable, str(script), str(out), str(devices), strategy],
+                           capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(devices)]
 
@@ -140,20 +141,22 @@ def test_lightning_fsdp_run_resumes_from_its_checkpoint_to_the_straight_one(tmp_
     to 3 -- bitwise weights and the same dormant metrics."""
     pytest.importorskip("lightning")
     import json
-    import subprocess
     import sys
     from pathlib import Path
+
+    from conftest import run_distributed
     script = Path(__file__).parent / "scripts" / "lightning_fsdp_resume.py"
 
     def fit(ckpt_dir, epochs, *resume):
-        proc = subprocess.run([sys.executable, str(script), str(ckpt_dir), str(epochs),
-                               "l2-init", *resume], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
+        proc = run_distributed([sys.executable, str(script), str(ckpt_dir), str(epochs),
+                                "l2-init", *resume], capture_output=True, text=True,
+                               timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
     straight = fit(tmp_path / "a", 3)
-    (second,) = (tmp_path / "a").glob("epoch=1-*.ckpt")          # after epoch 2 (of 0, 1, 2)
+    # after epoch 2 (of 0, 1, 2); a run repeated after a teardown abort adds a "-v1" twin
+    second = sorted((tmp_path / "a").glob("epoch=1-*.ckpt"))[0]
     resumed = fit(tmp_path / "b", 3, str(second))
     assert resumed["hash"] == straight["hash"]
     assert resumed["last"] == straight["last"]
