@@ -22,6 +22,7 @@ from torch.distributed.fsdp import fully_shard
 
 from dormant.methods import METHODS, build
 from dormant.session import Session
+from dormant.sharding import close_group
 
 EPOCHS, BATCH = 3, 64
 OPTIONS = {  # small budgets so that every method acts within 3 short epochs
@@ -92,8 +93,7 @@ def main(name: str) -> None:
     mine = sum(p.to_local().numel() for p in model.parameters())
     if rank == 0:
         print(f"{name}: done, {params} parameters, {mine} of them on rank 0", flush=True)
-    dist.barrier()                        # every rank done before the group closes (gloo
-    dist.destroy_process_group()          # under FSDP2 may abort at exit otherwise)
+    close_group()          # barrier, then destroy (gloo under FSDP2 may abort at exit otherwise)
 
 
 if __name__ == "__main__":

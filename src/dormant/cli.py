@@ -171,16 +171,6 @@ def _distributed() -> int:
     return torch.distributed.get_rank()
 
 
-def _close_distributed() -> None:
-    """After a command that ended well on every rank: wait for the others, then close the
-    process group (left to the interpreter's exit, gloo under FSDP2 sometimes aborts the
-    process: "terminate called without an active exception", about 1 run in 4 here)."""
-    if torch_distributed_on():
-        import torch
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def torch_distributed_on() -> bool:
     import torch
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -404,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .registry import UnknownNameError
     try:
         code = args.func(args)
-        _close_distributed()
+        from .sharding import close_group
+        close_group()          # ended well on every rank: the process group closed in order
         return code
     except (ConfigError, UnknownNameError, DataNotFoundError, CorruptDataError,
             OSError, ValueError, ImportError, WorkerDiedError) as err:

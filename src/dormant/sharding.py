@@ -21,10 +21,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["full", "full_state", "gathered", "gathered_state", "group_of", "is_fsdp",
+__all__ = ["close_group", "full", "full_state", "gathered", "gathered_state", "group_of", "is_fsdp",
            "is_sharded", "load_full_state", "local", "plain_copy", "ready", "resharded",
            "row_range", "rows", "shard", "sharded_like", "sharded_parameters", "sum_rows",
            "whole_rows"]
+
+
+def close_group() -> None:
+    """After work that ended well on every rank: wait for the others, then destroy the
+    process group (if one is open). Left to the interpreter's exit, gloo under FSDP2
+    (torch 2.13) sometimes aborts the process: "terminate called without an active
+    exception", about 1 run in 4 here."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _dtensor() -> type | None:

@@ -23,6 +23,7 @@ weight, the same parameters, `remove()` restores the layout. Pure PyTorch.
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -257,8 +258,9 @@ def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tens
     return torch.sparse.sampled_addmm(pattern, weight, flat.t()).values()[None]
 
 
+@functools.cache
 def _quiet_csr() -> None:
-    """torch warns once per process that sparse CSR tensors are in beta: spent here."""
+    """torch warns once per process that sparse CSR tensors are in beta: spent here, once."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), (1, 1))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dormant.integrations.lightning import DormantCallback
+from dormant.sharding import close_group
 
 
 class Net(L.LightningModule):
@@ -83,15 +84,7 @@ def main(out: str, devices: int, strategy: str) -> None:
                "brute": brute, "zeros": [int((w1[r] == 0).sum()) for r in range(32)],
                "logged": {k: float(v) for k, v in trainer.callback_metrics.items()}},
               open(f"{out}.{trainer.global_rank}.json", "w"))
-    close_process_group()
-
-
-def close_process_group() -> None:
-    """A barrier, then destroy the process group, as `dormant run` does: left to the
-    interpreter's exit, gloo under FSDP2 (torch 2.13) sometimes aborts in its teardown."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_group()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from dormant.integrations.lightning import DormantCallback
+from dormant.sharding import close_group
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lightning_ddp import Net, close_process_group  # noqa: E402  (the same module, sharded)
+from lightning_ddp import Net  # noqa: E402  (the same module, sharded, trained with Adam)
 
 
 def main(ckpt_dir: str, epochs: int, method: str, resume: str | None) -> None:
@@ -43,7 +44,7 @@ def main(ckpt_dir: str, epochs: int, method: str, resume: str | None) -> None:
     if trainer.global_rank == 0:
         print("RESULT", json.dumps({"hash": hashlib.sha256(whole).hexdigest(),
                                     "last": cb.history[-1]}))
-    close_process_group()
+    close_group()
 
 
 if __name__ == "__main__":
