@@ -221,16 +221,19 @@ def run(args) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d", type=int, default=2048, help="hidden width (default 2048)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128, help="tokens decoded (default 128)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds; ratios are the median of theirs (default 3)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--dead", type=float, default=0.25)
+    p.add_argument("--dead", type=float, default=0.25,
+                   help="share of units dead on every token (default 0.25)")
     p.add_argument("--archs", default="opt,llama")
-    p.add_argument("--sparsities", default="init,0.85,0.9")
-    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--sparsities", default="init,0.85,0.9",
+                   help="planted zeros per token, comma-separated; init: none planted")
+    p.add_argument("--batches", default="1,4,16", help="batch sizes, comma-separated")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--quick", action="store_true", help="d = 256, 2 layers, 16 tokens")
     args = p.parse_args()
