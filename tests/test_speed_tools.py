@@ -106,6 +106,60 @@ def test_one_token_on_wide_layers_takes_the_split_gather_and_in_place_rows(kind,
     assert seen["sampled"] == (5 if gated else 0)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_several_tokens_read_only_their_own_active_units(gated, monkeypatch):
+    """Tokens with disjoint active units: one bag per token over its own units (the pairs,
+    not every token times the union), and a gated up projection's dot products only at the
+    open (unit, token) pairs; equal to dense."""
+    import types
+
+    import dormant.sparse as sparse
+    torch.manual_seed(0)
+    model = (Gated(nn.ReLU()) if gated else
+             nn.Sequential(nn.Linear(D, F, bias=False), nn.ReLU(), nn.Linear(F, D))).eval()
+    first = model.gate_proj if gated else model[0]
+    with torch.no_grad():                  # token t (one-hot input t) opens units 8t..8t+7
+        first.weight.fill_(-1.0)
+        for t in range(4):
+            first.weight[8 * t:8 * t + 8, t] = 1.0
+    x = torch.eye(D)[:4] * 2.0                                # 4 tokens, 8 units each
+    seen = {"bags": [], "pattern": []}
+    bag, sampled = torch.nn.functional.embedding_bag, torch.sparse.sampled_addmm
+
+    def spy_bag(idx, rows, offsets=None, **kw):
+        seen["bags"].append((idx.numel(), None if offsets is None else offsets.tolist()))
+        return bag(idx, rows, offsets, **kw)
+
+    def spy_sampled(pattern, *a, **kw):
+        seen["pattern"].append(pattern.to_sparse_coo().indices().t().tolist())
+        return sampled(pattern, *a, **kw)
+    monkeypatch.setattr(sparse, "F", types.SimpleNamespace(embedding_bag=spy_bag,
+                                                           linear=torch.nn.functional.linear))
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", spy_sampled)
+    with torch.no_grad():
+        want = model(x)
+        with dormant.sparse_inference(model, x, max_active=1.0):
+            got = model(x)
+    _close(got, want)
+    assert seen["bags"] == [(32, [0, 8, 16, 24])]             # 4 x 8 pairs, not 4 x 32
+    if gated:
+        assert seen["pattern"] == [[[8 * t + j, t] for t in range(4) for j in range(8)]]
+
+
+def test_the_crossover_grows_with_the_tokens_as_the_dense_product_costs_more():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 512), nn.ReLU(), nn.Linear(512, D)).eval()
+    handle = dormant.sparse_inference(model, torch.randn(2, D))
+    try:
+        site = handle.sites["1"]
+        assert [n for n, _ in site.scale] == [1, 4, 16] if site.max_pairs else [1]
+        assert all(f >= 1.0 for _, f in site.scale)
+        site.max_pairs, site.scale = 10, ((1, 1.0), (4, 2.0), (16, 3.0))
+        assert [site.limit(n) for n in (1, 3, 4, 15, 16, 64)] == [10, 10, 20, 20, 30, 30]
+    finally:
+        handle.remove()
+
+
 def test_the_up_projection_is_computed_only_where_the_gate_is_open():
     torch.manual_seed(0)
     model = Gated(nn.ReLU()).eval()

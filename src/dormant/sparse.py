@@ -9,16 +9,17 @@ columns of the active ones:
 exact up to the order of a float sum. `sparse_inference(model, ...)` makes every such site's
 consumer (a Linear or transformers' Conv1D) compute that sum with
 ``F.embedding_bag(idx, W_t, per_sample_weights=h[idx])``, which reads the rows of the
-transposed weight in place (``W[:, idx]`` would copy them first and lose); a single token's
-active units go in two bags per thread, summed after, since embedding_bag reads one bag's
-rows on one thread. The weight is kept in one layout only: a Linear's weight is re-laid out
+transposed weight in place (``W[:, idx]`` would copy them first and lose). Several tokens
+take one bag each, over their own active units (not the union of the tokens'); a single
+token's active units go in two bags per thread, summed after, since embedding_bag reads
+one bag's rows on one thread. The weight is kept in one layout only: a Linear's weight is re-laid out
 as the transpose of a contiguous ``(units, out)`` tensor, and the dense path multiplies by
-that view. Past a crossover in active units, measured per site at setup
+that view. Past a crossover in (token, active unit) pairs, measured per site at setup
 (`max_active="auto"`), the dense product wins and is used. A gated MLP's up projection is
-also computed only for units whose gate is open (the gate is computed first, as
-Llama/Mistral/Qwen2 do): for one token in fp32/fp64 without autograd, the open rows' dot
-products are taken in place (``torch.sparse.sampled_addmm`` over a CSR pattern of those
-rows); otherwise the open rows are copied first. Nothing else changes: no second copy of any
+also computed only where the gate is open (the gate is computed first, as
+Llama/Mistral/Qwen2 do): in fp32/fp64 without autograd, the dot products of the open
+(unit, token) pairs are taken in place (``torch.sparse.sampled_addmm`` over a CSR pattern of
+them); otherwise the rows of the units open in any token are copied first. Nothing else changes: no second copy of any
 weight, the same parameters, `remove()` restores the layout. Pure PyTorch.
 """
 from __future__ import annotations
@@ -41,17 +42,29 @@ EXACTLY_SPARSE = frozenset({"relu", "relu6", "relu_squared", "shifted_relu", "so
                             "crelu", "cst"})
 
 
+_BATCHES = (1, 4, 16)      # token counts at which "auto" times the dense product
+
+
 @dataclass
 class _Site:
     """One site's sparse consumer: the module, its weight as (units, out) rows, and the
-    largest number of (token, active unit) pairs for which the gather beats dense."""
+    largest number of (token, active unit) pairs for which the gather beats dense: `max_pairs`
+    at one token, times the dense product's cost at n tokens over its cost at one (`scale`:
+    (n, factor) pairs, ascending; a batch of tokens costs the dense product more, the gather
+    only per pair)."""
     name: str
     consumer: nn.Module
     rows: torch.Tensor
     max_pairs: float
+    scale: tuple = ((1, 1.0),)
     up: nn.Module | None = None
     calls: dict = field(default_factory=lambda: {"sparse": 0, "dense": 0})
-    gate_open: list = field(default_factory=list)   # gated: (tokens, open units) of this call
+    gate_open: list = field(default_factory=list)   # gated: the _Open of this call
+
+    def limit(self, tokens: int) -> float:
+        """The most (token, active unit) pairs the sparse path takes for `tokens` tokens."""
+        factor = next(f for n, f in reversed(self.scale) if n <= tokens)
+        return self.max_pairs * factor
 
 
 class SparseInference:
@@ -84,9 +97,11 @@ def sparse_inference(model: nn.Module, example_input=None, *, sites: Sequence[Si
     ``remove()`` undoes it.
 
     example_input: a batch for site discovery (or pass `sites`). max_active: "auto" measures,
-    per site at setup, the share of active units up to which the gather is faster than the
-    dense product (one token; n tokens use the gather while n x active <= that count); a float
-    in [0, 1] sets it (1.0: always sparse). gated_up: also compute a gated unit's up
+    per site at setup, the number of active units up to which the gather is faster than the
+    dense product at one token, and the dense product's cost at 4 and 16 tokens; n tokens use
+    the gather while their (token, active unit) pairs stay under that count times the dense
+    cost at n tokens over one. A float in [0, 1] sets the count as a share of the units, for
+    any number of tokens (1.0: always sparse). gated_up: also compute a gated unit's up
     projection only where its gate is open.
     Sites with a smooth activation (GELU, SiLU: no exact zeros) or whose units are read by
     anything but one Linear/Conv1D are left dense, with a warning; none usable is an error.
@@ -144,20 +159,21 @@ def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: 
     conv1d = is_conv1d(consumer)               # Conv1D stores (in, out): rows already
     rows = weight.data if conv1d else weight.data.t().contiguous()
     units = rows.shape[0]
+    scale = ((1, 1.0),)
     if max_active == "auto":
-        pairs = _crossover(rows)
+        pairs, scale = _crossover(rows)
     else:                                      # 1.0: always sparse, whatever the tokens
         pairs = int(max_active * units) if max_active < 1 else float("inf")
     if pairs == 0:               # never faster here: the layer keeps its forward and layout
         return _Site(site.name, consumer, weight.data if conv1d else weight.data.t(), pairs)
-    state = _Site(site.name, consumer, rows, pairs)
+    state = _Site(site.name, consumer, rows, pairs, scale)
     if not conv1d:                             # Linear (out, in): laid out as (in, out)
         weight.data = rows.t()
         restore.append(lambda: setattr(weight, "data", weight.data.contiguous()))
     _patch(consumer, _sparse_forward(state), restore)
     if gated_up and site.gated and not site.fused and site.act_module:
         state.up = model.get_submodule(site.up)
-        _gate_up(model.get_submodule(site.act_module), state.up, state.gate_open, restore)
+        _gate_up(model.get_submodule(site.act_module), state, restore)
     return state
 
 
@@ -174,16 +190,18 @@ def _sparse_forward(state: _Site):
         flat = h.reshape(-1, h.shape[-1])
         n = flat.shape[0]
         opened = state.gate_open.pop() if state.gate_open else None
-        if opened is not None and opened[0] == n:      # a gated unit is 0 where its gate is
-            idx = opened[1]
-        else:
-            idx = _active(flat)
-        if n * idx.numel() > state.max_pairs or idx.numel() == 0:
+        if n == 1:              # one token: its active units (a gated unit is 0 where its
+            idx = opened.units() if opened is not None and opened.n == 1 else _active(flat)
+            pairs = idx.numel()                                    # gate is shut)
+        else:                   # several: each token's own active units, token by token
+            tokens, idx = flat.nonzero(as_tuple=True)
+            pairs = idx.numel()
+        if pairs > state.limit(n) or pairs == 0:
             state.calls["dense"] += 1
             y = flat @ rows
         else:
             state.calls["sparse"] += 1
-            y = _gather(flat, idx, rows)
+            y = _gather(flat, idx, rows) if n == 1 else _gather_pairs(flat, tokens, idx, rows)
         if bias is not None:
             y = y + bias
         return y.reshape(*h.shape[:-1], y.shape[-1])
@@ -191,18 +209,27 @@ def _sparse_forward(state: _Site):
 
 
 def _gather(flat: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """sum over the active units i of flat[:, i] * rows[i], one bag per token; one token's
-    units are split into two bags per thread (embedding_bag parallelises over bags: one bag
-    reads its rows on one thread) and the bags summed."""
-    n, k = flat.shape[0], idx.numel()
+    """One token: the sum over its active units i of flat[0, i] * rows[i]. The units are split
+    into two bags per thread (embedding_bag parallelises over bags: one bag reads its rows on
+    one thread) and the bags summed."""
+    k = idx.numel()
     bags = 2 * torch.get_num_threads()
-    if n > 1 or bags < 4 or k < 32 * bags or rows.device.type != "cpu":
-        return F.embedding_bag(idx.expand(n, -1), rows,
-                               per_sample_weights=flat.index_select(1, idx), mode="sum")
+    weights = flat[0].index_select(0, idx)
+    if bags < 4 or k < 32 * bags or rows.device.type != "cpu":
+        return F.embedding_bag(idx[None], rows, per_sample_weights=weights[None], mode="sum")
     offsets = torch.arange(0, k, -(-k // bags), device=idx.device)
-    y = F.embedding_bag(idx, rows, offsets, per_sample_weights=flat[0].index_select(0, idx),
-                        mode="sum")
+    y = F.embedding_bag(idx, rows, offsets, per_sample_weights=weights, mode="sum")
     return y.sum(0, keepdim=True)
+
+
+def _gather_pairs(flat: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor,
+                  rows: torch.Tensor) -> torch.Tensor:
+    """Several tokens: one bag per token over its own active units (`tokens`, `idx`: the
+    nonzeros of `flat`, token by token), so a token reads only its rows -- not those of the
+    union of the tokens' active units."""
+    counts = torch.bincount(tokens, minlength=flat.shape[0])
+    return F.embedding_bag(idx, rows, counts.cumsum(0) - counts,
+                           per_sample_weights=flat[tokens, idx], mode="sum")
 
 
 def _active(flat: torch.Tensor) -> torch.Tensor:
@@ -210,13 +237,40 @@ def _active(flat: torch.Tensor) -> torch.Tensor:
     return (flat[0] if flat.shape[0] == 1 else flat.ne(0).any(0)).nonzero().flatten()
 
 
-def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> None:
-    """The up projection computed only for units whose gate is open: the gate's activation
-    (called first) leaves its open units in `open_units` for the up projection's next call
-    and the down projection's (which pops them)."""
+class _Open:
+    """A gate's activation output, left by its hook for the same call's up projection and
+    down projection; what they need of it is found once, when first asked."""
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat, self.n = flat, flat.shape[0]
+        self._units: torch.Tensor | None = None
+        self._pairs: tuple | None = None
+
+    def units(self) -> torch.Tensor:
+        """The units open in any token, ascending."""
+        if self._units is None:
+            self._units = _active(self.flat)
+        return self._units
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit, token) of every open gate, unit by unit (a CSR pattern's order)."""
+        if self._pairs is None:
+            if self.n == 1:
+                units = self.units()
+                self._pairs = (units, torch.zeros_like(units))
+            else:
+                self._pairs = self.flat.t().nonzero(as_tuple=True)
+        return self._pairs
+
+
+def _gate_up(act: nn.Module, state: _Site, restore: list) -> None:
+    """The up projection computed only where the gate is open: the gate's activation (called
+    first) leaves its output in `state.gate_open` for the up projection's next call and the
+    down projection's (which pops it). Past the site's crossover the up projection is dense."""
+    up, open_units = state.up, state.gate_open
+
     def seen(module, inputs, output):
-        flat = output.reshape(-1, output.shape[-1])
-        open_units[:] = [(flat.shape[0], _active(flat))]
+        open_units[:] = [_Open(output.reshape(-1, output.shape[-1]))]
 
     _quiet_csr()
     handle = act.register_forward_hook(seen)
@@ -225,13 +279,15 @@ def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> 
     dense = type(up).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        pending = open_units[0] if open_units else None
+        opened = open_units[0] if open_units else None
         flat = x.reshape(-1, x.shape[-1])
-        if pending is None or pending[0] != flat.shape[0] or \
-                pending[1].numel() * 2 > weight.shape[0]:
+        n = flat.shape[0]
+        if opened is None or opened.n != n:
             return dense(up, x)
-        sub = _rows_times(weight, bias, pending[1], flat)
-        out = flat.new_zeros(flat.shape[0], weight.shape[0]).index_copy_(1, pending[1], sub)
+        unit, token = opened.pairs()
+        if unit.numel() > state.limit(n):
+            return dense(up, x)
+        out = _rows_times(weight, bias, unit, token, flat)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     _patch(up, forward, restore)
 
@@ -239,23 +295,28 @@ def _gate_up(act: nn.Module, up: nn.Module, open_units: list, restore: list) -> 
 _SAMPLED = (torch.float32, torch.float64)
 
 
-def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
-                flat: torch.Tensor) -> torch.Tensor:
-    """flat @ weight[idx].T (+ bias[idx]), idx ascending (as nonzero() gives it: the CSR
-    pattern's values follow its rows). One token on the CPU without autograd: the dot
-    products of the selected rows in place, by `torch.sparse.sampled_addmm` over a CSR
-    pattern holding those rows (fp32/fp64 only); otherwise the rows are copied first."""
-    k = idx.numel()
-    if flat.shape[0] != 1 or flat.dtype not in _SAMPLED or flat.device.type != "cpu" or \
+def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, unit: torch.Tensor,
+                token: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """flat @ weight.T (+ bias) at the (token, unit) pairs given unit by unit, zero elsewhere.
+    On the CPU in fp32/fp64 without autograd, only those pairs' dot products are taken, reading
+    the rows in place (`torch.sparse.sampled_addmm` over a CSR pattern of the pairs: row =
+    unit, column = token); otherwise the rows of the units open in any token are copied
+    first."""
+    n, units = flat.shape[0], weight.shape[0]
+    out = flat.new_zeros(n, units)
+    if flat.dtype not in _SAMPLED or flat.device.type != "cpu" or \
             (torch.is_grad_enabled() and (weight.requires_grad or flat.requires_grad)):
-        return F.linear(flat, weight.index_select(0, idx),
-                        bias.index_select(0, idx) if bias is not None else None)
-    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int64)
-    crow[idx + 1] = 1
-    start = bias.index_select(0, idx) if bias is not None else flat.new_zeros(k)
-    pattern = torch.sparse_csr_tensor(crow.cumsum_(0), torch.zeros(k, dtype=torch.int64),
-                                      start, (weight.shape[0], 1), check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, weight, flat.t()).values()[None]
+        idx = unit if n == 1 else unit.unique()
+        sub = F.linear(flat, weight.index_select(0, idx),
+                       bias.index_select(0, idx) if bias is not None else None)
+        return out.index_copy_(1, idx, sub)
+    crow = torch._convert_indices_from_coo_to_csr(unit, units)
+    start = bias.index_select(0, unit) if bias is not None else flat.new_zeros(unit.numel())
+    pattern = torch.sparse_csr_tensor(crow, token, start, (units, n), check_invariants=False)
+    values = torch.sparse.sampled_addmm(pattern, weight, flat.t()).values()
+    if n == 1:
+        return out.index_copy_(1, unit, values[None])
+    return out.view(-1).index_copy_(0, token * units + unit, values).view(n, units)
 
 
 @functools.cache
@@ -267,10 +328,11 @@ def _quiet_csr() -> None:
 
 
 @torch.no_grad()
-def _crossover(rows: torch.Tensor, reps: int = 5) -> int:
+def _crossover(rows: torch.Tensor, reps: int = 5) -> tuple[int, tuple]:
     """The largest number of active units (one token) for which the sparse path -- finding
     the active units included -- is faster than the dense product with this weight, measured
-    on it (0: always dense, e.g. where the layer is too small to gain)."""
+    on it (0: always dense, e.g. where the layer is too small to gain); and the dense
+    product's cost at each of `_BATCHES` tokens over its cost at one (>= 1)."""
     units = rows.shape[0]
     sync = torch.cuda.synchronize if rows.device.type == "cuda" else (lambda: None)
 
@@ -298,4 +360,8 @@ def _crossover(rows: torch.Tensor, reps: int = 5) -> int:
             best = k
         else:
             break
-    return best
+    if best == 0:
+        return 0, ((1, 1.0),)
+    batches = {n: torch.ones(n, units, dtype=rows.dtype, device=rows.device) for n in _BATCHES}
+    dense = {n: clock(lambda h=h: h @ rows) for n, h in batches.items()}
+    return best, tuple((n, max(1.0, dense[n] / dense[1])) for n in _BATCHES)
