@@ -16,7 +16,9 @@ time the same decodes spent in them, timed by hooks around each layer's block), 
 each ratio its bytes-read limit
 (docs: ../shared/specs/sparse-inference.md §2): an OPT block must still read all of fc1
 (2 / (2 - s) at sparsity s), a gated block all of `gate` (3 / (1 + 2 (1 - s))); whole-model
-decode also reads attention and the LM head. Batch 4 and 16 show the crossover.
+decode also reads attention and the LM head. At batch b a decode step reads, at best, the rows
+of the units active in any of its b tokens (1 - s becomes that share, measured on the probe):
+batch 4 and 16 show how the gain shrinks and where the dense product takes over.
 
     python benchmarks/sparse_decode.py                       # d = 2048, 4 layers, 128 tokens
     python benchmarks/sparse_decode.py --quick               # a smoke run (d = 256)
@@ -90,15 +92,45 @@ def measured_sparsity(model, prompts) -> float:
     return sum(r.sparsity * r.units for r in rows) / sum(r.units for r in rows)
 
 
-def limits(arch: str, d: int, f: int, layers: int, vocab: int, s: float, dead: float) -> dict:
-    """Bytes read per token (weights), dense / variant, for the MLP block and the model."""
+def _acts(model, arch: str):
+    if arch == "opt":
+        return [layer.activation_fn for layer in model.model.decoder.layers]
+    return [layer.mlp.act_fn for layer in model.model.layers]
+
+
+@torch.no_grad()
+def active_share(model, arch: str, prompts, batch: int, groups: int = 64) -> float:
+    """The share of a layer's units active in at least one of `batch` tokens (the rows the
+    sparse path must read at least once per decode step), measured on random groups of the
+    prompts' tokens, averaged over groups and layers."""
+    outs = []
+    hooks = [a.register_forward_hook(lambda m, i, o: outs.append(o.reshape(-1, o.shape[-1]) != 0))
+             for a in _acts(model, arch)]
+    try:
+        model(prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    if batch == 1:                                   # exactly: 1 - the measured sparsity
+        shares = [on.float().mean() for on in outs]
+    else:
+        g = torch.Generator().manual_seed(2)
+        shares = [on[torch.randperm(on.shape[0], generator=g)[:batch]].any(0).float().mean()
+                  for on in outs for _ in range(groups)]
+    return float(torch.stack(shares).mean())
+
+
+def limits(arch: str, d: int, f: int, layers: int, vocab: int, active: float,
+           dead: float) -> dict:
+    """Bytes of weights read per decode step, dense / variant, for the MLP block and the
+    model; `active`: the share of units active in any token of the step."""
     mats = 2 if arch == "opt" else 3
     attn = 4 * d * d
     head = vocab * d
 
     def mlp(compacted: bool, sparse: bool) -> float:
         width = f * (1 - dead) if compacted else f
-        act = f * (1 - s)                         # active units of a token (live ones)
+        act = f * active                          # rows of units active in the step's tokens
         first = width * d                         # fc1 / gate: read whole
         rest = (mats - 1) * (act if sparse else width) * d
         return first + rest
@@ -196,9 +228,10 @@ def run(args) -> list[str]:
             plant(model, arch, probe, level, args.dead if level is not None else 0.0)
             s = measured_sparsity(model, probe)
             f = _producers(model, arch)[0].out_features
-            lim = limits(arch, args.d, f, args.layers, args.vocab, s, args.dead if level else 0)
             vs = variants(model, probe)
             for batch in args.batches:
+                lim = limits(arch, args.d, f, args.layers, args.vocab,
+                             active_share(model, arch, probe, batch), args.dead if level else 0)
                 prompts = torch.randint(1, args.vocab, (batch, 16), generator=g)
                 times = {v: [] for v in vs}
                 block = {v: [] for v in vs}
