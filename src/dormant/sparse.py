@@ -11,16 +11,17 @@ consumer (a Linear or transformers' Conv1D) compute that sum with
 ``F.embedding_bag(idx, W_t, per_sample_weights=h[idx])``, which reads the rows of the
 transposed weight in place (``W[:, idx]`` would copy them first and lose). Several tokens
 take one bag each, over their own active units (not the union of the tokens'); a single
-token's active units go in two bags per thread, summed after, since embedding_bag reads
-one bag's rows on one thread. The weight is kept in one layout only: a Linear's weight is re-laid out
-as the transpose of a contiguous ``(units, out)`` tensor, and the dense path multiplies by
-that view. Past a crossover in (token, active unit) pairs, measured per site at setup
+token's active units go in two bags per thread, summed after, since embedding_bag reads one
+bag's rows on one thread. The weight is kept in one layout only: a Linear's weight is re-laid
+out as the transpose of a contiguous ``(units, out)`` tensor, and the dense path multiplies
+by that view. Past a crossover in (token, active unit) pairs, measured per site at setup
 (`max_active="auto"`), the dense product wins and is used. A gated MLP's up projection is
 also computed only where the gate is open (the gate is computed first, as
 Llama/Mistral/Qwen2 do): in fp32/fp64 without autograd, the dot products of the open
 (unit, token) pairs are taken in place (``torch.sparse.sampled_addmm`` over a CSR pattern of
-them); otherwise the rows of the units open in any token are copied first. Nothing else changes: no second copy of any
-weight, the same parameters, `remove()` restores the layout. Pure PyTorch.
+them); otherwise the rows of the units open in any token are copied first. Nothing else
+changes: no second copy of any weight, the same parameters, `remove()` restores the layout.
+Pure PyTorch.
 """
 from __future__ import annotations
 
@@ -310,7 +311,7 @@ def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, unit: torch.Ten
         sub = F.linear(flat, weight.index_select(0, idx),
                        bias.index_select(0, idx) if bias is not None else None)
         return out.index_copy_(1, idx, sub)
-    crow = torch._convert_indices_from_coo_to_csr(unit, units)
+    crow = torch._convert_indices_from_coo_to_csr(unit, units)   # one op (sorted rows)
     start = bias.index_select(0, unit) if bias is not None else flat.new_zeros(unit.numel())
     pattern = torch.sparse_csr_tensor(crow, token, start, (units, n), check_invariants=False)
     values = torch.sparse.sampled_addmm(pattern, weight, flat.t()).values()
