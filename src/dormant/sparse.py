@@ -17,8 +17,8 @@ out as the transpose of a contiguous ``(units, out)`` tensor, and the dense path
 by that view. Past a crossover in (token, active unit) pairs, measured per site at setup
 (`max_active="auto"`), the dense product wins and is used. A gated MLP's up projection is
 also computed only where the gate is open (the gate is computed first, as
-Llama/Mistral/Qwen2 do): in fp32/fp64 without autograd, the dot products of the open
-(unit, token) pairs are taken in place (``torch.sparse.sampled_addmm`` over a CSR pattern of
+Llama/Mistral/Qwen2 do): on the CPU in fp32/fp64 without autograd, the dot products of the
+open (unit, token) pairs are taken in place (``torch.sparse.sampled_addmm`` over a CSR pattern of
 them); otherwise the rows of the units open in any token are copied first. Nothing else
 changes: no second copy of any weight, the same parameters, `remove()` restores the layout.
 Pure PyTorch.
@@ -64,7 +64,7 @@ class _Site:
 
     def limit(self, tokens: int) -> float:
         """The most (token, active unit) pairs the sparse path takes for `tokens` tokens."""
-        factor = next(f for n, f in reversed(self.scale) if n <= tokens)
+        factor = next((f for n, f in reversed(self.scale) if n <= tokens), 1.0)
         return self.max_pairs * factor
 
 
@@ -101,9 +101,11 @@ def sparse_inference(model: nn.Module, example_input=None, *, sites: Sequence[Si
     per site at setup, the number of active units up to which the gather is faster than the
     dense product at one token, and the dense product's cost at 4 and 16 tokens; n tokens use
     the gather while their (token, active unit) pairs stay under that count times the dense
-    cost at n tokens over one. A float in [0, 1] sets the count as a share of the units, for
-    any number of tokens (1.0: always sparse). gated_up: also compute a gated unit's up
-    projection only where its gate is open.
+    cost at the largest of 1, 4, 16 tokens not above n over its cost at one. A float in
+    [0, 1] sets the count as a share of the units, for any number of tokens (1.0: always
+    sparse). gated_up: also compute a gated unit's up projection only where its gate is open.
+    Gradients flow as through the dense layers (the consumer's own parameter is read); under
+    autocast the gather runs in the weight's dtype and returns the autocast dtype.
     Sites with a smooth activation (GELU, SiLU: no exact zeros) or whose units are read by
     anything but one Linear/Conv1D are left dense, with a warning; none usable is an error.
     """
@@ -184,11 +186,15 @@ def _patch(module: nn.Module, forward, restore: list) -> None:
 
 
 def _sparse_forward(state: _Site):
-    consumer, rows = state.consumer, state.rows
-    bias = consumer.bias
+    consumer = state.consumer
+    weight, bias, conv1d = consumer.weight, consumer.bias, is_conv1d(consumer)
 
     def forward(h: torch.Tensor) -> torch.Tensor:
+        rows = weight if conv1d else weight.t()    # the parameter itself: autograd reaches it
         flat = h.reshape(-1, h.shape[-1])
+        cast = _autocast(flat, rows)
+        if cast:                # autocast: gathered in the weight's dtype, returned in its own
+            flat = flat.to(rows.dtype)
         n = flat.shape[0]
         opened = state.gate_open.pop() if state.gate_open else None
         if n == 1:              # one token: its active units (a gated unit is 0 where its
@@ -197,7 +203,7 @@ def _sparse_forward(state: _Site):
         else:                   # several: each token's own active units, token by token
             tokens, idx = flat.nonzero(as_tuple=True)
             pairs = idx.numel()
-        if pairs > state.limit(n) or pairs == 0:
+        if pairs == 0 or pairs > state.limit(n):
             state.calls["dense"] += 1
             y = flat @ rows
         else:
@@ -205,6 +211,8 @@ def _sparse_forward(state: _Site):
             y = _gather(flat, idx, rows) if n == 1 else _gather_pairs(flat, tokens, idx, rows)
         if bias is not None:
             y = y + bias
+        if cast:
+            y = y.to(cast)
         return y.reshape(*h.shape[:-1], y.shape[-1])
     return forward
 
@@ -283,7 +291,7 @@ def _gate_up(act: nn.Module, state: _Site, restore: list) -> None:
         opened = open_units[0] if open_units else None
         flat = x.reshape(-1, x.shape[-1])
         n = flat.shape[0]
-        if opened is None or opened.n != n:
+        if opened is None or opened.n != n or n == 0:
             return dense(up, x)
         unit, token = opened.pairs()
         if unit.numel() > state.limit(n):
@@ -304,13 +312,13 @@ def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, unit: torch.Ten
     unit, column = token); otherwise the rows of the units open in any token are copied
     first."""
     n, units = flat.shape[0], weight.shape[0]
-    out = flat.new_zeros(n, units)
-    if flat.dtype not in _SAMPLED or flat.device.type != "cpu" or \
+    if flat.dtype not in _SAMPLED or flat.device.type != "cpu" or _autocast(flat, weight) or \
             (torch.is_grad_enabled() and (weight.requires_grad or flat.requires_grad)):
         idx = unit if n == 1 else unit.unique()
         sub = F.linear(flat, weight.index_select(0, idx),
                        bias.index_select(0, idx) if bias is not None else None)
-        return out.index_copy_(1, idx, sub)
+        return sub.new_zeros(n, units).index_copy_(1, idx, sub)
+    out = flat.new_zeros(n, units)
     crow = torch._convert_indices_from_coo_to_csr(unit, units)   # one op (sorted rows)
     start = bias.index_select(0, unit) if bias is not None else flat.new_zeros(unit.numel())
     pattern = torch.sparse_csr_tensor(crow, token, start, (units, n), check_invariants=False)
@@ -318,6 +326,15 @@ def _rows_times(weight: torch.Tensor, bias: torch.Tensor | None, unit: torch.Ten
     if n == 1:
         return out.index_copy_(1, unit, values[None])
     return out.view(-1).index_copy_(0, token * units + unit, values).view(n, units)
+
+
+def _autocast(flat: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a Linear would return under the active autocast (None: not autocasting;
+    autocast leaves fp64 alone)."""
+    dev = flat.device.type
+    if weight.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 @functools.cache
