@@ -48,14 +48,12 @@ _BATCHES = (1, 4, 16)      # token counts at which "auto" times the dense produc
 
 @dataclass
 class _Site:
-    """One site's sparse consumer: the module, its weight as (units, out) rows, and the
-    largest number of (token, active unit) pairs for which the gather beats dense: `max_pairs`
-    at one token, times the dense product's cost at n tokens over its cost at one (`scale`:
-    (n, factor) pairs, ascending; a batch of tokens costs the dense product more, the gather
-    only per pair)."""
+    """One site's sparse consumer: the module and the largest number of (token, active unit)
+    pairs for which the gather beats dense: `max_pairs` at one token, times the dense
+    product's cost at n tokens over its cost at one (`scale`: (n, factor) pairs, ascending; a
+    batch of tokens costs the dense product more, the gather only per pair)."""
     name: str
     consumer: nn.Module
-    rows: torch.Tensor
     max_pairs: float
     scale: tuple = ((1, 1.0),)
     up: nn.Module | None = None
@@ -168,8 +166,8 @@ def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: 
     else:                                      # 1.0: always sparse, whatever the tokens
         pairs = int(max_active * units) if max_active < 1 else float("inf")
     if pairs == 0:               # never faster here: the layer keeps its forward and layout
-        return _Site(site.name, consumer, weight.data if conv1d else weight.data.t(), pairs)
-    state = _Site(site.name, consumer, rows, pairs, scale)
+        return _Site(site.name, consumer, pairs)
+    state = _Site(site.name, consumer, pairs, scale)
     if not conv1d:                             # Linear (out, in): laid out as (in, out)
         weight.data = rows.t()
         restore.append(lambda: setattr(weight, "data", weight.data.contiguous()))
@@ -198,7 +196,7 @@ def _sparse_forward(state: _Site):
         n = flat.shape[0]
         opened = state.gate_open.pop() if state.gate_open else None
         if n == 1:              # one token: its active units (a gated unit is 0 where its
-            idx = opened.units() if opened is not None and opened.n == 1 else _active(flat)
+            idx = opened.pairs()[0] if opened is not None and opened.n == 1 else _active(flat)
             pairs = idx.numel()                                    # gate is shut)
         else:                   # several: each token's own active units, token by token
             tokens, idx = flat.nonzero(as_tuple=True)
@@ -242,8 +240,8 @@ def _gather_pairs(flat: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor,
 
 
 def _active(flat: torch.Tensor) -> torch.Tensor:
-    """The units (columns) active in any token (one token, decoding: its nonzeros)."""
-    return (flat[0] if flat.shape[0] == 1 else flat.ne(0).any(0)).nonzero().flatten()
+    """One token's active units (the nonzeros of its row), ascending."""
+    return flat[0].nonzero().flatten()
 
 
 class _Open:
@@ -252,20 +250,13 @@ class _Open:
 
     def __init__(self, flat: torch.Tensor):
         self.flat, self.n = flat, flat.shape[0]
-        self._units: torch.Tensor | None = None
         self._pairs: tuple | None = None
-
-    def units(self) -> torch.Tensor:
-        """The units open in any token, ascending."""
-        if self._units is None:
-            self._units = _active(self.flat)
-        return self._units
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit, token) of every open gate, unit by unit (a CSR pattern's order)."""
         if self._pairs is None:
             if self.n == 1:
-                units = self.units()
+                units = _active(self.flat)
                 self._pairs = (units, torch.zeros_like(units))
             else:
                 self._pairs = self.flat.t().nonzero(as_tuple=True)
@@ -366,7 +357,7 @@ def _crossover(rows: torch.Tensor, reps: int = 5) -> tuple[int, tuple]:
         return best
 
     def sparse(h):
-        return _gather(h, h[0].nonzero().flatten(), rows)
+        return _gather(h, _active(h), rows)
 
     g = torch.Generator().manual_seed(0)
     best = 0
