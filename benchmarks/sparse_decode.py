@@ -63,6 +63,20 @@ def _producers(model, arch: str):
 
 
 @torch.no_grad()
+def outputs(model, modules, prompts) -> list[torch.Tensor]:
+    """What each of `modules` outputs on `prompts`, as (tokens, width)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.reshape(-1, o.shape[-1])))
+             for m in modules]
+    try:
+        model(prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
 def plant(model, arch: str, prompts, sparsity: float | None, dead: float) -> None:
     """Biases that make a share `dead` of each layer's units dead on every token and, of the
     rest, enough zero per token for a total `sparsity` (layer by layer, on `prompts`)."""
@@ -71,12 +85,7 @@ def plant(model, arch: str, prompts, sparsity: float | None, dead: float) -> Non
         units = producer.out_features
         n_dead = int(dead * units)
         which = torch.randperm(units, generator=g)[:n_dead]
-        seen = []
-        h = producer.register_forward_hook(
-            lambda m, i, o, seen=seen, units=units: seen.append(o.reshape(-1, units)))
-        model(prompts)
-        h.remove()
-        pre = seen[0]
+        (pre,) = outputs(model, [producer], prompts)
         live = torch.ones(units, dtype=torch.bool)
         live[which] = False
         if sparsity is not None:
@@ -98,19 +107,11 @@ def _acts(model, arch: str):
     return [layer.mlp.act_fn for layer in model.model.layers]
 
 
-@torch.no_grad()
-def active_share(model, arch: str, prompts, batch: int, groups: int = 64) -> float:
+def active_share(outs: list[torch.Tensor], batch: int, groups: int = 64) -> float:
     """The share of a layer's units active in at least one of `batch` tokens (the rows the
-    sparse path must read at least once per decode step), measured on random groups of the
-    prompts' tokens, averaged over groups and layers."""
-    outs = []
-    hooks = [a.register_forward_hook(lambda m, i, o: outs.append(o.reshape(-1, o.shape[-1]) != 0))
-             for a in _acts(model, arch)]
-    try:
-        model(prompts)
-    finally:
-        for h in hooks:
-            h.remove()
+    sparse path must read at least once per decode step), from each layer's activity on the
+    probe tokens (`outs`: (tokens, units) booleans), over random groups of its tokens,
+    averaged over groups and layers."""
     if batch == 1:                                   # exactly: 1 - the measured sparsity
         shares = [on.float().mean() for on in outs]
     else:
@@ -228,10 +229,11 @@ def run(args) -> list[str]:
             plant(model, arch, probe, level, args.dead if level is not None else 0.0)
             s = measured_sparsity(model, probe)
             f = _producers(model, arch)[0].out_features
+            on = [o != 0 for o in outputs(model, _acts(model, arch), probe)]
             vs = variants(model, probe)
             for batch in args.batches:
                 lim = limits(arch, args.d, f, args.layers, args.vocab,
-                             active_share(model, arch, probe, batch), args.dead if level else 0)
+                             active_share(on, batch), args.dead if level else 0)
                 prompts = torch.randint(1, args.vocab, (batch, 16), generator=g)
                 times = {v: [] for v in vs}
                 block = {v: [] for v in vs}
@@ -256,19 +258,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, default=2048, help="hidden width (default 2048)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
     p.add_argument("--tokens", type=int, default=128, help="tokens decoded (default 128)")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds; ratios are the median of theirs (default 3)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (default: 2, or fewer cores)")
     p.add_argument("--dead", type=float, default=0.25,
                    help="share of units dead on every token (default 0.25)")
-    p.add_argument("--archs", default="opt,llama")
+    p.add_argument("--archs", default="opt,llama",
+                   help="opt (fc1 -> ReLU -> fc2) and/or llama (gated ReLU), comma-separated")
     p.add_argument("--sparsities", default="init,0.85,0.9",
-                   help="planted zeros per token, comma-separated; init: none planted")
-    p.add_argument("--batches", default="1,4,16", help="batch sizes, comma-separated")
+                   help="planted zeros per token, comma-separated; init: none planted "
+                        "(default init,0.85,0.9)")
+    p.add_argument("--batches", default="1,4,16", help="batch sizes, comma-separated (default 1,4,16)")
     p.add_argument("--out", help="also write the table to this file")
-    p.add_argument("--quick", action="store_true", help="d = 256, 2 layers, 16 tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: d = 256, 2 layers, 16 tokens, 90%% sparsity, batch 1, "
+                        "one round")
     args = p.parse_args()
     if args.quick:
         args.d, args.layers, args.tokens, args.rounds = 256, 2, 16, 1

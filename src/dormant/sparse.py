@@ -44,6 +44,7 @@ EXACTLY_SPARSE = frozenset({"relu", "relu6", "relu_squared", "shifted_relu", "so
 
 
 _BATCHES = (1, 4, 16)      # token counts at which "auto" times the dense product
+_FLAT = ((1, 1.0),)        # a crossover that does not grow with the tokens
 
 
 @dataclass
@@ -55,7 +56,7 @@ class _Site:
     name: str
     consumer: nn.Module
     max_pairs: float
-    scale: tuple = ((1, 1.0),)
+    scale: tuple = _FLAT
     up: nn.Module | None = None
     calls: dict = field(default_factory=lambda: {"sparse": 0, "dense": 0})
     gate_open: list = field(default_factory=list)   # gated: the _Open of this call
@@ -160,11 +161,10 @@ def _install(model: nn.Module, site: Site, max_active, gated_up: bool, restore: 
     conv1d = is_conv1d(consumer)               # Conv1D stores (in, out): rows already
     rows = weight.data if conv1d else weight.data.t().contiguous()
     units = rows.shape[0]
-    scale = ((1, 1.0),)
     if max_active == "auto":
         pairs, scale = _crossover(rows)
     else:                                      # 1.0: always sparse, whatever the tokens
-        pairs = int(max_active * units) if max_active < 1 else float("inf")
+        pairs, scale = int(max_active * units) if max_active < 1 else float("inf"), _FLAT
     if pairs == 0:               # never faster here: the layer keeps its forward and layout
         return _Site(site.name, consumer, pairs)
     state = _Site(site.name, consumer, pairs, scale)
@@ -359,18 +359,18 @@ def _crossover(rows: torch.Tensor, reps: int = 5) -> tuple[int, tuple]:
     def sparse(h):
         return _gather(h, _active(h), rows)
 
+    batches = {n: torch.ones(n, units, dtype=rows.dtype, device=rows.device) for n in _BATCHES}
+    dense = {n: clock(lambda h=h: h @ rows) for n, h in batches.items()}
     g = torch.Generator().manual_seed(0)
     best = 0
     for share in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7):
         k = max(1, int(share * units))
         h = torch.zeros(1, units, dtype=rows.dtype, device=rows.device)
         h[0, torch.randperm(units, generator=g)[:k].to(rows.device)] = 1.0
-        if clock(lambda h=h: sparse(h)) < clock(lambda h=h: h @ rows):
+        if clock(lambda h=h: sparse(h)) < dense[1]:
             best = k
         else:
             break
     if best == 0:
-        return 0, ((1, 1.0),)
-    batches = {n: torch.ones(n, units, dtype=rows.dtype, device=rows.device) for n in _BATCHES}
-    dense = {n: clock(lambda h=h: h @ rows) for n, h in batches.items()}
+        return 0, _FLAT
     return best, tuple((n, max(1.0, dense[n] / dense[1])) for n in _BATCHES)
